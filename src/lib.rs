@@ -1,0 +1,9 @@
+//! bulkhead: per-tenant isolation for LLM-agent platforms.
+//!
+//! The crate is layered as DESIGN.md describes. This release holds the isolation core
+//! ([`sandbox`]) and the cold-start benchmark ([`bench`]); every module above the core is
+//! free of `unsafe`, which lives only in `src/sandbox/`.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod bench;
+pub mod sandbox;

@@ -1,0 +1,414 @@
+//! The child side: one linear function per privileged sequence, run between `clone` and
+//! `execve` on a private stack in the parent's address space (`CLONE_VM|CLONE_VFORK`).
+//!
+//! Rules for everything in this file: no allocation, no locks, no panics, no glibc
+//! wrappers with process-wide side effects (glibc's `setresuid` & co. broadcast to the
+//! parent's threads, so the raw syscalls are used). Every failure is written to the shared
+//! [`Report`] as `(step, errno, item)` and ends the child; the parent turns it into
+//! [`SandboxError::Setup`](super::error::SandboxError).
+
+use std::ffi::{c_int, c_void};
+use std::ptr;
+
+use super::error::Step;
+use super::plan::ChildCtx;
+use super::sys::{self, MountAttr, OpenHow};
+
+/// Written by the child(ren), read by the parent once `clone` has returned.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    pub step: u32,
+    pub errno: i32,
+    pub item: u32,
+    /// Set by the intermediate child (root callers): the sandbox's host pid and pidfd.
+    pub sandbox_pid: i32,
+    pub sandbox_pidfd: i32,
+}
+
+/// What the clone callbacks receive.
+pub(crate) struct ChildArgs {
+    pub ctx: *const ChildCtx,
+    pub report: *mut Report,
+    /// Clone flags for the sandbox process (used by the intermediate child).
+    pub sandbox_flags: c_int,
+    /// Top of the stack for the sandbox process when an intermediate child makes it.
+    pub sandbox_stack: *mut c_void,
+}
+
+/// Exit status of a child that failed during setup (the report says why).
+const SETUP_FAILED: c_int = 125;
+/// Exit status when no exec candidate could be run.
+const EXEC_FAILED: c_int = 127;
+
+fn errno() -> i32 {
+    // SAFETY: __errno_location returns the calling thread's errno slot, always valid. In a
+    // CLONE_VM child that is the suspended parent thread's slot, which nothing else uses
+    // while the parent waits for the vfork to complete.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Records a failed step and returns the child's exit status.
+fn fail(report: *mut Report, step: Step, item: u32) -> c_int {
+    let e = errno();
+    // SAFETY: `report` points at the parent's Report, alive for the whole clone; the parent
+    // is suspended (vfork) while we write it.
+    unsafe {
+        ptr::write_volatile(&mut (*report).errno, e);
+        ptr::write_volatile(&mut (*report).item, item);
+        ptr::write_volatile(&mut (*report).step, step as u32);
+    }
+    if step == Step::Execve { EXEC_FAILED } else { SETUP_FAILED }
+}
+
+macro_rules! check {
+    ($call:expr, $report:expr, $step:expr) => {
+        check!($call, $report, $step, 0)
+    };
+    ($call:expr, $report:expr, $step:expr, $item:expr) => {
+        if ($call) < 0 {
+            return fail($report, $step, $item as u32);
+        }
+    };
+}
+
+/// Writes `data` to an existing file (the id maps, setgroups).
+///
+/// # Safety
+/// `path` must be NUL-terminated.
+unsafe fn write_file(path: *const libc::c_char, data: &[u8]) -> c_int {
+    // SAFETY: the caller passes a NUL-terminated path; data is a valid slice.
+    unsafe {
+        let fd = libc::open(path, libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return -1;
+        }
+        let n = libc::write(fd, data.as_ptr().cast(), data.len());
+        let saved = errno();
+        libc::close(fd);
+        if n != data.len() as isize {
+            *libc::__errno_location() = if n < 0 { saved } else { libc::EIO };
+            return -1;
+        }
+        0
+    }
+}
+
+/// Creates a file with `data` (synthesized /etc entries, empty mount points).
+///
+/// # Safety
+/// `path` must be NUL-terminated.
+unsafe fn create_file(path: *const libc::c_char, data: &[u8]) -> c_int {
+    // SAFETY: as for write_file.
+    unsafe {
+        let fd = libc::open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o644);
+        if fd < 0 {
+            return -1;
+        }
+        if !data.is_empty() {
+            let n = libc::write(fd, data.as_ptr().cast(), data.len());
+            if n != data.len() as isize {
+                let saved = if n < 0 { errno() } else { libc::EIO };
+                libc::close(fd);
+                *libc::__errno_location() = saved;
+                return -1;
+            }
+        }
+        libc::close(fd)
+    }
+}
+
+/// Clones `src` (a path, or `src_fd` when the path is empty) as a detached mount, sets
+/// `attrs` on it and attaches it at `dst`. Returns the failing step.
+///
+/// # Safety
+/// Pointers must be NUL-terminated strings.
+unsafe fn bind(src_fd: c_int, src: *const libc::c_char, dst: *const libc::c_char, recursive: bool, attrs: u64) -> Result<(), Step> {
+    let mut flags = sys::OPEN_TREE_CLONE | sys::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= sys::AT_RECURSIVE;
+    }
+    if src_fd >= 0 {
+        flags |= sys::AT_EMPTY_PATH;
+    }
+    // SAFETY: NUL-terminated strings and a live MountAttr of the size we pass.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_open_tree, if src_fd >= 0 { src_fd } else { libc::AT_FDCWD }, src, flags) as c_int;
+        if fd < 0 {
+            return Err(Step::OpenTree);
+        }
+        let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: 0, userns_fd: 0 };
+        let set_flags = sys::AT_EMPTY_PATH | if recursive { sys::AT_RECURSIVE } else { 0 };
+        if libc::syscall(libc::SYS_mount_setattr, fd, c"".as_ptr(), set_flags, &attr as *const MountAttr, std::mem::size_of::<MountAttr>()) < 0 {
+            let e = errno();
+            libc::close(fd);
+            *libc::__errno_location() = e;
+            return Err(Step::MountSetattr);
+        }
+        if libc::syscall(libc::SYS_move_mount, fd, c"".as_ptr(), libc::AT_FDCWD, dst, sys::MOVE_MOUNT_F_EMPTY_PATH) < 0 {
+            let e = errno();
+            libc::close(fd);
+            *libc::__errno_location() = e;
+            return Err(Step::MoveMount);
+        }
+        libc::close(fd);
+    }
+    Ok(())
+}
+
+/// Intermediate child for root callers: drops to the tenant's unprivileged host ids, then
+/// creates the sandbox process as a sibling (`CLONE_PARENT`) so the caller reaps it.
+pub(crate) extern "C" fn intermediate_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the ChildArgs the parent passed to clone, alive until clone returns
+    // in the parent, which happens only after this function has exited (CLONE_VFORK).
+    let args = unsafe { &*(arg as *const ChildArgs) };
+    // SAFETY: ctx points at the parent's plan, read-only here.
+    let ctx = unsafe { &*args.ctx };
+    let report = args.report;
+    let Some((uid, gid)) = ctx.switch_ids else { return SETUP_FAILED };
+    // SAFETY: raw id syscalls with integer arguments affect only this task.
+    unsafe {
+        check!(libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>()), report, Step::SetgroupsClear);
+        check!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), report, Step::Setresgid);
+        check!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), report, Step::Setresuid);
+        // Changing euid marks the shared mm non-dumpable, which would make the sandbox's
+        // /proc/self/uid_map root-owned and unwritable; the parent was dumpable before.
+        check!(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0), report, Step::PrctlDumpable);
+        let mut pidfd: c_int = -1;
+        let pid = libc::clone(
+            sandbox_main,
+            args.sandbox_stack,
+            args.sandbox_flags | libc::CLONE_PARENT | libc::CLONE_PIDFD,
+            arg,
+            &mut pidfd as *mut c_int,
+        );
+        if pid < 0 {
+            return fail(report, Step::CloneSandbox, 0);
+        }
+        ptr::write_volatile(&mut (*report).sandbox_pid, pid);
+        ptr::write_volatile(&mut (*report).sandbox_pidfd, pidfd);
+    }
+    0
+}
+
+/// The sandbox process: pid 1 of its own namespaces. Builds the filesystem view, locks
+/// itself down and executes the command.
+pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
+    // SAFETY: as in intermediate_main; the parent (or intermediate) is suspended until we
+    // exec or exit.
+    let args = unsafe { &*(arg as *const ChildArgs) };
+    // SAFETY: ctx is the parent's plan, read-only here.
+    let ctx = unsafe { &*args.ctx };
+    let report = args.report;
+    let layout = ctx.layout;
+    // SAFETY: every call below gets NUL-terminated strings from the plan, live structs of
+    // the sizes passed, or plain integers. The sequence is linear; each result is checked.
+    unsafe {
+        check!(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0), report, Step::PrctlPdeathsig);
+        for sig in 1..32 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            check!(libc::signal(sig, libc::SIG_DFL) as isize, report, Step::ResetSignal, sig);
+        }
+
+        // User namespace: map the caller's (or the switched-to) host ids to the sandbox
+        // user. setgroups must be denied before an unprivileged gid_map write.
+        check!(write_file(c"/proc/self/setgroups".as_ptr(), b"deny"), report, Step::WriteSetgroupsDeny);
+        check!(write_file(c"/proc/self/uid_map".as_ptr(), &ctx.uid_map), report, Step::WriteUidMap);
+        check!(write_file(c"/proc/self/gid_map".as_ptr(), &ctx.gid_map), report, Step::WriteGidMap);
+
+        // Re-open the validated work dir without following symlinks and make sure it is the
+        // same inode the parent checked, so a swap in between is caught.
+        let how = OpenHow {
+            flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+            mode: 0,
+            resolve: sys::RESOLVE_NO_SYMLINKS | sys::RESOLVE_NO_MAGICLINKS,
+        };
+        let work_fd = libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, ctx.work_path.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>()) as c_int;
+        check!(work_fd, report, Step::OpenWorkDir);
+        let mut st: libc::stat = std::mem::zeroed();
+        check!(libc::fstat(work_fd, &mut st), report, Step::StatWorkDir);
+        if st.st_dev != ctx.work_dev || st.st_ino != ctx.work_ino {
+            *libc::__errno_location() = libc::ESTALE;
+            return fail(report, Step::WorkDirReplaced, 0);
+        }
+
+        check!(libc::sethostname(c"sandbox".as_ptr(), 7), report, Step::Sethostname);
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        check!(sock, report, Step::LoopbackSocket);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        check!(libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr as *const libc::ifreq), report, Step::LoopbackUp);
+        libc::close(sock);
+
+        // The new root: a small tmpfs that becomes read-only once populated.
+        check!(
+            libc::mount(c"tmpfs".as_ptr(), layout.newroot.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, layout.root_opts.as_ptr().cast()),
+            report,
+            Step::MountRootTmpfs
+        );
+        for (i, d) in layout.mkdirs.iter().enumerate() {
+            check!(libc::mkdir(d.as_ptr(), 0o755), report, Step::Mkdir, i);
+        }
+        let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+        for (i, b) in layout.system_binds.iter().enumerate() {
+            if let Err(step) = bind(-1, b.src.as_ptr(), b.dst.as_ptr(), true, ro) {
+                return fail(report, step, i as u32);
+            }
+        }
+        for (i, (target, link)) in layout.symlinks.iter().enumerate() {
+            check!(libc::symlink(target.as_ptr(), link.as_ptr()), report, Step::Symlink, i);
+        }
+        for (i, (path, data)) in layout.etc_files.iter().enumerate() {
+            check!(create_file(path.as_ptr(), data), report, Step::WriteEtcFile, i);
+        }
+        let etc_base = layout.system_binds.len();
+        for (i, b) in layout.etc_binds.iter().enumerate() {
+            if !b.is_dir {
+                check!(create_file(b.dst.as_ptr(), &[]), report, Step::CreateMountpointFile, etc_base + i);
+            }
+            if let Err(step) = bind(-1, b.src.as_ptr(), b.dst.as_ptr(), true, ro) {
+                return fail(report, step, (etc_base + i) as u32);
+            }
+        }
+        if let Err(step) = bind(work_fd, c"".as_ptr(), layout.work_dir.as_ptr(), false, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV) {
+            return fail(report, step, u32::MAX);
+        }
+        libc::close(work_fd);
+        check!(
+            libc::mount(c"tmpfs".as_ptr(), layout.tmp_dir.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, ctx.tmp_opts.as_ptr().cast()),
+            report,
+            Step::MountTmpTmpfs
+        );
+        check!(
+            libc::mount(c"tmpfs".as_ptr(), layout.dev_dir.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NOEXEC, layout.dev_opts.as_ptr().cast()),
+            report,
+            Step::MountDevTmpfs
+        );
+        let dev_attr = MountAttr { attr_set: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC, attr_clr: 0, propagation: 0, userns_fd: 0 };
+        for (i, (src, dst)) in layout.dev_nodes.iter().enumerate() {
+            check!(create_file(dst.as_ptr(), &[]), report, Step::CreateMountpointFile, i);
+            check!(libc::mount(src.as_ptr(), dst.as_ptr(), ptr::null(), libc::MS_BIND, ptr::null()), report, Step::BindDevNode, i);
+            check!(
+                libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, dst.as_ptr(), 0u32, &dev_attr as *const MountAttr, std::mem::size_of::<MountAttr>()),
+                report,
+                Step::MountSetattr,
+                i
+            );
+        }
+        for (i, (target, link)) in layout.dev_symlinks.iter().enumerate() {
+            check!(libc::symlink(target.as_ptr(), link.as_ptr()), report, Step::Symlink, i);
+        }
+        check!(
+            libc::mount(ptr::null(), layout.dev_dir.as_ptr(), ptr::null(), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC, ptr::null()),
+            report,
+            Step::RemountDevReadonly
+        );
+        // proc of our own pid namespace: we are its pid 1.
+        check!(
+            libc::mount(c"proc".as_ptr(), layout.proc_dir.as_ptr(), c"proc".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ptr::null()),
+            report,
+            Step::MountProc
+        );
+        check!(
+            libc::mount(ptr::null(), layout.newroot.as_ptr(), ptr::null(), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, ptr::null()),
+            report,
+            Step::RemountRootReadonly
+        );
+
+        // Enter the new root and detach the host's: pivot_root(".", ".") stacks the old
+        // root on top of the new one, and the lazy unmount removes it whole.
+        check!(libc::chdir(layout.newroot.as_ptr()), report, Step::ChdirNewRoot);
+        check!(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()), report, Step::PivotRoot);
+        check!(libc::umount2(c".".as_ptr(), libc::MNT_DETACH), report, Step::UmountOldRoot);
+        check!(libc::chdir(ctx.cwd.as_ptr()), report, Step::ChdirCwd);
+
+        check!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), report, Step::PrctlNoNewPrivs);
+        if let Some(ll) = &ctx.landlock {
+            let ruleset = libc::syscall(libc::SYS_landlock_create_ruleset, &ll.attr as *const _, ll.attr_size, 0u32) as c_int;
+            check!(ruleset, report, Step::LandlockCreateRuleset);
+            for (i, (path, access)) in ll.rules.iter().enumerate() {
+                let fd = libc::open(*path, libc::O_PATH | libc::O_CLOEXEC);
+                check!(fd, report, Step::LandlockOpenPath, i);
+                let rule = super::landlock::PathBeneathAttr { allowed_access: *access, parent_fd: fd };
+                let r = libc::syscall(libc::SYS_landlock_add_rule, ruleset, super::landlock::RULE_PATH_BENEATH, &rule as *const _, 0u32);
+                let e = errno();
+                libc::close(fd);
+                if r < 0 {
+                    *libc::__errno_location() = e;
+                    return fail(report, Step::LandlockAddRule, i as u32);
+                }
+            }
+            check!(libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32), report, Step::LandlockRestrictSelf);
+            libc::close(ruleset);
+        }
+        for (i, (resource, limit)) in ctx.rlimits.iter().enumerate() {
+            let rl = libc::rlimit { rlim_cur: *limit, rlim_max: *limit };
+            check!(libc::setrlimit(*resource as _, &rl), report, Step::Setrlimit, i);
+        }
+        check!(libc::setsid(), report, Step::Setsid);
+        for (target, src) in ctx.stdio.iter().enumerate() {
+            if let Some(src) = src {
+                check!(libc::dup2(*src, target as c_int), report, Step::Dup2, target);
+            }
+        }
+        check!(libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32), report, Step::CloseRange);
+
+        // Capabilities: lock the securebits so exec can never re-grant, empty the bounding
+        // and ambient sets, then clear the rest with capset.
+        check!(libc::prctl(libc::PR_SET_SECUREBITS, 0xEF, 0, 0, 0), report, Step::SetSecurebits);
+        check!(libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), report, Step::CapAmbientClear);
+        for cap in 0..=layout.last_cap {
+            check!(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0), report, Step::CapbsetDrop, cap);
+        }
+        let header = CapHeader { version: 0x2008_0522, pid: 0 };
+        let data = [CapData::default(); 2];
+        check!(libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()), report, Step::Capset);
+
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        check!(libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut()), report, Step::SigprocmaskClear);
+
+        // Last hardening call: after this only execve (and exit) are needed.
+        let prog = SockFprog { len: ctx.seccomp.len() as u16, filter: ctx.seccomp.as_ptr().cast() };
+        check!(libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0u32, &prog as *const SockFprog), report, Step::SeccompSetModeFilter);
+
+        // PATH search as execvp does it, but over the sandbox's PATH, not ours.
+        let mut saw_eacces = false;
+        let mut last = libc::ENOENT;
+        for (i, cand) in ctx.exec_candidates.iter().enumerate() {
+            libc::execve(cand.as_ptr(), ctx.argv.as_ptr(), ctx.envp.as_ptr());
+            last = errno();
+            match last {
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ELOOP | libc::ENAMETOOLONG => {}
+                libc::EACCES => saw_eacces = true,
+                _ => return fail(report, Step::Execve, i as u32),
+            }
+        }
+        *libc::__errno_location() = if saw_eacces { libc::EACCES } else { last };
+        fail(report, Step::Execve, 0)
+    }
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+#[repr(C)]
+struct SockFprog {
+    len: u16,
+    filter: *const c_void,
+}

@@ -1,0 +1,621 @@
+//! The parent side: validate, plan, clone, and supervise until the command is gone.
+
+use std::ffi::{CString, c_int, c_void};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use nix::unistd::{Pid, pipe2};
+
+use super::child::{ChildArgs, Report, intermediate_main, sandbox_main};
+use super::error::{SandboxError, Step};
+use super::landlock;
+use super::plan::{ChildCtx, SystemLayout, landlock_plan};
+use super::seccomp;
+use super::spec::{self, HostIds, OutputMode, SANDBOX_GID, SANDBOX_UID, SandboxSpec, StdinSource};
+use super::sys;
+
+/// How a finished sandbox ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Exit status when the command exited normally.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the command, if one did.
+    pub signal: Option<i32>,
+    /// Captured stdout (empty unless captured).
+    pub stdout: Vec<u8>,
+    /// Captured stderr (empty unless captured).
+    pub stderr: Vec<u8>,
+    /// More stdout was produced than the cap kept.
+    pub stdout_truncated: bool,
+    /// More stderr was produced than the cap kept.
+    pub stderr_truncated: bool,
+    /// The wall-clock limit was hit and the sandbox killed.
+    pub timed_out: bool,
+    /// The caller cancelled the run (see [`Running::wait_cancellable`]).
+    pub cancelled: bool,
+    /// From just before the clone to the command's end.
+    pub duration: Duration,
+}
+
+impl Outcome {
+    /// The status a shell would report: the exit code, or 128 + signal.
+    pub fn shell_status(&self) -> i32 {
+        match (self.exit_code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 128,
+        }
+    }
+}
+
+/// A started sandbox. Dropping it without waiting kills the sandbox.
+#[derive(Debug)]
+pub struct Running {
+    pid: Pid,
+    pidfd: OwnedFd,
+    stdin: Option<(OwnedFd, Vec<u8>)>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    max_output: usize,
+    deadline: Option<Instant>,
+    started: Instant,
+    reaped: bool,
+}
+
+/// Runs `spec` to completion.
+pub fn run(spec: SandboxSpec) -> Result<Outcome, SandboxError> {
+    spawn(spec)?.wait()
+}
+
+/// Resolves which unprivileged host ids the sandbox maps to.
+///
+/// An unprivileged caller can only map itself. A root caller must never run a sandbox as
+/// host uid 0 (the kernel exempts uid 0 from RLIMIT_NPROC and an escape must not land as
+/// root): it uses `requested`, or else the work dir's owner when that is not root.
+pub fn resolve_host_ids(requested: Option<HostIds>, work_owner: HostIds) -> Result<(HostIds, bool), SandboxError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let egid = nix::unistd::getegid().as_raw();
+    if euid != 0 {
+        return match requested {
+            Some(r) if r.uid != euid || r.gid != egid => Err(SandboxError::HostIdentity(format!(
+                "an unprivileged caller can only map its own ids ({euid}:{egid}), not {}:{}",
+                r.uid, r.gid
+            ))),
+            _ => Ok((HostIds { uid: euid, gid: egid }, false)),
+        };
+    }
+    let ids = match requested {
+        Some(r) => r,
+        None if work_owner.uid != 0 && work_owner.gid != 0 => work_owner,
+        None => {
+            return Err(SandboxError::HostIdentity(
+                "running as root and the work dir is owned by root: give an unprivileged host uid/gid (--host-uid/--host-gid) or chown the work dir to one"
+                    .into(),
+            ));
+        }
+    };
+    if ids.uid == 0 || ids.gid == 0 {
+        return Err(SandboxError::HostIdentity("the sandbox must not map to host uid or gid 0".into()));
+    }
+    Ok((ids, true))
+}
+
+/// Opens the work dir refusing `..` components and any symlink on the way.
+fn open_work_dir(path: &Path) -> Result<(PathBuf, OwnedFd, nix::sys::stat::FileStat), SandboxError> {
+    let shown = path.display().to_string();
+    let refuse = |reason: String| SandboxError::WorkDir { path: shown.clone(), reason };
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(refuse("'..' components are refused".into()));
+    }
+    let abs = std::path::absolute(path).map_err(|e| refuse(e.to_string()))?;
+    let c = CString::new(abs.as_os_str().as_bytes()).map_err(|_| refuse("path holds NUL".into()))?;
+    let fd = sys::openat2(
+        libc::AT_FDCWD,
+        &c,
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        sys::RESOLVE_NO_SYMLINKS | sys::RESOLVE_NO_MAGICLINKS,
+    )
+    .map_err(|e| {
+        refuse(match e {
+            Errno::ELOOP => "a component is a symlink (refused: it could lead outside)".into(),
+            Errno::ENOTDIR => "not a directory".into(),
+            other => format!("{other:?}: {}", other.desc()),
+        })
+    })?;
+    let st = nix::sys::stat::fstat(&fd).map_err(|e| refuse(format!("fstat: {e:?}")))?;
+    Ok((abs, fd, st))
+}
+
+/// A pipe whose both ends are at fd >= 3 and close-on-exec, so the child's dup2 onto
+/// 0/1/2 can never clobber a source.
+fn pipe_high() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::parent("pipe2", e))?;
+    Ok((high(r)?, high(w)?))
+}
+
+fn high(fd: OwnedFd) -> Result<OwnedFd, SandboxError> {
+    if fd.as_raw_fd() >= 3 {
+        return Ok(fd);
+    }
+    let dup = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(3)).map_err(|e| SandboxError::parent("fcntl(F_DUPFD_CLOEXEC)", e))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
+fn dev_null() -> Result<OwnedFd, SandboxError> {
+    let fd = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+        .map_err(|e| SandboxError::parent("open(/dev/null)", e))?;
+    high(fd)
+}
+
+/// A private stack region for the clone children, with a guard page below each stack.
+struct Stacks {
+    base: *mut c_void,
+    len: usize,
+}
+
+const STACK_SIZE: usize = 256 * 1024;
+const GUARD: usize = 4096;
+
+impl Stacks {
+    fn new() -> Result<Stacks, SandboxError> {
+        let len = 2 * (STACK_SIZE + GUARD);
+        // SAFETY: anonymous private mapping with no address hint; checked for MAP_FAILED.
+        let base = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK, -1, 0)
+        };
+        if base == libc::MAP_FAILED {
+            return Err(SandboxError::parent("mmap(stack)", Errno::last()));
+        }
+        let stacks = Stacks { base, len };
+        for i in 0..2 {
+            // SAFETY: the guard page lies inside the mapping we just made.
+            let r = unsafe { libc::mprotect(stacks.base.cast::<u8>().add(i * (STACK_SIZE + GUARD)).cast(), GUARD, libc::PROT_NONE) };
+            if r != 0 {
+                return Err(SandboxError::parent("mprotect(guard)", Errno::last()));
+            }
+        }
+        Ok(stacks)
+    }
+
+    /// Top of stack `i` (stacks grow down on every supported architecture).
+    fn top(&self, i: usize) -> *mut c_void {
+        // SAFETY: the offset is the end of stack i, inside the mapping; 16-byte aligned since
+        // the mapping is page aligned and the sizes are multiples of 4096.
+        unsafe { self.base.cast::<u8>().add((i + 1) * (STACK_SIZE + GUARD)).cast() }
+    }
+}
+
+impl Drop for Stacks {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mmap returned; no child runs on it any more
+        // (both clones have exec'd or exited before clone returned).
+        unsafe {
+            libc::munmap(self.base, self.len);
+        }
+    }
+}
+
+/// Blocks every signal for the calling thread while alive, so no handler of ours runs on
+/// the child's stack between clone and exec; restores the old mask on drop.
+struct SignalsBlocked(SigSet);
+
+impl SignalsBlocked {
+    fn new() -> Result<SignalsBlocked, SandboxError> {
+        let mut old = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))
+            .map_err(|e| SandboxError::parent("pthread_sigmask", e))?;
+        Ok(SignalsBlocked(old))
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // Restoring a mask we read ourselves cannot fail; there is nothing to do if it did.
+        let _restored = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.0), None);
+    }
+}
+
+const NS_FLAGS: c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWCGROUP;
+
+fn exec_candidates(argv0: &str, env: &[(String, String)]) -> Result<Vec<CString>, SandboxError> {
+    let to_c = |s: String| CString::new(s).map_err(|_| spec::invalid("argv[0] holds NUL"));
+    if argv0.contains('/') {
+        return Ok(vec![to_c(argv0.to_string())?]);
+    }
+    let path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/usr/bin:/bin");
+    path.split(':')
+        .map(|dir| to_c(if dir.is_empty() { format!("./{argv0}") } else { format!("{}/{argv0}", dir.trim_end_matches('/')) }))
+        .collect()
+}
+
+/// Starts `spec` in a fresh sandbox and returns once the command has been executed (or
+/// setup has failed, which is reported as the failing step and errno).
+pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
+    spec::validate(&spec)?;
+    let env = spec::effective_env(&spec)?;
+    let cwd = spec::sandbox_cwd(spec.cwd.as_deref())?;
+    let layout = SystemLayout::get()?;
+    let program = seccomp::native_program()?;
+    let landlock = match landlock::abi() {
+        Ok(abi) => Some(landlock_plan(layout, abi)),
+        Err(e) if spec.allow_degraded_landlock => {
+            eprintln!("bulkhead: WARNING: Landlock unavailable ({e:?}); running a degraded sandbox as explicitly allowed");
+            None
+        }
+        Err(e) => return Err(SandboxError::LandlockUnavailable(e)),
+    };
+    let (work_abs, _work_fd, st) = open_work_dir(&spec.work_dir)?;
+    let (ids, switch) = resolve_host_ids(spec.host_ids, HostIds { uid: st.st_uid, gid: st.st_gid })?;
+
+    let mut strings = Vec::with_capacity(spec.argv.len() + env.len());
+    for a in &spec.argv {
+        strings.push(CString::new(a.as_str()).map_err(|_| spec::invalid("argument holds NUL"))?);
+    }
+    let argc = strings.len();
+    for (k, v) in &env {
+        strings.push(CString::new(format!("{k}={v}")).map_err(|_| spec::invalid("environment holds NUL"))?);
+    }
+    let mut argv: Vec<*const libc::c_char> = strings[..argc].iter().map(|s| s.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = strings[argc..].iter().map(|s| s.as_ptr()).collect();
+    envp.push(std::ptr::null());
+
+    // Standard streams: pipes for what we capture or feed, /dev/null, or the caller's own.
+    let mut keep_open: Vec<OwnedFd> = Vec::new();
+    let mut stdio: [Option<RawFd>; 3] = [None, None, None];
+    let mut stdin_writer = None;
+    match spec.stdin {
+        StdinSource::Null => {
+            let fd = dev_null()?;
+            stdio[0] = Some(fd.as_raw_fd());
+            keep_open.push(fd);
+        }
+        StdinSource::Bytes(bytes) => {
+            let (r, w) = pipe_high()?;
+            stdio[0] = Some(r.as_raw_fd());
+            keep_open.push(r);
+            stdin_writer = Some((w, bytes));
+        }
+        StdinSource::Fd(fd) => {
+            let fd = high(fd)?;
+            stdio[0] = Some(fd.as_raw_fd());
+            keep_open.push(fd);
+        }
+    }
+    let mut readers: [Option<OwnedFd>; 2] = [None, None];
+    for (i, mode) in [spec.stdout, spec.stderr].into_iter().enumerate() {
+        match mode {
+            OutputMode::Inherit => {}
+            OutputMode::Null => {
+                let fd = dev_null()?;
+                stdio[i + 1] = Some(fd.as_raw_fd());
+                keep_open.push(fd);
+            }
+            OutputMode::Capture => {
+                let (r, w) = pipe_high()?;
+                stdio[i + 1] = Some(w.as_raw_fd());
+                keep_open.push(w);
+                readers[i] = Some(r);
+            }
+        }
+    }
+
+    let l = &spec.limits;
+    let ctx = ChildCtx {
+        layout,
+        switch_ids: switch.then_some((ids.uid, ids.gid)),
+        uid_map: format!("{SANDBOX_UID} {} 1\n", ids.uid).into_bytes(),
+        gid_map: format!("{SANDBOX_GID} {} 1\n", ids.gid).into_bytes(),
+        work_path: CString::new(work_abs.as_os_str().as_bytes()).map_err(|_| spec::invalid("work dir holds NUL"))?,
+        work_dev: st.st_dev,
+        work_ino: st.st_ino,
+        tmp_opts: CString::new(format!("size={},nr_inodes={},mode=1777", l.tmp_size_bytes, l.tmp_inodes))
+            .map_err(|_| spec::invalid("tmp options"))?,
+        cwd: CString::new(cwd).map_err(|_| spec::invalid("cwd holds NUL"))?,
+        landlock,
+        rlimits: [
+            (libc::RLIMIT_NOFILE, l.nofile),
+            (libc::RLIMIT_NPROC, l.nproc),
+            (libc::RLIMIT_FSIZE, l.fsize_bytes),
+            (libc::RLIMIT_CORE, 0),
+            (libc::RLIMIT_AS, l.address_space_bytes),
+        ],
+        stdio,
+        seccomp: program,
+        exec_candidates: exec_candidates(&spec.argv[0], &env)?,
+        argv,
+        envp,
+        _strings: strings,
+    };
+
+    let stacks = Stacks::new()?;
+    let mut report = Report::default();
+    let mut args = ChildArgs {
+        ctx: &ctx,
+        report: &mut report,
+        sandbox_flags: NS_FLAGS | libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+        sandbox_stack: stacks.top(1),
+    };
+    let started = Instant::now();
+    let (first_pid, mut pidfd) = {
+        let _blocked = SignalsBlocked::new()?;
+        let mut pidfd: c_int = -1;
+        let args_ptr: *mut ChildArgs = &mut args;
+        // SAFETY: the callbacks run on their own stacks in our address space and only read
+        // `ctx` and write `report`, both alive until after clone returns; CLONE_VFORK keeps
+        // this thread suspended until the child has exec'd or exited.
+        let pid = unsafe {
+            if switch {
+                libc::clone(intermediate_main, stacks.top(0), libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES | libc::SIGCHLD, args_ptr.cast())
+            } else {
+                libc::clone(sandbox_main, stacks.top(0), args.sandbox_flags | libc::CLONE_PIDFD, args_ptr.cast(), &mut pidfd as *mut c_int)
+            }
+        };
+        if pid < 0 {
+            return Err(SandboxError::parent("clone", Errno::last()));
+        }
+        (pid, pidfd)
+    };
+    drop(stacks);
+    // SAFETY: the report was written by children that have exec'd or exited by now.
+    let report = unsafe { std::ptr::read_volatile(&report) };
+    let mut sandbox_pid = first_pid;
+    if switch {
+        // The intermediate exits right after making the sandbox; reap it here.
+        let _status = nix::sys::wait::waitpid(Pid::from_raw(first_pid), None);
+        sandbox_pid = report.sandbox_pid;
+        pidfd = report.sandbox_pidfd;
+    }
+    drop(keep_open);
+    drop(ctx);
+    if report.step != 0 {
+        if sandbox_pid > 0 {
+            let _status = nix::sys::wait::waitpid(Pid::from_raw(sandbox_pid), None);
+        }
+        if pidfd >= 0 {
+            // SAFETY: the pidfd was created for us by clone and is closed exactly once here.
+            drop(unsafe { OwnedFd::from_raw_fd(pidfd) });
+        }
+        let step = Step::from_raw(report.step).ok_or(SandboxError::SilentSetupExit(report.step as i32))?;
+        let detail = match step {
+            Step::Execve => Some(spec.argv[0].clone()),
+            Step::Mkdir | Step::OpenTree | Step::MountSetattr | Step::MoveMount | Step::CreateMountpointFile => {
+                layout.labels.get(report.item as usize).cloned().or_else(|| (report.item == u32::MAX).then(|| "bind /work".into()))
+            }
+            Step::ChdirCwd => Some(spec::sandbox_cwd(spec.cwd.as_deref()).unwrap_or_default()),
+            _ => None,
+        };
+        return Err(SandboxError::Setup { step, detail, errno: Errno::from_raw(report.errno) });
+    }
+    if pidfd < 0 {
+        return Err(SandboxError::parent("clone(CLONE_PIDFD)", Errno::EBADF));
+    }
+    // SAFETY: clone stored a fresh pidfd that only we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Running {
+        pid: Pid::from_raw(sandbox_pid),
+        pidfd,
+        stdin: stdin_writer,
+        stdout: readers[0].take(),
+        stderr: readers[1].take(),
+        max_output: spec.limits.max_output_bytes,
+        deadline: spec.limits.wall_timeout.map(|t| started + t),
+        started,
+        reaped: false,
+    })
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), SandboxError> {
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| SandboxError::parent("fcntl(F_GETFL)", e))?;
+    let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| SandboxError::parent("fcntl(F_SETFL)", e))?;
+    Ok(())
+}
+
+/// Reads what is available into `buf`, keeping at most `cap` bytes. Returns false at EOF.
+fn drain(fd: &OwnedFd, buf: &mut Vec<u8>, cap: usize, truncated: &mut bool) -> Result<bool, SandboxError> {
+    let mut chunk = [0u8; 65536];
+    loop {
+        match nix::unistd::read(fd, &mut chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => {
+                let room = cap.saturating_sub(buf.len());
+                let keep = room.min(n);
+                buf.extend_from_slice(&chunk[..keep]);
+                if keep < n {
+                    *truncated = true;
+                }
+            }
+            Err(Errno::EAGAIN) => return Ok(true),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::parent("read(output)", e)),
+        }
+    }
+}
+
+impl Running {
+    /// The sandbox's pid 1, as seen from the caller's pid namespace.
+    pub fn pid(&self) -> i32 {
+        self.pid.as_raw()
+    }
+
+    /// Kills the whole sandbox: SIGKILL to its pid 1 takes its pid namespace down.
+    pub fn kill(&self) -> Result<(), SandboxError> {
+        match sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(SandboxError::parent("pidfd_send_signal", e)),
+        }
+    }
+
+    /// Waits for the command, feeding stdin, capturing output and enforcing the timeout.
+    pub fn wait(self) -> Result<Outcome, SandboxError> {
+        self.wait_cancellable(None)
+    }
+
+    /// As [`Running::wait`]; when `cancel` becomes readable the sandbox is killed and the
+    /// outcome says `cancelled`.
+    pub fn wait_cancellable(mut self, cancel: Option<BorrowedFd<'_>>) -> Result<Outcome, SandboxError> {
+        let mut out = [Vec::new(), Vec::new()];
+        let mut truncated = [false, false];
+        let mut readers = [self.stdout.take(), self.stderr.take()];
+        for r in readers.iter().flatten() {
+            set_nonblocking(r)?;
+        }
+        let mut stdin = self.stdin.take();
+        if let Some((w, _)) = &stdin {
+            set_nonblocking(w)?;
+        }
+        let mut stdin_pos = 0usize;
+        let mut exited = false;
+        let mut exit_seen_at = None;
+        let (mut timed_out, mut cancelled) = (false, false);
+        let mut killed = false;
+        loop {
+            if exited && readers.iter().all(Option::is_none) {
+                break;
+            }
+            // After exit every sandbox process is gone, so the pipes reach EOF at once; the
+            // grace period only bounds a pathological case.
+            if let Some(at) = exit_seen_at {
+                if Instant::now().duration_since(at) > Duration::from_secs(2) {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            let mut timeout = PollTimeout::NONE;
+            if !killed {
+                if let Some(deadline) = self.deadline {
+                    if now >= deadline {
+                        self.kill()?;
+                        killed = true;
+                        timed_out = true;
+                        continue;
+                    }
+                    let ms = (deadline - now).as_millis().min(i32::MAX as u128) as i32;
+                    timeout = PollTimeout::try_from(ms.max(1)).unwrap_or(PollTimeout::MAX);
+                }
+            }
+            if exited {
+                timeout = PollTimeout::from(100u16);
+            }
+            let mut fds = Vec::with_capacity(5);
+            let mut kinds = Vec::with_capacity(5);
+            if !exited {
+                fds.push(PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN));
+                kinds.push(0usize);
+            }
+            for (i, r) in readers.iter().enumerate() {
+                if let Some(r) = r {
+                    fds.push(PollFd::new(r.as_fd(), PollFlags::POLLIN));
+                    kinds.push(1 + i);
+                }
+            }
+            if let Some((w, _)) = &stdin {
+                fds.push(PollFd::new(w.as_fd(), PollFlags::POLLOUT));
+                kinds.push(3);
+            }
+            if let (Some(c), false) = (cancel, killed) {
+                fds.push(PollFd::new(c, PollFlags::POLLIN));
+                kinds.push(4);
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(SandboxError::parent("poll", e)),
+            }
+            let ready: Vec<(usize, PollFlags)> =
+                fds.iter().zip(&kinds).filter_map(|(f, k)| f.revents().filter(|r| !r.is_empty()).map(|r| (*k, r))).collect();
+            drop(fds);
+            for (kind, _flags) in ready {
+                match kind {
+                    0 => {
+                        exited = true;
+                        exit_seen_at = Some(Instant::now());
+                        stdin = None;
+                    }
+                    1 | 2 => {
+                        let i = kind - 1;
+                        let open = match &readers[i] {
+                            Some(r) => drain(r, &mut out[i], self.max_output, &mut truncated[i])?,
+                            None => false,
+                        };
+                        if !open {
+                            readers[i] = None;
+                        }
+                    }
+                    3 => {
+                        let done = match &stdin {
+                            Some((w, data)) => match nix::unistd::write(w, &data[stdin_pos..]) {
+                                Ok(n) => {
+                                    stdin_pos += n;
+                                    stdin_pos >= data.len()
+                                }
+                                Err(Errno::EAGAIN) | Err(Errno::EINTR) => false,
+                                // The command closed its stdin: what it did not read is dropped.
+                                Err(_) => true,
+                            },
+                            None => true,
+                        };
+                        if done {
+                            stdin = None;
+                        }
+                    }
+                    _ => {
+                        self.kill()?;
+                        killed = true;
+                        cancelled = true;
+                    }
+                }
+            }
+        }
+        let duration = self.started.elapsed();
+        let status = loop {
+            match waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED) {
+                Err(Errno::EINTR) => continue,
+                other => break other.map_err(|e| SandboxError::parent("waitid", e))?,
+            }
+        };
+        self.reaped = true;
+        let (exit_code, signal) = match status {
+            WaitStatus::Exited(_, code) => (Some(code), None),
+            WaitStatus::Signaled(_, sig, _) => (None, Some(sig as i32)),
+            _ => (None, None),
+        };
+        let [stdout, stderr] = out;
+        Ok(Outcome {
+            exit_code,
+            signal,
+            stdout,
+            stderr,
+            stdout_truncated: truncated[0],
+            stderr_truncated: truncated[1],
+            timed_out,
+            cancelled,
+            duration,
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.reaped {
+            // Best effort on an abandoned sandbox: kill it and reap it so nothing lingers.
+            let _killed = sys::pidfd_send_signal(self.pidfd.as_fd(), Signal::SIGKILL as c_int);
+            let _reaped = waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED);
+        }
+    }
+}

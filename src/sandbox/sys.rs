@@ -1,0 +1,75 @@
+//! Thin wrappers over syscalls that libc or nix do not cover, used by the parent side.
+//! The child side calls these too: none of them allocates.
+
+use std::ffi::{CStr, c_int, c_long};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+
+use super::landlock;
+
+pub(crate) const OPEN_TREE_CLONE: u32 = 1;
+pub(crate) const OPEN_TREE_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
+pub(crate) const AT_RECURSIVE: u32 = 0x8000;
+pub(crate) const AT_EMPTY_PATH: u32 = libc::AT_EMPTY_PATH as u32;
+pub(crate) const MOVE_MOUNT_F_EMPTY_PATH: u32 = 0x4;
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub(crate) const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+pub(crate) const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+pub(crate) const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+
+/// `struct mount_attr`.
+#[repr(C)]
+pub(crate) struct MountAttr {
+    pub attr_set: u64,
+    pub attr_clr: u64,
+    pub propagation: u64,
+    pub userns_fd: u64,
+}
+
+/// `struct open_how`.
+#[repr(C)]
+pub(crate) struct OpenHow {
+    pub flags: u64,
+    pub mode: u64,
+    pub resolve: u64,
+}
+
+fn ret(r: c_long) -> Result<c_long, Errno> {
+    if r < 0 { Err(Errno::last()) } else { Ok(r) }
+}
+
+/// The Landlock ABI version, or why there is none.
+pub(crate) fn landlock_abi() -> Result<u32, Errno> {
+    // SAFETY: with a null attr and size 0 the VERSION flag only queries; no memory is read.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<landlock::RulesetAttr>(),
+            0usize,
+            landlock::CREATE_RULESET_VERSION,
+        )
+    };
+    ret(r).map(|v| v as u32)
+}
+
+/// `openat2(dirfd, path, how)`.
+pub(crate) fn openat2(dirfd: RawFd, path: &CStr, flags: c_int, resolve: u64) -> Result<OwnedFd, Errno> {
+    let how = OpenHow { flags: flags as u64, mode: 0, resolve };
+    // SAFETY: `path` is NUL-terminated and `how` lives across the call with its exact size.
+    let r = unsafe {
+        libc::syscall(libc::SYS_openat2, dirfd, path.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
+    };
+    let fd = ret(r)? as RawFd;
+    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `pidfd_send_signal(pidfd, sig, NULL, 0)`.
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: c_int) -> Result<(), Errno> {
+    // SAFETY: plain integer arguments; a null siginfo means "as if by kill(2)".
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0u32) };
+    ret(r).map(|_| ())
+}
