@@ -1,18 +1,242 @@
-//! Cold-start benchmark.
+//! Cold-start benchmark: `/bin/true` to completion in bubblewrap, in `bulkhead sandbox`
+//! as a process, through the library in-process, and as a plain spawn (the floor).
+//!
+//! Variants are interleaved run by run so that machine noise hits them alike, and the
+//! report gives ratios measured in that one run. As root the benchmark first drops to an
+//! unprivileged uid (default 65534), because the product's case is "no root" and
+//! bubblewrap run as root would not be comparable.
 #![forbid(unsafe_code)]
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::sandbox::{self, OutputMode, SandboxSpec};
+
 /// Options of `bulkhead bench coldstart`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct ColdstartArgs {
     /// Runs per variant.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 300)]
     pub runs: usize,
-    /// Print one JSON object instead of a table.
+    /// Print one JSON object (p50/p90/p99 in microseconds per variant) instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// When started as root, the unprivileged uid (and gid) to run as.
+    #[arg(long, default_value_t = 65534)]
+    pub as_uid: u32,
 }
 
-/// Runs the benchmark and prints the result.
-pub fn coldstart_cli(_args: &ColdstartArgs) -> Result<(), String> {
-    Err("not yet".into())
+/// Percentiles of one variant, in microseconds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Number of timed runs.
+    pub runs: usize,
+}
+
+/// The whole result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// uid the benchmark ran as.
+    pub uid: u32,
+    /// Per variant: `bwrap` (when installed), `bulkhead_process`, `bulkhead_library`,
+    /// `plain_spawn`.
+    pub variants: std::collections::BTreeMap<String, Stats>,
+    /// p50 and p99 of each bulkhead variant divided by bubblewrap's.
+    pub ratios_to_bwrap: std::collections::BTreeMap<String, (f64, f64)>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)].as_micros() as u64
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    Stats { p50_us: percentile(&v, 0.5), p90_us: percentile(&v, 0.9), p99_us: percentile(&v, 0.99), runs: v.len() }
+}
+
+/// The bubblewrap command line equivalent to bulkhead's sandbox for `/bin/true`: every
+/// namespace, die-with-parent, new session, no capabilities, the same read-only system
+/// binds and `/etc` files, the work dir, a tmpfs `/tmp`, its own `/proc` and a `/dev`.
+pub fn bwrap_command(bwrap: &Path, work: &Path) -> Command {
+    let mut c = Command::new(bwrap);
+    c.args(["--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]);
+    for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(t) = std::fs::read_link(dir) {
+                    c.arg("--symlink").arg(t).arg(dir);
+                }
+            }
+            Ok(m) if m.is_dir() => {
+                c.args(["--ro-bind", dir, dir]);
+            }
+            _ => {}
+        }
+    }
+    for f in ["/etc/ld.so.cache", "/etc/ssl/certs", "/etc/ca-certificates", "/etc/alternatives", "/etc/localtime"] {
+        if Path::new(f).exists() {
+            c.args(["--ro-bind", f, f]);
+        }
+    }
+    c.arg("--bind").arg(work).arg("/work");
+    c.args(["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "--chdir", "/work", "/bin/true"]);
+    c
+}
+
+fn find_bwrap() -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("bwrap")).find(|p| p.is_file())
+}
+
+fn time_command(mut c: Command) -> Result<Duration, String> {
+    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let t = Instant::now();
+    let status = c.status().map_err(|e| format!("spawn {:?}: {e}", c.get_program()))?;
+    let d = t.elapsed();
+    if !status.success() {
+        return Err(format!("{:?} failed: {status}", c.get_program()));
+    }
+    Ok(d)
+}
+
+/// Drops to `uid` when running as root (before any thread exists), and prepares a work
+/// dir that uid owns.
+fn prepare(args: &ColdstartArgs) -> Result<(PathBuf, u32), String> {
+    let base = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
+    let work = base.join("work");
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let euid = nix::unistd::geteuid();
+    if euid.is_root() {
+        let id = nix::unistd::Uid::from_raw(args.as_uid);
+        let gid = nix::unistd::Gid::from_raw(args.as_uid);
+        for p in [&base, &work] {
+            nix::unistd::chown(p.as_path(), Some(id), Some(gid)).map_err(|e| format!("chown: {e}"))?;
+        }
+        nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+        nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
+        nix::unistd::setresuid(id, id, id).map_err(|e| format!("setresuid: {e}"))?;
+        // Dropping uid marks us non-dumpable, which makes /proc/self root-owned; the
+        // sandbox writes its id maps there.
+        nix::sys::prctl::set_dumpable(true).map_err(|e| format!("prctl(PR_SET_DUMPABLE): {e}"))?;
+    }
+    Ok((work, nix::unistd::geteuid().as_raw()))
+}
+
+/// Runs the benchmark with `bulkhead_exe` as variant (b).
+pub fn coldstart(args: &ColdstartArgs, bulkhead_exe: &Path) -> Result<Report, String> {
+    let (work, uid) = prepare(args)?;
+    let result = measure(args, bulkhead_exe, &work);
+    if let Some(base) = work.parent() {
+        // Best effort: the directory is ours and empty but for the work dir.
+        let _removed = std::fs::remove_dir_all(base);
+    }
+    let (variants, ratios) = result?;
+    Ok(Report { uid, variants, ratios_to_bwrap: ratios })
+}
+
+type Measured = (std::collections::BTreeMap<String, Stats>, std::collections::BTreeMap<String, (f64, f64)>);
+
+fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Measured, String> {
+    let bwrap = find_bwrap();
+    let library = || -> Result<Duration, String> {
+        let mut spec = SandboxSpec::new(work, vec!["/bin/true".into()]);
+        spec.stdout = OutputMode::Null;
+        spec.stderr = OutputMode::Null;
+        let t = Instant::now();
+        let out = sandbox::run(spec).map_err(|e| format!("library: {e}"))?;
+        let d = t.elapsed();
+        if out.exit_code != Some(0) {
+            return Err(format!("library run ended with {out:?}"));
+        }
+        Ok(d)
+    };
+    let process = || {
+        let mut c = Command::new(bulkhead_exe);
+        c.arg("sandbox").arg("--work").arg(work).args(["--", "/bin/true"]);
+        time_command(c)
+    };
+    let plain = || time_command(Command::new("/bin/true"));
+    let bw = |b: &Path| time_command(bwrap_command(b, work));
+
+    // Warm-up: page cache, the policy compile and the host layout of the library path.
+    for _ in 0..10 {
+        library()?;
+        process()?;
+        plain()?;
+        if let Some(b) = &bwrap {
+            bw(b)?;
+        }
+    }
+    let names = ["bwrap", "bulkhead_process", "bulkhead_library", "plain_spawn"];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(args.runs); 4];
+    for i in 0..args.runs {
+        // Rotate the order each round so no variant always runs right after another.
+        for k in 0..4 {
+            let v = (i + k) % 4;
+            let d = match v {
+                0 => match &bwrap {
+                    Some(b) => bw(b)?,
+                    None => continue,
+                },
+                1 => process()?,
+                2 => library()?,
+                _ => plain()?,
+            };
+            samples[v].push(d);
+        }
+    }
+    let mut variants = std::collections::BTreeMap::new();
+    for (name, s) in names.iter().zip(samples) {
+        if !s.is_empty() {
+            variants.insert(name.to_string(), stats(s));
+        }
+    }
+    let mut ratios = std::collections::BTreeMap::new();
+    if let Some(b) = variants.get("bwrap").cloned() {
+        for name in ["bulkhead_process", "bulkhead_library", "plain_spawn"] {
+            if let Some(s) = variants.get(name) {
+                ratios.insert(name.to_string(), (s.p50_us as f64 / b.p50_us.max(1) as f64, s.p99_us as f64 / b.p99_us.max(1) as f64));
+            }
+        }
+    }
+    Ok((variants, ratios))
+}
+
+/// Prints `report` as a table.
+pub fn print_table(report: &Report) {
+    println!("cold start of /bin/true, uid {}, interleaved; microseconds", report.uid);
+    println!("{:<18} {:>8} {:>8} {:>8} {:>12} {:>12}", "variant", "p50", "p90", "p99", "p50/bwrap", "p99/bwrap");
+    for (name, s) in &report.variants {
+        let (r50, r99) = report
+            .ratios_to_bwrap
+            .get(name)
+            .map(|(a, b)| (format!("{a:.2}x"), format!("{b:.2}x")))
+            .unwrap_or_else(|| ("-".into(), "-".into()));
+        println!("{:<18} {:>8} {:>8} {:>8} {:>12} {:>12}", name, s.p50_us, s.p90_us, s.p99_us, r50, r99);
+    }
+    if !report.variants.contains_key("bwrap") {
+        println!("(bubblewrap not found on PATH: no comparison row)");
+    }
+}
+
+/// `bulkhead bench coldstart`.
+pub fn coldstart_cli(args: &ColdstartArgs) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let report = coldstart(args, &exe)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
 }
