@@ -13,6 +13,7 @@ pub mod error;
 pub mod landlock;
 mod plan;
 pub mod seccomp;
+mod seccomp_tree;
 mod spawn;
 pub mod spec;
 mod sys;

@@ -6,8 +6,6 @@ use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use seccompiler::sock_filter;
-
 use super::error::SandboxError;
 use super::landlock::{self, Access, RulesetAttr};
 use super::spec::{SANDBOX_GID, SANDBOX_UID, SANDBOX_USER};
@@ -211,7 +209,7 @@ pub(crate) struct ChildCtx {
     pub rlimits: [(u32, u64); 5],
     /// Descriptors to install as 0, 1, 2; `None` keeps the caller's.
     pub stdio: [Option<RawFd>; 3],
-    pub seccomp: &'static [sock_filter],
+    pub seccomp: &'static [libc::sock_filter],
     /// Absolute paths to try in order for `execve`.
     pub exec_candidates: Vec<CString>,
     pub argv: Vec<*const c_char>,

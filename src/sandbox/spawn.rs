@@ -249,7 +249,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     let env = spec::effective_env(&spec)?;
     let cwd = spec::sandbox_cwd(spec.cwd.as_deref())?;
     let layout = SystemLayout::get()?;
-    let program = seccomp::native_program()?;
+    let program = seccomp::native_program();
     let landlock = match landlock::abi() {
         Ok(abi) => Some(landlock_plan(layout, abi)),
         Err(e) if spec.allow_degraded_landlock => {
