@@ -284,7 +284,7 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             Step::MountTmpTmpfs
         );
         check!(
-            libc::mount(c"tmpfs".as_ptr(), layout.dev_dir.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NOEXEC, layout.dev_opts.as_ptr().cast()),
+            libc::mount(c"tmpfs".as_ptr(), layout.dev_dir.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, layout.dev_opts.as_ptr().cast()),
             report,
             Step::MountDevTmpfs
         );
@@ -303,7 +303,7 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             check!(libc::symlink(target.as_ptr(), link.as_ptr()), report, Step::Symlink, i);
         }
         check!(
-            libc::mount(ptr::null(), layout.dev_dir.as_ptr(), ptr::null(), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC, ptr::null()),
+            libc::mount(ptr::null(), layout.dev_dir.as_ptr(), ptr::null(), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ptr::null()),
             report,
             Step::RemountDevReadonly
         );
