@@ -25,6 +25,7 @@ fn main() {
         let _ = writeln!(src, "    libc::sock_filter {{ code: {:#06x}, jt: {}, jf: {}, k: {:#010x} }},", i.code, i.jt, i.jf, i.k);
     }
     src.push_str("];\n");
-    let out = std::path::Path::new(&std::env::var("OUT_DIR").expect("OUT_DIR")).join("seccomp_program.rs");
+    let out_dir = std::env::var("OUT_DIR").unwrap_or_else(|e| panic!("OUT_DIR: {e}"));
+    let out = std::path::Path::new(&out_dir).join("seccomp_program.rs");
     std::fs::write(&out, src).unwrap_or_else(|e| panic!("{}: {e}", out.display()));
 }

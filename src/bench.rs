@@ -178,7 +178,7 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
         }
     }
     let names = ["bwrap", "bulkhead_process", "bulkhead_library", "plain_spawn"];
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(args.runs); 4];
+    let mut samples: Vec<Vec<Duration>> = (0..4).map(|_| Vec::with_capacity(args.runs)).collect();
     for i in 0..args.runs {
         // Rotate the order each round so no variant always runs right after another.
         for k in 0..4 {

@@ -2,6 +2,8 @@
 //! fails, and fails for the reason the design says (errno from the layer that stops it),
 //! not because a tool was missing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::linux::net::SocketAddrExt;
@@ -40,7 +42,7 @@ fn other_tenant_dir_is_unreachable_by_path() {
         "/work/rel-link".into(),
         format!("/proc/self/root{host_path}"),
         format!("/proc/1/root{host_path}"),
-        format!("/proc/self/cwd/../../beta/work/secret.txt"),
+        "/proc/self/cwd/../../beta/work/secret.txt".to_string(),
     ];
     for who in BOTH {
         for p in &attempts {

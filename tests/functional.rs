@@ -1,6 +1,8 @@
 //! The sandbox runs real workloads, as uid 65534 and as root, and presents the view
 //! DESIGN.md promises.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::*;

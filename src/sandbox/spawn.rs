@@ -490,24 +490,20 @@ impl Running {
             }
             // After exit every sandbox process is gone, so the pipes reach EOF at once; the
             // grace period only bounds a pathological case.
-            if let Some(at) = exit_seen_at {
-                if Instant::now().duration_since(at) > Duration::from_secs(2) {
-                    break;
-                }
+            if exit_seen_at.is_some_and(|at: Instant| at.elapsed() > Duration::from_secs(2)) {
+                break;
             }
             let now = Instant::now();
             let mut timeout = PollTimeout::NONE;
-            if !killed {
-                if let Some(deadline) = self.deadline {
-                    if now >= deadline {
-                        self.kill()?;
-                        killed = true;
-                        timed_out = true;
-                        continue;
-                    }
-                    let ms = (deadline - now).as_millis().min(i32::MAX as u128) as i32;
-                    timeout = PollTimeout::try_from(ms.max(1)).unwrap_or(PollTimeout::MAX);
+            if let (false, Some(deadline)) = (killed, self.deadline) {
+                if now >= deadline {
+                    self.kill()?;
+                    killed = true;
+                    timed_out = true;
+                    continue;
                 }
+                let ms = (deadline - now).as_millis().min(i32::MAX as u128) as i32;
+                timeout = PollTimeout::try_from(ms.max(1)).unwrap_or(PollTimeout::MAX);
             }
             if exited {
                 timeout = PollTimeout::from(100u16);
