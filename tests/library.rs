@@ -97,7 +97,8 @@ fn bad_specs_are_refused_before_anything_runs() {
     let fx = Fixture::new();
     let marker = fx.work.join("ran");
     let cmd = "touch /work/ran".to_string();
-    let cases: Vec<Box<dyn Fn(&mut SandboxSpec)>> = vec![
+    type Mutation = Box<dyn Fn(&mut SandboxSpec)>;
+    let cases: Vec<Mutation> = vec![
         Box::new(|s| s.argv.clear()),
         Box::new(|s| s.env.push(("A=B".into(), "x".into()))),
         Box::new(|s| s.env.push(("K".into(), "nul\0".into()))),
