@@ -113,6 +113,9 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
         spec.limits.address_space_bytes = m;
     }
     spec.allow_degraded_landlock = args.allow_degraded_landlock;
+    if let (true, Err(e)) = (args.allow_degraded_landlock, sandbox::landlock::abi()) {
+        eprintln!("bulkhead: WARNING: Landlock is unavailable ({e:?}); running a DEGRADED sandbox as --allow-degraded-landlock asked");
+    }
     spec.host_ids = match (args.host_uid, args.host_gid) {
         (None, None) => None,
         (Some(uid), gid) => Some(HostIds { uid, gid: gid.unwrap_or(uid) }),

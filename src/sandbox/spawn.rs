@@ -42,6 +42,9 @@ pub struct Outcome {
     pub cancelled: bool,
     /// From just before the clone to the command's end.
     pub duration: Duration,
+    /// The Landlock ABI the sandbox was restricted with; `None` only for a degraded
+    /// sandbox the caller explicitly allowed on a kernel without Landlock.
+    pub landlock_abi: Option<u32>,
 }
 
 impl Outcome {
@@ -67,6 +70,7 @@ pub struct Running {
     deadline: Option<Instant>,
     started: Instant,
     reaped: bool,
+    landlock_abi: Option<u32>,
 }
 
 /// Runs `spec` to completion.
@@ -231,6 +235,16 @@ const NS_FLAGS: c_int = libc::CLONE_NEWUSER
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWCGROUP;
 
+/// Landlock fails closed: without it the sandbox runs only when the caller explicitly
+/// accepted a degraded sandbox (`Ok(None)`).
+fn landlock_decision(abi: Result<u32, Errno>, allow_degraded: bool) -> Result<Option<u32>, SandboxError> {
+    match abi {
+        Ok(abi) => Ok(Some(abi)),
+        Err(_) if allow_degraded => Ok(None),
+        Err(e) => Err(SandboxError::LandlockUnavailable(e)),
+    }
+}
+
 fn exec_candidates(argv0: &str, env: &[(String, String)]) -> Result<Vec<CString>, SandboxError> {
     let to_c = |s: String| CString::new(s).map_err(|_| spec::invalid("argv[0] holds NUL"));
     if argv0.contains('/') {
@@ -250,14 +264,8 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     let cwd = spec::sandbox_cwd(spec.cwd.as_deref())?;
     let layout = SystemLayout::get()?;
     let program = seccomp::native_program();
-    let landlock = match landlock::abi() {
-        Ok(abi) => Some(landlock_plan(layout, abi)),
-        Err(e) if spec.allow_degraded_landlock => {
-            eprintln!("bulkhead: WARNING: Landlock unavailable ({e:?}); running a degraded sandbox as explicitly allowed");
-            None
-        }
-        Err(e) => return Err(SandboxError::LandlockUnavailable(e)),
-    };
+    let landlock_abi = landlock_decision(landlock::abi(), spec.allow_degraded_landlock)?;
+    let landlock = landlock_abi.map(|abi| landlock_plan(layout, abi));
     let (work_abs, _work_fd, st) = open_work_dir(&spec.work_dir)?;
     let (ids, switch) = resolve_host_ids(spec.host_ids, HostIds { uid: st.st_uid, gid: st.st_gid })?;
 
@@ -416,6 +424,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
         deadline: spec.limits.wall_timeout.map(|t| started + t),
         started,
         reaped: false,
+        landlock_abi,
     })
 }
 
@@ -602,6 +611,7 @@ impl Running {
             timed_out,
             cancelled,
             duration,
+            landlock_abi: self.landlock_abi,
         })
     }
 }
@@ -613,5 +623,28 @@ impl Drop for Running {
             let _killed = sys::pidfd_send_signal(self.pidfd.as_fd(), Signal::SIGKILL as c_int);
             let _reaped = waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn landlock_fails_closed() {
+        for e in [Errno::ENOSYS, Errno::EOPNOTSUPP] {
+            assert!(matches!(landlock_decision(Err(e), false), Err(SandboxError::LandlockUnavailable(x)) if x == e));
+            assert_eq!(landlock_decision(Err(e), true).ok(), Some(None));
+        }
+        assert_eq!(landlock_decision(Ok(7), false).ok(), Some(Some(7)));
+        assert_eq!(landlock_decision(Ok(7), true).ok(), Some(Some(7)));
+    }
+
+    #[test]
+    fn path_search_uses_the_sandbox_path() {
+        let env = vec![("PATH".to_string(), "/opt/x:/usr/bin:".to_string())];
+        let c = exec_candidates("tool", &env).unwrap();
+        assert_eq!(c, vec![c"/opt/x/tool".to_owned(), c"/usr/bin/tool".to_owned(), c"./tool".to_owned()]);
+        assert_eq!(exec_candidates("./run.sh", &env).unwrap(), vec![c"./run.sh".to_owned()]);
     }
 }
