@@ -229,6 +229,26 @@ pub fn print_table(report: &Report) {
     }
 }
 
+/// The targets this benchmark exists to check, with the measured ratios: bulkhead as a
+/// process at p50 <= 0.80x bubblewrap; the library at p50 <= 0.45x and p99 <= 0.75x.
+pub fn target_lines(report: &Report) -> Vec<String> {
+    let check = |name: &str, which: usize, limit: f64, label: &str| -> String {
+        match report.ratios_to_bwrap.get(name) {
+            Some(r) => {
+                let v = if which == 50 { r.0 } else { r.1 };
+                let verdict = if v <= limit { "met" } else { "MISSED" };
+                format!("target {label}: p{which} {v:.2}x <= {limit:.2}x bwrap: {verdict}")
+            }
+            None => format!("target {label}: no bubblewrap row to compare with"),
+        }
+    };
+    vec![
+        check("bulkhead_process", 50, 0.80, "bulkhead sandbox (process)"),
+        check("bulkhead_library", 50, 0.45, "library in-process"),
+        check("bulkhead_library", 99, 0.75, "library in-process"),
+    ]
+}
+
 /// `bulkhead bench coldstart`.
 pub fn coldstart_cli(args: &ColdstartArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
@@ -237,6 +257,9 @@ pub fn coldstart_cli(args: &ColdstartArgs) -> Result<(), String> {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     } else {
         print_table(&report);
+        for line in target_lines(&report) {
+            println!("{line}");
+        }
     }
     Ok(())
 }

@@ -1,0 +1,29 @@
+//! The benchmark is a product command: it must run and report every variant. (Its
+//! figures are not asserted here: timing belongs to benchmarks, not tests.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+#[test]
+fn coldstart_json_reports_each_variant() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead")).args(["bench", "coldstart", "--runs", "5", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let variants = v["variants"].as_object().unwrap();
+    for name in ["bulkhead_process", "bulkhead_library", "plain_spawn"] {
+        let s = &variants[name];
+        assert_eq!(s["runs"], 5, "{v}");
+        let (p50, p90, p99) = (s["p50_us"].as_u64().unwrap(), s["p90_us"].as_u64().unwrap(), s["p99_us"].as_u64().unwrap());
+        assert!(p50 > 0 && p50 <= p90 && p90 <= p99, "{v}");
+    }
+    let has_bwrap = Command::new("sh").args(["-c", "command -v bwrap"]).output().unwrap().status.success();
+    assert_eq!(variants.contains_key("bwrap"), has_bwrap, "{v}");
+    if has_bwrap {
+        assert!(v["ratios_to_bwrap"]["bulkhead_library"].is_array(), "{v}");
+    } else {
+        eprintln!("NOTE: bubblewrap is not installed; the comparison row is absent (.ci/run installs it)");
+    }
+    // The benchmark ran unprivileged even though the test runs as root.
+    assert_eq!(v["uid"], 65534, "{v}");
+}
