@@ -32,7 +32,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct SandboxArgs {
-    /// Host directory mounted read-write at /work (symlinks and '..' are refused).
+    /// Host directory mounted read-write at /work. Symlinks and '..' in the path are
+    /// refused. If it does not exist it is created (mode 0700; as root, owned by
+    /// --host-uid/--host-gid).
     #[arg(long)]
     work: PathBuf,
     /// Kill the whole sandbox after this many milliseconds.
@@ -50,7 +52,8 @@ struct SandboxArgs {
     /// When run as root: host uid the sandbox maps to (default: the work dir's owner).
     #[arg(long)]
     host_uid: Option<u32>,
-    /// When run as root: host gid the sandbox maps to (default: the work dir's group).
+    /// When run as root: host gid the sandbox maps to (default: the --host-uid value, or
+    /// the work dir's group when neither is given).
     #[arg(long)]
     host_gid: Option<u32>,
     /// Maximum processes inside the sandbox (RLIMIT_NPROC).
@@ -98,7 +101,31 @@ fn run_sandbox(args: SandboxArgs) -> ExitCode {
     }
 }
 
+/// Creates a missing work dir for the sandbox's host identity. As root that identity must
+/// be given: a new directory would otherwise belong to root, which the sandbox refuses.
+fn create_work_dir(work: &std::path::Path, host: Option<HostIds>) -> Result<(), (u8, String)> {
+    use std::os::unix::fs::DirBuilderExt;
+    if std::fs::symlink_metadata(work).is_ok() {
+        return Ok(());
+    }
+    let root = nix::unistd::geteuid().is_root();
+    if root && host.is_none() {
+        return Err((125, format!("work dir {} does not exist; as root, name its owner with --host-uid/--host-gid", work.display())));
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(work).map_err(|e| (125, format!("create work dir {}: {e}", work.display())))?;
+    if let (true, Some(ids)) = (root, host) {
+        std::os::unix::fs::chown(work, Some(ids.uid), Some(ids.gid)).map_err(|e| (125, format!("chown work dir {}: {e}", work.display())))?;
+    }
+    Ok(())
+}
+
 fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
+    let host_ids = match (args.host_uid, args.host_gid) {
+        (None, None) => None,
+        (Some(uid), gid) => Some(HostIds { uid, gid: gid.unwrap_or(uid) }),
+        (None, Some(_)) => return Err((2, "--host-gid needs --host-uid".into())),
+    };
+    create_work_dir(&args.work, host_ids)?;
     let mut spec = SandboxSpec::new(args.work, args.cmd);
     for kv in args.env {
         let (k, v) = kv.split_once('=').ok_or((2, format!("--env {kv:?}: expected K=V")))?;
@@ -116,11 +143,7 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
     if let (true, Err(e)) = (args.allow_degraded_landlock, sandbox::landlock::abi()) {
         eprintln!("bulkhead: WARNING: Landlock is unavailable ({e:?}); running a DEGRADED sandbox as --allow-degraded-landlock asked");
     }
-    spec.host_ids = match (args.host_uid, args.host_gid) {
-        (None, None) => None,
-        (Some(uid), gid) => Some(HostIds { uid, gid: gid.unwrap_or(uid) }),
-        (None, Some(_)) => return Err((2, "--host-gid needs --host-uid".into())),
-    };
+    spec.host_ids = host_ids;
     spec.stdout = OutputMode::Inherit;
     spec.stderr = OutputMode::Inherit;
     if let Some(path) = args.stdin {

@@ -194,3 +194,26 @@ fn root_never_runs_the_sandbox_as_root() {
     assert_eq!(r.code, 125, "{r:?}");
     assert!(r.stderr.contains("only map its own ids"), "{r:?}");
 }
+
+#[test]
+fn missing_work_dir_is_created_for_the_sandbox_identity() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fx = Fixture::new();
+    let fresh = fx.base.join("tenants/acme/fresh-root");
+    let r = sh_with(As::Root, &fresh, &["--host-uid", "65534"], "echo ok > /work/f && cat /work/f");
+    assert_eq!((r.code, r.stdout.as_str()), (0, "ok\n"), "{r:?}");
+    let m = std::fs::metadata(&fresh).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.permissions().mode() & 0o777), (NOBODY, NOBODY, 0o700));
+    // As root without an owner there is nothing safe to create it as.
+    let r = sh(As::Root, &fx.base.join("tenants/acme/fresh-2"), "true");
+    assert_eq!(r.code, 125, "{r:?}");
+    assert!(r.stderr.contains("--host-uid"), "{r:?}");
+    assert!(!fx.base.join("tenants/acme/fresh-2").exists());
+    // Unprivileged: created as the caller (the tenant dir must be writable by it).
+    let parent = fx.base.join("tenants/acme/nobody-owned");
+    std::fs::create_dir(&parent).unwrap();
+    std::os::unix::fs::chown(&parent, Some(NOBODY), Some(NOBODY)).unwrap();
+    let r = sh(As::Nobody, &parent.join("work"), "id -u");
+    assert_eq!((r.code, r.stdout.as_str()), (0, "1000\n"), "{r:?}");
+    assert_eq!(std::fs::metadata(parent.join("work")).unwrap().uid(), NOBODY);
+}
