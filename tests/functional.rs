@@ -217,3 +217,34 @@ fn missing_work_dir_is_created_for_the_sandbox_identity() {
     assert_eq!((r.code, r.stdout.as_str()), (0, "1000\n"), "{r:?}");
     assert_eq!(std::fs::metadata(parent.join("work")).unwrap().uid(), NOBODY);
 }
+
+#[test]
+fn own_session_no_tty_and_rlimits_applied() {
+    let fx = Fixture::new();
+    for who in BOTH {
+        let r = output(sandbox_cmd(
+            who,
+            &fx.work,
+            &["--pids", "77", "--memory-bytes", "1073741824"],
+            &[
+                "python3",
+                "-c",
+                r#"
+import os, resource
+stat = open('/proc/self/stat').read().rsplit(')', 1)[1].split()
+# fields after the command: state ppid pgrp session tty_nr
+print(os.getpid(), os.getsid(0), stat[4])
+for name in ('NOFILE', 'NPROC', 'FSIZE', 'CORE', 'AS'):
+    print(name, *resource.getrlimit(getattr(resource, 'RLIMIT_' + name)))
+"#,
+            ],
+        ));
+        assert_eq!(r.code, 0, "{who:?}: {r:?}");
+        // pid 1 of its namespace, leader of its own session, no controlling terminal.
+        assert_eq!(
+            r.stdout,
+            "1 1 0\nNOFILE 1024 1024\nNPROC 77 77\nFSIZE 1073741824 1073741824\nCORE 0 0\nAS 1073741824 1073741824\n",
+            "{who:?}: {r:?}"
+        );
+    }
+}
