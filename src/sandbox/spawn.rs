@@ -319,6 +319,11 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
                 keep_open.push(w);
                 readers[i] = Some(r);
             }
+            OutputMode::Fd(fd) => {
+                let fd = high(fd)?;
+                stdio[i + 1] = Some(fd.as_raw_fd());
+                keep_open.push(fd);
+            }
         }
     }
 
@@ -468,6 +473,48 @@ impl Running {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
             Err(e) => Err(SandboxError::parent("pidfd_send_signal", e)),
         }
+    }
+
+    /// The pidfd of the sandbox's pid 1: readable once it has exited.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// When the wall-clock limit expires, if there is one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// Reaps the sandbox if it has exited: `(exit_code, signal)`. For callers that run
+    /// their own event loop over [`Running::pidfd`] and handle the streams themselves.
+    pub fn try_wait(&mut self) -> Result<Option<(Option<i32>, Option<i32>)>, SandboxError> {
+        if self.reaped {
+            return Err(SandboxError::parent("waitid", Errno::ECHILD));
+        }
+        match waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+            Ok(WaitStatus::StillAlive) => Ok(None),
+            Ok(WaitStatus::Exited(_, code)) => {
+                self.reaped = true;
+                Ok(Some((Some(code), None)))
+            }
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                self.reaped = true;
+                Ok(Some((None, Some(sig as i32))))
+            }
+            Ok(_) => Ok(None),
+            Err(Errno::EINTR) => Ok(None),
+            Err(e) => Err(SandboxError::parent("waitid", e)),
+        }
+    }
+
+    /// Time since the clone.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The Landlock ABI this sandbox was restricted with.
+    pub fn landlock_abi(&self) -> Option<u32> {
+        self.landlock_abi
     }
 
     /// Waits for the command, feeding stdin, capturing output and enforcing the timeout.

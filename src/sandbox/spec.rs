@@ -65,7 +65,7 @@ pub enum StdinSource {
 }
 
 /// What happens to stdout or stderr.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub enum OutputMode {
     /// Captured through a pipe, up to `Limits::max_output_bytes`.
     #[default]
@@ -74,6 +74,8 @@ pub enum OutputMode {
     Inherit,
     /// `/dev/null`.
     Null,
+    /// This descriptor (e.g. a pipe the caller reads itself).
+    Fd(OwnedFd),
 }
 
 /// An unprivileged host uid/gid that the sandbox's user maps to.
