@@ -19,5 +19,5 @@ pub mod spec;
 mod sys;
 
 pub use error::{SandboxError, Step};
-pub use spawn::{Outcome, Running, resolve_host_ids, run, spawn};
+pub use spawn::{Exit, Outcome, Running, resolve_host_ids, run, spawn};
 pub use spec::{HostIds, Limits, OutputMode, SandboxSpec, StdinSource};

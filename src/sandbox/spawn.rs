@@ -58,6 +58,15 @@ impl Outcome {
     }
 }
 
+/// How a reaped sandbox ended (see [`Running::try_wait`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit status when it exited normally.
+    pub code: Option<i32>,
+    /// The signal that ended it.
+    pub signal: Option<i32>,
+}
+
 /// A started sandbox. Dropping it without waiting kills the sandbox.
 #[derive(Debug)]
 pub struct Running {
@@ -485,9 +494,9 @@ impl Running {
         self.deadline
     }
 
-    /// Reaps the sandbox if it has exited: `(exit_code, signal)`. For callers that run
+    /// Reaps the sandbox if it has exited. For callers that run
     /// their own event loop over [`Running::pidfd`] and handle the streams themselves.
-    pub fn try_wait(&mut self) -> Result<Option<(Option<i32>, Option<i32>)>, SandboxError> {
+    pub fn try_wait(&mut self) -> Result<Option<Exit>, SandboxError> {
         if self.reaped {
             return Err(SandboxError::parent("waitid", Errno::ECHILD));
         }
@@ -495,11 +504,11 @@ impl Running {
             Ok(WaitStatus::StillAlive) => Ok(None),
             Ok(WaitStatus::Exited(_, code)) => {
                 self.reaped = true;
-                Ok(Some((Some(code), None)))
+                Ok(Some(Exit { code: Some(code), signal: None }))
             }
             Ok(WaitStatus::Signaled(_, sig, _)) => {
                 self.reaped = true;
-                Ok(Some((None, Some(sig as i32))))
+                Ok(Some(Exit { code: None, signal: Some(sig as i32) }))
             }
             Ok(_) => Ok(None),
             Err(Errno::EINTR) => Ok(None),
