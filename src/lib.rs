@@ -5,6 +5,7 @@
 //! free of `unsafe`, which lives only in `src/sandbox/`.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod sandbox;

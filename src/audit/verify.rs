@@ -1,0 +1,188 @@
+//! `bulkhead audit verify`: recomputes the chain and reports the first bad line.
+
+use std::path::Path;
+
+use super::{GENESIS, Line, line_hash};
+
+/// A verified log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Lines checked.
+    pub lines: u64,
+    /// Hash of the last line.
+    pub last_hash: String,
+}
+
+/// Why the log failed verification; `line` is 1-based.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The file could not be read.
+    #[error("cannot read {0}")]
+    Read(String),
+    /// A line that is not a valid audit record.
+    #[error("line {line}: not a valid audit record ({why})")]
+    Malformed {
+        /// Line number.
+        line: u64,
+        /// Parser message.
+        why: String,
+    },
+    /// A line whose `prev` is not the previous line's hash: edited, removed or reordered.
+    #[error("line {line}: chain broken (prev does not match the hash of line {})", line - 1)]
+    ChainBroken {
+        /// Line number.
+        line: u64,
+    },
+    /// A gap or repeat in `seq`.
+    #[error("line {line}: sequence number {found}, expected {expected}")]
+    Sequence {
+        /// Line number.
+        line: u64,
+        /// Found seq.
+        found: u64,
+        /// Expected seq.
+        expected: u64,
+    },
+    /// The file ends without a newline (cut mid-line).
+    #[error("line {line}: truncated (no final newline)")]
+    TornTail {
+        /// Line number.
+        line: u64,
+    },
+    /// Fewer lines than `audit.head` says were committed.
+    #[error("line {line}: log truncated: audit.head records {committed} committed lines")]
+    Truncated {
+        /// First missing line.
+        line: u64,
+        /// Lines the head records.
+        committed: u64,
+    },
+    /// The last line's hash differs from what `audit.head` recorded for it.
+    #[error("line {line}: does not match the hash recorded in audit.head")]
+    HeadMismatch {
+        /// Line number.
+        line: u64,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct Head {
+    seq: u64,
+    hash: String,
+}
+
+/// Verifies `path`, and against `audit.head` next to it when present.
+pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
+    let data = std::fs::read(path).map_err(|e| VerifyError::Read(format!("{}: {e}", path.display())))?;
+    let head: Option<Head> = path
+        .parent()
+        .map(|d| d.join("audit.head"))
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice(b.trim_ascii()).ok());
+    let mut prev = GENESIS.to_string();
+    let mut n = 0u64;
+    let mut hashes_at_head = None;
+    let mut rest: &[u8] = &data;
+    while !rest.is_empty() {
+        n += 1;
+        let Some(end) = rest.iter().position(|b| *b == b'\n') else {
+            return Err(VerifyError::TornTail { line: n });
+        };
+        let raw = &rest[..end];
+        rest = &rest[end + 1..];
+        let line: Line = serde_json::from_slice(raw).map_err(|e| VerifyError::Malformed { line: n, why: e.to_string() })?;
+        if line.prev != prev {
+            return Err(VerifyError::ChainBroken { line: n });
+        }
+        if line.seq != n {
+            return Err(VerifyError::Sequence { line: n, found: line.seq, expected: n });
+        }
+        prev = line_hash(raw);
+        if head.as_ref().is_some_and(|h| h.seq == n) {
+            hashes_at_head = Some(prev.clone());
+        }
+    }
+    if let Some(h) = head {
+        if h.seq > n {
+            return Err(VerifyError::Truncated { line: n + 1, committed: h.seq });
+        }
+        if h.seq > 0 && hashes_at_head.as_deref() != Some(h.hash.as_str()) {
+            return Err(VerifyError::HeadMismatch { line: h.seq });
+        }
+    }
+    Ok(VerifyReport { lines: n, last_hash: prev })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AuditLog, Event};
+    use super::*;
+
+    fn log_with(n: usize) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("bulkhead-audit-{}", crate::auth::trace_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = AuditLog::open(&dir).unwrap();
+        for i in 0..n {
+            log.record_blocking(Event { actor: "ak_test".into(), action: format!("test.{i}"), outcome: "ok".into(), ..Default::default() }).unwrap();
+        }
+        dir
+    }
+
+    fn lines(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("audit.jsonl")).unwrap().lines().map(String::from).collect()
+    }
+
+    fn write(dir: &Path, lines: &[String]) {
+        std::fs::write(dir.join("audit.jsonl"), lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    }
+
+    #[test]
+    fn intact_log_verifies_and_reopens_on_the_chain() {
+        let dir = log_with(5);
+        assert_eq!(verify_file(&dir.join("audit.jsonl")).unwrap().lines, 5);
+        let log = AuditLog::open(&dir).unwrap();
+        log.record_blocking(Event { actor: "x".into(), action: "again".into(), outcome: "ok".into(), ..Default::default() }).unwrap();
+        assert_eq!(verify_file(&dir.join("audit.jsonl")).unwrap().lines, 6);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn edits_deletions_reorderings_and_truncations_are_caught() {
+        let dir = log_with(6);
+        let orig = lines(&dir);
+        let file = dir.join("audit.jsonl");
+
+        let mut edited = orig.clone();
+        edited[2] = edited[2].replace("test.2", "test.X");
+        write(&dir, &edited);
+        assert_eq!(verify_file(&file), Err(VerifyError::ChainBroken { line: 4 }));
+
+        let mut deleted = orig.clone();
+        deleted.remove(3);
+        write(&dir, &deleted);
+        assert_eq!(verify_file(&file), Err(VerifyError::ChainBroken { line: 4 }));
+
+        let mut reordered = orig.clone();
+        reordered.swap(1, 2);
+        write(&dir, &reordered);
+        assert_eq!(verify_file(&file), Err(VerifyError::ChainBroken { line: 2 }));
+
+        write(&dir, &orig[..4]);
+        assert_eq!(verify_file(&file), Err(VerifyError::Truncated { line: 5, committed: 6 }));
+
+        let mut torn = orig.iter().map(|l| format!("{l}\n")).collect::<String>();
+        torn.truncate(torn.len() - 10);
+        std::fs::write(&file, torn).unwrap();
+        assert_eq!(verify_file(&file), Err(VerifyError::TornTail { line: 6 }));
+
+        // The last line edited: its own hash no longer matches the head.
+        let mut last = orig.clone();
+        last[5] = last[5].replace("test.5", "test.Y");
+        write(&dir, &last);
+        assert_eq!(verify_file(&file), Err(VerifyError::HeadMismatch { line: 6 }));
+
+        write(&dir, &orig);
+        assert!(verify_file(&file).is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
