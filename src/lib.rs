@@ -8,5 +8,6 @@
 pub mod audit;
 pub mod auth;
 pub mod bench;
+pub mod config;
 pub mod sandbox;
 pub mod tenant;

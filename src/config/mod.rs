@@ -1,0 +1,259 @@
+//! Configuration: the admin's `config.toml` and per-tenant overlays.
+//!
+//! The overlay may set only tenant keys. A key that belongs to the admin (provider
+//! credentials, rate card, storage credentials, quotas and limits, server settings) or a
+//! key nobody knows is an error naming the tenant, the file and the key — at load it stops
+//! the daemon, on `PUT /v1/config` it is refused and nothing changes. Nothing falls back.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+/// Keys only the admin config may hold. An overlay naming one is refused as
+/// `admin_only_key` (rather than `unknown_key`) so the mistake is obvious.
+pub const ADMIN_ONLY_KEYS: &[&str] = &[
+    "providers", "models", "rate_card", "storage", "quotas", "limits", "budgets", "egress", "api_key", "api_key_env",
+    "api_key_file", "server", "exec", "files", "host_ids", "admin", "allowed_models",
+];
+
+/// Keys a tenant overlay may set.
+pub const TENANT_KEYS: &[&str] = &["model", "max_tokens", "system_prompt"];
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{path}: {why}")]
+    Read {
+        /// File.
+        path: String,
+        /// Why.
+        why: String,
+    },
+    /// Invalid TOML or a wrong value type.
+    #[error("{path}: {why}")]
+    Invalid {
+        /// File.
+        path: String,
+        /// Parser message.
+        why: String,
+    },
+    /// An overlay sets an admin-only key.
+    #[error("tenant {tenant}: {path}: key `{key}` is admin-only; set it in the admin config")]
+    AdminOnlyKey {
+        /// Tenant.
+        tenant: String,
+        /// File.
+        path: String,
+        /// Key.
+        key: String,
+    },
+    /// An overlay sets a key that does not exist.
+    #[error("tenant {tenant}: {path}: unknown key `{key}` (tenant keys: model, max_tokens, system_prompt)")]
+    UnknownKey {
+        /// Tenant.
+        tenant: String,
+        /// File.
+        path: String,
+        /// Key.
+        key: String,
+    },
+}
+
+/// Server limits.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Open connections across both sockets.
+    pub max_connections: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest request head.
+    pub max_header_bytes: usize,
+    /// Time a client has to send its request head.
+    pub header_read_timeout_ms: u64,
+    /// How long shutdown waits for running requests.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { max_connections: 512, max_body_bytes: 8 << 20, max_header_bytes: 16 << 10, header_read_timeout_ms: 10_000, shutdown_grace_ms: 30_000 }
+    }
+}
+
+/// Exec maxima and defaults.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecConfig {
+    /// Timeout when a request names none.
+    pub default_timeout_ms: u64,
+    /// Largest timeout a request may ask for.
+    pub max_timeout_ms: u64,
+    /// Bytes kept of each of stdout and stderr.
+    pub max_output_bytes: usize,
+    /// Largest stdin a request may send.
+    pub max_stdin_bytes: usize,
+    /// Processes per sandbox.
+    pub pids: u64,
+    /// Address space per sandbox.
+    pub memory_bytes: u64,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig { default_timeout_ms: 30_000, max_timeout_ms: 300_000, max_output_bytes: 1 << 20, max_stdin_bytes: 1 << 20, pids: 256, memory_bytes: 8 << 30 }
+    }
+}
+
+/// File API limits.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesConfig {
+    /// Largest file a GET returns.
+    pub max_file_bytes: u64,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig { max_file_bytes: 64 << 20 }
+    }
+}
+
+/// The host uid range for tenants when the daemon runs as root.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostIdsConfig {
+    /// First uid (= gid).
+    pub base: u32,
+    /// Number of ids.
+    pub count: u32,
+}
+
+impl Default for HostIdsConfig {
+    fn default() -> Self {
+        HostIdsConfig { base: 3_000_000, count: 65_536 }
+    }
+}
+
+/// The tenant keys (defaults in the admin config, values in overlays).
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Default model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Cap on tokens per call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Applied to every call of the tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+}
+
+impl TenantSettings {
+    /// `self` with `overlay`'s values on top.
+    pub fn overlaid(&self, overlay: &TenantSettings) -> TenantSettings {
+        TenantSettings {
+            model: overlay.model.clone().or_else(|| self.model.clone()),
+            max_tokens: overlay.max_tokens.or(self.max_tokens),
+            system_prompt: overlay.system_prompt.clone().or_else(|| self.system_prompt.clone()),
+        }
+    }
+}
+
+/// The admin `config.toml`.
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Sockets and request limits.
+    pub server: ServerConfig,
+    /// Exec limits.
+    pub exec: ExecConfig,
+    /// File limits.
+    pub files: FilesConfig,
+    /// Host uid range (root only).
+    pub host_ids: HostIdsConfig,
+    /// Defaults for the tenant keys.
+    pub defaults: TenantSettings,
+}
+
+impl AdminConfig {
+    /// Loads the admin config; a missing file means the embedded defaults.
+    pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Invalid { path: path.display().to_string(), why: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AdminConfig::default()),
+            Err(e) => Err(ConfigError::Read { path: path.display().to_string(), why: e.to_string() }),
+        }
+    }
+}
+
+/// Validates an overlay given as a table of keys (from TOML or JSON).
+fn check_keys<'a>(tenant: &str, path: &str, keys: impl Iterator<Item = &'a String>) -> Result<(), ConfigError> {
+    for key in keys {
+        if ADMIN_ONLY_KEYS.contains(&key.as_str()) {
+            return Err(ConfigError::AdminOnlyKey { tenant: tenant.into(), path: path.into(), key: key.clone() });
+        }
+        if !TENANT_KEYS.contains(&key.as_str()) {
+            return Err(ConfigError::UnknownKey { tenant: tenant.into(), path: path.into(), key: key.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// Parses a tenant overlay (`config.toml` text).
+pub fn parse_overlay_toml(tenant: &str, path: &str, text: &str) -> Result<TenantSettings, ConfigError> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid { path: path.into(), why: e.to_string() })?;
+    check_keys(tenant, path, table.keys())?;
+    table.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid { path: path.into(), why: e.to_string() })
+}
+
+/// Parses an overlay sent as JSON (`PUT /v1/config`).
+pub fn parse_overlay_json(tenant: &str, body: &[u8]) -> Result<TenantSettings, ConfigError> {
+    let path = "PUT /v1/config";
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).map_err(|e| ConfigError::Invalid { path: path.into(), why: e.to_string() })?;
+    check_keys(tenant, path, map.keys())?;
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| ConfigError::Invalid { path: path.into(), why: e.to_string() })
+}
+
+/// Loads a tenant's overlay file if present.
+pub fn load_overlay(tenant: &str, path: &Path) -> Result<TenantSettings, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_overlay_toml(tenant, &path.display().to_string(), &text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TenantSettings::default()),
+        Err(e) => Err(ConfigError::Read { path: path.display().to_string(), why: e.to_string() }),
+    }
+}
+
+/// Where the admin config lives by default.
+pub fn default_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("config.toml")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_accepts_tenant_keys_only() {
+        let ok = parse_overlay_toml("acme", "f", "model = \"fast\"\nmax_tokens = 100\n").unwrap();
+        assert_eq!(ok.model.as_deref(), Some("fast"));
+        assert_eq!(
+            parse_overlay_toml("acme", "/s/tenants/acme/config.toml", "model = \"x\"\n[providers.local]\napi_key_env = \"K\"\n"),
+            Err(ConfigError::AdminOnlyKey { tenant: "acme".into(), path: "/s/tenants/acme/config.toml".into(), key: "providers".into() })
+        );
+        assert!(matches!(parse_overlay_toml("acme", "f", "rate_card = 1"), Err(ConfigError::AdminOnlyKey { .. })));
+        assert!(matches!(parse_overlay_toml("acme", "f", "colour = 1"), Err(ConfigError::UnknownKey { key, .. }) if key == "colour"));
+        assert!(matches!(parse_overlay_toml("acme", "f", "max_tokens = \"many\""), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(parse_overlay_json("acme", br#"{"limits":{"pids":5}}"#), Err(ConfigError::AdminOnlyKey { .. })));
+        assert!(matches!(parse_overlay_json("acme", br#"{"system_prompt":"hi","x":1}"#), Err(ConfigError::UnknownKey { .. })));
+    }
+
+    #[test]
+    fn admin_config_rejects_unknown_keys_and_defaults_when_missing() {
+        assert_eq!(AdminConfig::load(Path::new("/nonexistent/config.toml")).unwrap(), AdminConfig::default());
+        assert!(toml::from_str::<AdminConfig>("[server]\nmax_conections = 1\n").is_err());
+        let c: AdminConfig = toml::from_str("[exec]\nmax_timeout_ms = 5\n[defaults]\nmodel = \"m\"\n").unwrap();
+        assert_eq!((c.exec.max_timeout_ms, c.defaults.model.as_deref()), (5, Some("m")));
+    }
+}
