@@ -205,3 +205,65 @@ print("returned", f())
         assert!(!String::from_utf8_lossy(&out.stdout).contains("returned"));
     }
 }
+
+/// A root caller never shares its memory with a task that holds a tenant's uid: another
+/// process of that uid racing every new pid cannot read the caller's memory through
+/// `/proc/<pid>/mem` during sandbox setup (the escalation a review found in an earlier
+/// design, which set a CLONE_VM child dumpable after switching uid). A calibration run
+/// first shows the attacker is fast enough to open short-lived processes of its own uid.
+#[test]
+fn tenant_uid_cannot_read_the_root_callers_memory_during_setup() {
+    use std::os::unix::process::CommandExt;
+    let fx = Fixture::new();
+    let secret = format!("bulkhead-root-secret-{}", tag());
+    let addr = secret.as_ptr() as usize;
+    let attacker = r#"
+import os, sys
+addr, secret, stop = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3]
+me = os.getpid(); opened = leaks = 0
+while not os.path.exists(stop):
+    last = int(open('/proc/sys/kernel/ns_last_pid').read())
+    for pid in range(last - 3, last + 4):
+        if pid == me: continue
+        try: fd = os.open('/proc/%d/mem' % pid, os.O_RDONLY)
+        except OSError: continue
+        opened += 1
+        try:
+            if os.pread(fd, len(secret), addr) == secret: leaks += 1
+        except OSError: pass
+        os.close(fd)
+print(opened, leaks)
+"#;
+    let race = |name: &str, work: &mut dyn FnMut()| -> (u64, u64) {
+        let stop = fx.base.join(name);
+        let child = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", attacker, &addr.to_string(), &secret, stop.to_str().unwrap()])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        work();
+        std::fs::write(&stop, "").unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).to_string();
+        let n: Vec<u64> = report.split_whitespace().filter_map(|s| s.parse().ok()).collect();
+        assert_eq!(n.len(), 2, "attacker report: {report:?}");
+        (n[0], n[1])
+    };
+    // Calibration: short-lived processes of the attacker's own uid can be opened.
+    let (opened, _) = race("stop-1", &mut || {
+        for _ in 0..60 {
+            let _ = std::process::Command::new("sleep").arg("0.01").uid(NOBODY).gid(NOBODY).status().unwrap();
+        }
+    });
+    assert!(opened > 0, "the attacker never opened a process of its own uid; the test would prove nothing");
+    let (_, leaks) = race("stop-2", &mut || {
+        for _ in 0..150 {
+            let out = sandbox::run(spec(&fx, &["/bin/true"])).unwrap();
+            assert_eq!(out.exit_code, Some(0));
+        }
+    });
+    assert_eq!(leaks, 0, "the tenant uid read the root caller's memory");
+}

@@ -1,10 +1,17 @@
-//! The child side: one linear function per privileged sequence, run between `clone` and
-//! `execve` on a private stack in the parent's address space (`CLONE_VM|CLONE_VFORK`).
+//! The child side: one linear function run between `clone` and `execve`.
+//!
+//! Two ways in. An unprivileged caller clones with `CLONE_VM|CLONE_VFORK`: the child runs
+//! on a private stack in the caller's address space, writes its own id maps (it may map
+//! only the caller's ids) and reports failures through shared memory. A root caller must
+//! not share its memory with a task that will hold a tenant's uid (that task would be
+//! open to that uid's other processes through /proc), so it clones without `CLONE_VM`:
+//! the child waits on a pipe while the parent writes its id maps, switches to the sandbox
+//! user inside the new namespace, and reports failures through a close-on-exec pipe.
 //!
 //! Rules for everything in this file: no allocation, no locks, no panics, no glibc
 //! wrappers with process-wide side effects (glibc's `setresuid` & co. broadcast to the
-//! parent's threads, so the raw syscalls are used). Every failure is written to the shared
-//! [`Report`] as `(step, errno, item)` and ends the child; the parent turns it into
+//! caller's threads, so the raw syscalls are used). Every failure is reported as
+//! `(step, errno, item)` and ends the child; the parent turns it into
 //! [`SandboxError::Setup`](super::error::SandboxError).
 
 use std::ffi::{c_int, c_void};
@@ -12,28 +19,37 @@ use std::ptr;
 
 use super::error::Step;
 use super::plan::ChildCtx;
+use super::spec::{SANDBOX_GID, SANDBOX_UID};
 use super::sys::{self, MountAttr, OpenHow};
 
-/// Written by the child(ren), read by the parent once `clone` has returned.
+/// A setup failure: which step, the errno, and which item of a list it concerned.
 #[repr(C)]
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Report {
     pub step: u32,
     pub errno: i32,
     pub item: u32,
-    /// Set by the intermediate child (root callers): the sandbox's host pid and pidfd.
-    pub sandbox_pid: i32,
-    pub sandbox_pidfd: i32,
 }
 
-/// What the clone callbacks receive.
+/// Size of a report sent through the report pipe.
+pub(crate) const REPORT_BYTES: usize = 12;
+
+impl Report {
+    pub(crate) fn from_bytes(b: &[u8; REPORT_BYTES]) -> Report {
+        let word = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        Report { step: u32::from_ne_bytes(word(0)), errno: i32::from_ne_bytes(word(4)), item: u32::from_ne_bytes(word(8)) }
+    }
+}
+
+/// What the clone callback receives.
 pub(crate) struct ChildArgs {
     pub ctx: *const ChildCtx,
+    /// Shared-memory report (CLONE_VM path).
     pub report: *mut Report,
-    /// Clone flags for the sandbox process (used by the intermediate child).
-    pub sandbox_flags: c_int,
-    /// Top of the stack for the sandbox process when an intermediate child makes it.
-    pub sandbox_stack: *mut c_void,
+    /// Report pipe (root path), or -1.
+    pub report_fd: c_int,
+    /// Read end of the "id maps written" pipe (root path), or -1.
+    pub sync_fd: c_int,
 }
 
 /// Exit status of a child that failed during setup (the report says why).
@@ -48,15 +64,34 @@ fn errno() -> i32 {
     unsafe { *libc::__errno_location() }
 }
 
+/// Where a failure goes.
+#[derive(Clone, Copy)]
+struct Sink {
+    shared: *mut Report,
+    fd: c_int,
+}
+
 /// Records a failed step and returns the child's exit status.
-fn fail(report: *mut Report, step: Step, item: u32) -> c_int {
+fn fail(sink: Sink, step: Step, item: u32) -> c_int {
     let e = errno();
-    // SAFETY: `report` points at the parent's Report, alive for the whole clone; the parent
-    // is suspended (vfork) while we write it.
-    unsafe {
-        ptr::write_volatile(&mut (*report).errno, e);
-        ptr::write_volatile(&mut (*report).item, item);
-        ptr::write_volatile(&mut (*report).step, step as u32);
+    if sink.fd >= 0 {
+        let mut bytes = [0u8; REPORT_BYTES];
+        bytes[0..4].copy_from_slice(&(step as u32).to_ne_bytes());
+        bytes[4..8].copy_from_slice(&e.to_ne_bytes());
+        bytes[8..12].copy_from_slice(&item.to_ne_bytes());
+        // SAFETY: writes a local buffer to a pipe we hold; a short or failed write leaves
+        // the parent with an incomplete report, which it treats as a silent exit.
+        unsafe {
+            libc::write(sink.fd, bytes.as_ptr().cast(), bytes.len());
+        }
+    } else {
+        // SAFETY: `shared` points at the parent's Report, alive for the whole clone; the
+        // parent is suspended (vfork) while we write it.
+        unsafe {
+            ptr::write_volatile(&mut (*sink.shared).errno, e);
+            ptr::write_volatile(&mut (*sink.shared).item, item);
+            ptr::write_volatile(&mut (*sink.shared).step, step as u32);
+        }
     }
     if step == Step::Execve { EXEC_FAILED } else { SETUP_FAILED }
 }
@@ -156,50 +191,15 @@ unsafe fn bind(src_fd: c_int, src: *const libc::c_char, dst: *const libc::c_char
     Ok(())
 }
 
-/// Intermediate child for root callers: drops to the tenant's unprivileged host ids, then
-/// creates the sandbox process as a sibling (`CLONE_PARENT`) so the caller reaps it.
-pub(crate) extern "C" fn intermediate_main(arg: *mut c_void) -> c_int {
-    // SAFETY: `arg` is the ChildArgs the parent passed to clone, alive until clone returns
-    // in the parent, which happens only after this function has exited (CLONE_VFORK).
-    let args = unsafe { &*(arg as *const ChildArgs) };
-    // SAFETY: ctx points at the parent's plan, read-only here.
-    let ctx = unsafe { &*args.ctx };
-    let report = args.report;
-    let Some((uid, gid)) = ctx.switch_ids else { return SETUP_FAILED };
-    // SAFETY: raw id syscalls with integer arguments affect only this task.
-    unsafe {
-        check!(libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>()), report, Step::SetgroupsClear);
-        check!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), report, Step::Setresgid);
-        check!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), report, Step::Setresuid);
-        // Changing euid marks the shared mm non-dumpable, which would make the sandbox's
-        // /proc/self/uid_map root-owned and unwritable; the parent was dumpable before.
-        check!(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0), report, Step::PrctlDumpable);
-        let mut pidfd: c_int = -1;
-        let pid = libc::clone(
-            sandbox_main,
-            args.sandbox_stack,
-            args.sandbox_flags | libc::CLONE_PARENT | libc::CLONE_PIDFD,
-            arg,
-            &mut pidfd as *mut c_int,
-        );
-        if pid < 0 {
-            return fail(report, Step::CloneSandbox, 0);
-        }
-        ptr::write_volatile(&mut (*report).sandbox_pid, pid);
-        ptr::write_volatile(&mut (*report).sandbox_pidfd, pidfd);
-    }
-    0
-}
-
 /// The sandbox process: pid 1 of its own namespaces. Builds the filesystem view, locks
 /// itself down and executes the command.
 pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
-    // SAFETY: as in intermediate_main; the parent (or intermediate) is suspended until we
-    // exec or exit.
+    // SAFETY: `arg` is the ChildArgs the parent passed to clone. With CLONE_VM the parent
+    // is suspended until we exec or exit; without it we read our own copy.
     let args = unsafe { &*(arg as *const ChildArgs) };
     // SAFETY: ctx is the parent's plan, read-only here.
     let ctx = unsafe { &*args.ctx };
-    let report = args.report;
+    let report = Sink { shared: args.report, fd: args.report_fd };
     let layout = ctx.layout;
     // SAFETY: every call below gets NUL-terminated strings from the plan, live structs of
     // the sizes passed, or plain integers. The sequence is linear; each result is checked.
@@ -212,11 +212,42 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             check!(libc::signal(sig, libc::SIG_DFL) as isize, report, Step::ResetSignal, sig);
         }
 
-        // User namespace: map the caller's (or the switched-to) host ids to the sandbox
-        // user. setgroups must be denied before an unprivileged gid_map write.
-        check!(write_file(c"/proc/self/setgroups".as_ptr(), b"deny"), report, Step::WriteSetgroupsDeny);
-        check!(write_file(c"/proc/self/uid_map".as_ptr(), &ctx.uid_map), report, Step::WriteUidMap);
-        check!(write_file(c"/proc/self/gid_map".as_ptr(), &ctx.gid_map), report, Step::WriteGidMap);
+        if args.sync_fd >= 0 {
+            // Root caller: the parent maps the tenant's host ids for us; then we become the
+            // sandbox user inside the namespace (dropping root's supplementary groups) and
+            // never hold host uid 0 again.
+            let mut byte = 0u8;
+            loop {
+                let n = libc::read(args.sync_fd, (&mut byte as *mut u8).cast(), 1);
+                if n == 1 {
+                    break;
+                }
+                if n == 0 {
+                    *libc::__errno_location() = libc::EPIPE;
+                }
+                if n == 0 || errno() != libc::EINTR {
+                    return fail(report, Step::AwaitIdMaps, 0);
+                }
+            }
+            check!(libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>()), report, Step::SetgroupsClear);
+            check!(libc::syscall(libc::SYS_setresgid, SANDBOX_GID, SANDBOX_GID, SANDBOX_GID), report, Step::Setresgid);
+            check!(libc::syscall(libc::SYS_setresuid, SANDBOX_UID, SANDBOX_UID, SANDBOX_UID), report, Step::Setresuid);
+            // Changing uid cleared the parent-death signal: set it again, then make sure the
+            // parent did not die before that (it holds the sync pipe open until we exec).
+            check!(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0), report, Step::PrctlPdeathsig);
+            let mut pfd = libc::pollfd { fd: args.sync_fd, events: 0, revents: 0 };
+            check!(libc::poll(&mut pfd, 1, 0), report, Step::AwaitIdMaps);
+            if pfd.revents & libc::POLLHUP != 0 {
+                *libc::__errno_location() = libc::EPIPE;
+                return fail(report, Step::AwaitIdMaps, 1);
+            }
+        } else {
+            // Unprivileged caller: map its own ids to the sandbox user. setgroups must be
+            // denied before an unprivileged gid_map write.
+            check!(write_file(c"/proc/self/setgroups".as_ptr(), b"deny"), report, Step::WriteSetgroupsDeny);
+            check!(write_file(c"/proc/self/uid_map".as_ptr(), &ctx.uid_map), report, Step::WriteUidMap);
+            check!(write_file(c"/proc/self/gid_map".as_ptr(), &ctx.gid_map), report, Step::WriteGidMap);
+        }
 
         // Re-open the validated work dir without following symlinks and make sure it is the
         // same inode the parent checked, so a swap in between is caught.
@@ -355,7 +386,8 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
                 check!(libc::dup2(*src, target as c_int), report, Step::Dup2, target);
             }
         }
-        check!(libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32), report, Step::CloseRange);
+        // Close-on-exec rather than close: the report pipe must survive until execve.
+        check!(libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC), report, Step::CloseRange);
 
         // Capabilities: lock the securebits so exec can never re-grant, empty the bounding
         // and ambient sets, then clear the rest with capset.

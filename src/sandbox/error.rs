@@ -17,11 +17,10 @@ pub enum Step {
     PrctlPdeathsig = 1,
     ResetSignal,
     SigprocmaskClear,
+    AwaitIdMaps,
     SetgroupsClear,
     Setresgid,
     Setresuid,
-    PrctlDumpable,
-    CloneSandbox,
     WriteSetgroupsDeny,
     WriteUidMap,
     WriteGidMap,
@@ -68,15 +67,14 @@ pub enum Step {
 
 impl Step {
     /// Every step, in declaration order; used to decode the child's report.
-    const ALL: [Step; 50] = [
+    const ALL: [Step; 49] = [
         Step::PrctlPdeathsig,
         Step::ResetSignal,
         Step::SigprocmaskClear,
+        Step::AwaitIdMaps,
         Step::SetgroupsClear,
         Step::Setresgid,
         Step::Setresuid,
-        Step::PrctlDumpable,
-        Step::CloneSandbox,
         Step::WriteSetgroupsDeny,
         Step::WriteUidMap,
         Step::WriteGidMap,
@@ -131,11 +129,10 @@ impl Step {
             Step::PrctlPdeathsig => "prctl(PR_SET_PDEATHSIG)",
             Step::ResetSignal => "rt_sigaction(SIG_DFL)",
             Step::SigprocmaskClear => "rt_sigprocmask",
+            Step::AwaitIdMaps => "read(id maps written)",
             Step::SetgroupsClear => "setgroups",
             Step::Setresgid => "setresgid",
             Step::Setresuid => "setresuid",
-            Step::PrctlDumpable => "prctl(PR_SET_DUMPABLE)",
-            Step::CloneSandbox => "clone",
             Step::WriteSetgroupsDeny => "write(/proc/self/setgroups)",
             Step::WriteUidMap => "write(/proc/self/uid_map)",
             Step::WriteGidMap => "write(/proc/self/gid_map)",

@@ -194,9 +194,8 @@ pub(crate) struct LandlockPlan {
 /// The per-spawn part of the plan plus references to the static part.
 pub(crate) struct ChildCtx {
     pub layout: &'static SystemLayout,
-    /// `Some` when the caller is root: the intermediate child switches to these ids before
-    /// creating the user namespace, so the sandbox never holds host uid 0.
-    pub switch_ids: Option<(u32, u32)>,
+    /// `uid_map`/`gid_map` contents: written by the child itself (unprivileged caller) or
+    /// by the root parent into `/proc/<child>/` (see `spawn::clone_as_root`).
     pub uid_map: Vec<u8>,
     pub gid_map: Vec<u8>,
     pub work_path: CString,

@@ -203,5 +203,9 @@ mod tests {
         assert_eq!(run(&tree, nr(libc::SYS_socket), a, [17, 3, 0, 0, 0, 0]), EPERM);
         assert_eq!(run(&tree, nr(libc::SYS_socket), a, [38, 5, 0, 0, 0, 0]), EPERM);
         assert_eq!(run(&tree, nr(libc::SYS_read), a, [0; 6]), RET_ALLOW);
+        // prctl: allowed, except clearing or changing the parent-death signal.
+        assert_eq!(run(&tree, nr(libc::SYS_prctl), a, [15, 0, 0, 0, 0, 0]), RET_ALLOW);
+        assert_eq!(run(&tree, nr(libc::SYS_prctl), a, [1, 0, 0, 0, 0, 0]), EPERM);
+        assert_eq!(run(&tree, nr(libc::SYS_prctl), a, [0x1_0000_0001, 0, 0, 0, 0, 0]), EPERM);
     }
 }

@@ -13,7 +13,7 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::{Pid, pipe2};
 
-use super::child::{ChildArgs, Report, intermediate_main, sandbox_main};
+use super::child::{ChildArgs, REPORT_BYTES, Report, sandbox_main};
 use super::error::{SandboxError, Step};
 use super::landlock;
 use super::plan::{ChildCtx, SystemLayout, landlock_plan};
@@ -265,6 +265,79 @@ fn exec_candidates(argv0: &str, env: &[(String, String)]) -> Result<Vec<CString>
         .collect()
 }
 
+/// How long a root caller waits for the child to finish its setup.
+const ROOT_SETUP_TIMEOUT_MS: u16 = 30_000;
+
+/// The root path: clone without sharing memory, write the child's id maps from here
+/// (only a privileged writer may map a uid other than its own), release the child, and
+/// wait for its exec (the report pipe closes) or its report.
+fn clone_as_root(ctx: &ChildCtx, stacks: &Stacks) -> Result<(c_int, c_int, Report), SandboxError> {
+    let (sync_r, sync_w) = pipe_high()?;
+    let (rep_r, rep_w) = pipe_high()?;
+    let mut unused = Report::default();
+    let mut args = ChildArgs { ctx, report: &mut unused, report_fd: rep_w.as_raw_fd(), sync_fd: sync_r.as_raw_fd() };
+    let mut pidfd: c_int = -1;
+    let pid = {
+        let _blocked = SignalsBlocked::new()?;
+        let args_ptr: *mut ChildArgs = &mut args;
+        // SAFETY: without CLONE_VM the child runs on its own copy of our memory (including
+        // the stack region and `args`), so nothing it does can touch ours.
+        unsafe { libc::clone(sandbox_main, stacks.top(0), NS_FLAGS | libc::CLONE_PIDFD | libc::SIGCHLD, args_ptr.cast(), &mut pidfd as *mut c_int) }
+    };
+    if pid < 0 {
+        return Err(SandboxError::parent("clone", Errno::last()));
+    }
+    drop(sync_r);
+    drop(rep_w);
+    // SAFETY: clone stored a fresh pidfd that only we own.
+    let owned_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let abort = |op: &'static str, e: Errno| {
+        let _killed = sys::pidfd_send_signal(owned_pidfd.as_fd(), libc::SIGKILL);
+        let _reaped = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+        SandboxError::parent(op, e)
+    };
+    let to_errno = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    let write_map = |file: &str, data: &[u8]| {
+        std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/{file}")).and_then(|mut f| std::io::Write::write_all(&mut f, data)).map_err(to_errno)
+    };
+    if let Err(e) = write_map("uid_map", &ctx.uid_map) {
+        return Err(abort("write(/proc/<child>/uid_map)", e));
+    }
+    if let Err(e) = write_map("gid_map", &ctx.gid_map) {
+        return Err(abort("write(/proc/<child>/gid_map)", e));
+    }
+    if let Err(e) = nix::unistd::write(&sync_w, &[1u8]) {
+        return Err(abort("write(sync)", e));
+    }
+    let mut buf = [0u8; REPORT_BYTES];
+    let mut got = 0usize;
+    loop {
+        let mut fds = [PollFd::new(rep_r.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ROOT_SETUP_TIMEOUT_MS)) {
+            Ok(0) => return Err(abort("sandbox setup", Errno::ETIMEDOUT)),
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(abort("poll(report)", e)),
+        }
+        match nix::unistd::read(&rep_r, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if got == REPORT_BYTES {
+                    break;
+                }
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(abort("read(report)", e)),
+        }
+    }
+    // Held open until here: the child reads a hang-up as "the parent died".
+    drop(sync_w);
+    let report = if got == REPORT_BYTES { Report::from_bytes(&buf) } else { Report::default() };
+    use std::os::fd::IntoRawFd;
+    Ok((pid, owned_pidfd.into_raw_fd(), report))
+}
+
 /// Starts `spec` in a fresh sandbox and returns once the command has been executed (or
 /// setup has failed, which is reported as the failing step and errno).
 pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
@@ -339,7 +412,6 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     let l = &spec.limits;
     let ctx = ChildCtx {
         layout,
-        switch_ids: switch.then_some((ids.uid, ids.gid)),
         uid_map: format!("{SANDBOX_UID} {} 1\n", ids.uid).into_bytes(),
         gid_map: format!("{SANDBOX_GID} {} 1\n", ids.gid).into_bytes(),
         work_path: CString::new(work_abs.as_os_str().as_bytes()).map_err(|_| spec::invalid("work dir holds NUL"))?,
@@ -366,48 +438,33 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
 
     let stacks = Stacks::new()?;
     let mut report = Report::default();
-    let mut args = ChildArgs {
-        ctx: &ctx,
-        report: &mut report,
-        sandbox_flags: NS_FLAGS | libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-        sandbox_stack: stacks.top(1),
-    };
     let started = Instant::now();
-    let (first_pid, mut pidfd) = {
+    let (pid, pidfd, report) = if switch {
+        clone_as_root(&ctx, &stacks)?
+    } else {
+        let mut args = ChildArgs { ctx: &ctx, report: &mut report, report_fd: -1, sync_fd: -1 };
         let _blocked = SignalsBlocked::new()?;
         let mut pidfd: c_int = -1;
         let args_ptr: *mut ChildArgs = &mut args;
-        // SAFETY: the callbacks run on their own stacks in our address space and only read
-        // `ctx` and write `report`, both alive until after clone returns; CLONE_VFORK keeps
+        // SAFETY: the callback runs on its own stack in our address space and only reads
+        // `ctx` and writes `report`, both alive until after clone returns; CLONE_VFORK keeps
         // this thread suspended until the child has exec'd or exited.
         let pid = unsafe {
-            if switch {
-                libc::clone(intermediate_main, stacks.top(0), libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_FILES | libc::SIGCHLD, args_ptr.cast())
-            } else {
-                libc::clone(sandbox_main, stacks.top(0), args.sandbox_flags | libc::CLONE_PIDFD, args_ptr.cast(), &mut pidfd as *mut c_int)
-            }
+            libc::clone(sandbox_main, stacks.top(0), NS_FLAGS | libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD, args_ptr.cast(), &mut pidfd as *mut c_int)
         };
         if pid < 0 {
             return Err(SandboxError::parent("clone", Errno::last()));
         }
-        (pid, pidfd)
+        // SAFETY: the child wrote the report (if at all) before exec'ing or exiting, which
+        // happened before clone returned.
+        let report = unsafe { std::ptr::read_volatile(&report) };
+        (pid, pidfd, report)
     };
     drop(stacks);
-    // SAFETY: the report was written by children that have exec'd or exited by now.
-    let report = unsafe { std::ptr::read_volatile(&report) };
-    let mut sandbox_pid = first_pid;
-    if switch {
-        // The intermediate exits right after making the sandbox; reap it here.
-        let _status = nix::sys::wait::waitpid(Pid::from_raw(first_pid), None);
-        sandbox_pid = report.sandbox_pid;
-        pidfd = report.sandbox_pidfd;
-    }
     drop(keep_open);
     drop(ctx);
     if report.step != 0 {
-        if sandbox_pid > 0 {
-            let _status = nix::sys::wait::waitpid(Pid::from_raw(sandbox_pid), None);
-        }
+        let _status = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
         if pidfd >= 0 {
             // SAFETY: the pidfd was created for us by clone and is closed exactly once here.
             drop(unsafe { OwnedFd::from_raw_fd(pidfd) });
@@ -423,6 +480,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
         };
         return Err(SandboxError::Setup { step, detail, errno: Errno::from_raw(report.errno) });
     }
+    let sandbox_pid = pid;
     if pidfd < 0 {
         return Err(SandboxError::parent("clone(CLONE_PIDFD)", Errno::EBADF));
     }
