@@ -43,7 +43,8 @@ struct SandboxArgs {
     /// Extra environment variable (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
-    /// File fed to the command's stdin (default: /dev/null; use /dev/stdin to pass yours).
+    /// Regular file fed to the command's stdin (no symlinks in its path), or - for your
+    /// own stdin. Default: /dev/null.
     #[arg(long)]
     stdin: Option<PathBuf>,
     /// Working directory inside the sandbox (/work or beneath it).
@@ -101,22 +102,91 @@ fn run_sandbox(args: SandboxArgs) -> ExitCode {
     }
 }
 
+/// Opens a directory path refusing symlinks and magic links anywhere in it.
+fn open_no_symlinks(path: &std::path::Path, flags: nix::fcntl::OFlag) -> nix::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how)
+}
+
 /// Creates a missing work dir for the sandbox's host identity. As root that identity must
 /// be given: a new directory would otherwise belong to root, which the sandbox refuses.
+/// Everything goes through descriptors (no symlink followed, the new directory chowned
+/// through its own fd), so a tenant who can write the parent cannot redirect the chown.
 fn create_work_dir(work: &std::path::Path, host: Option<HostIds>) -> Result<(), (u8, String)> {
-    use std::os::unix::fs::DirBuilderExt;
-    if std::fs::symlink_metadata(work).is_ok() {
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    let fail = |what: String| (125, format!("work dir {}: {what}", work.display()));
+    if work.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(fail("'..' components are refused".into()));
+    }
+    let abs = std::path::absolute(work).map_err(|e| fail(e.to_string()))?;
+    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else {
         return Ok(());
+    };
+    let Ok(parent_fd) = open_no_symlinks(parent, OFlag::O_PATH | OFlag::O_DIRECTORY) else {
+        // Let the sandbox's own validation explain what is wrong with the path.
+        return Ok(());
+    };
+    match nix::sys::stat::fstatat(&parent_fd, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Err(nix::errno::Errno::ENOENT) => {}
+        _ => return Ok(()),
     }
     let root = nix::unistd::geteuid().is_root();
     if root && host.is_none() {
-        return Err((125, format!("work dir {} does not exist; as root, name its owner with --host-uid/--host-gid", work.display())));
+        return Err(fail("does not exist; as root, name its owner with --host-uid/--host-gid".into()));
     }
-    std::fs::DirBuilder::new().mode(0o700).create(work).map_err(|e| (125, format!("create work dir {}: {e}", work.display())))?;
+    nix::sys::stat::mkdirat(&parent_fd, name, Mode::from_bits_truncate(0o700)).map_err(|e| fail(format!("mkdir: {e}")))?;
     if let (true, Some(ids)) = (root, host) {
-        std::os::unix::fs::chown(work, Some(ids.uid), Some(ids.gid)).map_err(|e| (125, format!("chown work dir {}: {e}", work.display())))?;
+        use nix::fcntl::{OpenHow, ResolveFlag};
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let dir = nix::fcntl::openat2(&parent_fd, name, how).map_err(|e| fail(format!("open after mkdir: {e}")))?;
+        let st = nix::sys::stat::fstat(&dir).map_err(|e| fail(format!("fstat: {e}")))?;
+        if st.st_uid != 0 {
+            return Err(fail("was replaced while being created".into()));
+        }
+        nix::unistd::fchown(&dir, Some(ids.uid.into()), Some(ids.gid.into())).map_err(|e| fail(format!("chown: {e}")))?;
     }
     Ok(())
+}
+
+/// Opens the `--stdin` file: `-` is the caller's own stdin; anything else must be a
+/// regular file reached without symlinks (and, as root, not hard-linked), so that a
+/// tenant-planted link cannot make a root caller feed the sandbox a file the tenant may
+/// not read, and a FIFO cannot hang the caller.
+fn open_stdin(path: &std::path::Path) -> Result<std::os::fd::OwnedFd, (u8, String)> {
+    use nix::fcntl::OFlag;
+    use std::os::fd::AsFd;
+    let fail = |what: String| (2, format!("--stdin {}: {what}", path.display()));
+    if path.as_os_str() == "-" {
+        return std::io::stdin().as_fd().try_clone_to_owned().map_err(|e| fail(e.to_string()));
+    }
+    let fd = open_no_symlinks(path, OFlag::O_RDONLY | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW).map_err(|e| match e {
+        nix::errno::Errno::ELOOP => fail("a path component is a symlink (refused)".into()),
+        e => fail(e.desc().into()),
+    })?;
+    let st = nix::sys::stat::fstat(&fd).map_err(|e| fail(e.to_string()))?;
+    if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT != nix::sys::stat::SFlag::S_IFREG {
+        return Err(fail("not a regular file (use - to pass your own stdin)".into()));
+    }
+    if nix::unistd::geteuid().is_root() && st.st_nlink > 1 {
+        return Err(fail("has several hard links; refused when running as root".into()));
+    }
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty())).map_err(|e| fail(e.to_string()))?;
+    Ok(fd)
+}
+
+/// A terminal is relayed through a pipe (the command never holds the tty); anything
+/// else is passed through as is.
+fn output_mode(fd: std::os::fd::BorrowedFd<'_>) -> Result<OutputMode, (u8, String)> {
+    if nix::unistd::isatty(fd).unwrap_or(false) {
+        let dup = fd.try_clone_to_owned().map_err(|e| (125, format!("dup: {e}")))?;
+        Ok(OutputMode::Relay(dup))
+    } else {
+        Ok(OutputMode::Inherit)
+    }
 }
 
 fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
@@ -144,11 +214,13 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
         eprintln!("bulkhead: WARNING: Landlock is unavailable ({e:?}); running a DEGRADED sandbox as --allow-degraded-landlock asked");
     }
     spec.host_ids = host_ids;
-    spec.stdout = OutputMode::Inherit;
-    spec.stderr = OutputMode::Inherit;
+    {
+        use std::os::fd::AsFd;
+        spec.stdout = output_mode(std::io::stdout().as_fd())?;
+        spec.stderr = output_mode(std::io::stderr().as_fd())?;
+    }
     if let Some(path) = args.stdin {
-        let f = std::fs::File::open(&path).map_err(|e| (2, format!("--stdin {}: {e}", path.display())))?;
-        spec.stdin = StdinSource::Fd(f.into());
+        spec.stdin = StdinSource::Fd(open_stdin(&path)?);
     }
     // Termination signals to us end the sandbox (its pid 1 ignores most signals).
     let mut mask = nix::sys::signal::SigSet::empty();

@@ -362,3 +362,91 @@ fn signals_cannot_reach_outside_processes() {
     victim.kill().unwrap();
     let _ = victim.wait();
 }
+
+#[test]
+fn stdin_file_must_be_a_plain_regular_file() {
+    let fx = Fixture::new();
+    // A link planted in the tenant's work dir towards a file only root may read.
+    let root_only = fx.base.join("root-only.txt");
+    std::fs::write(&root_only, "root-only-content\n").unwrap();
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&root_only, fx.work.join("input.txt")).unwrap();
+    let r = sh_with(As::Root, &fx.work, &["--stdin", fx.work.join("input.txt").to_str().unwrap()], "cat");
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("symlink"), "{r:?}");
+    assert!(!r.stdout.contains("root-only"), "{r:?}");
+    // A hard link made by the tenant's uid (where the kernel allows it) is refused as root.
+    let hard = fx.work.join("hard.txt");
+    if std::fs::hard_link(&root_only, &hard).is_ok() {
+        let r = sh_with(As::Root, &fx.work, &["--stdin", hard.to_str().unwrap()], "cat");
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(!r.stdout.contains("root-only"), "{r:?}");
+    }
+    // A FIFO would block the caller forever; a directory would hand over a host dir fd.
+    let fifo = fx.work.join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for p in [fifo.clone(), fx.other_work.clone()] {
+        let t = Instant::now();
+        let r = sh_with(As::Nobody, &fx.work, &["--stdin", p.to_str().unwrap()], "cat");
+        assert_eq!(r.code, 2, "{p:?}: {r:?}");
+        assert!(r.stderr.contains("not a regular file"), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+    // `-` passes the caller's own stdin.
+    let mut c = sandbox_cmd(As::Nobody, &fx.work, &["--stdin", "-"], &["tr", "a-z", "A-Z"]);
+    c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"piped in\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED IN\n");
+}
+
+#[test]
+fn a_terminal_is_relayed_never_handed_to_the_sandbox() {
+    let fx = Fixture::new();
+    // Under a pseudo-terminal (script), the sandbox's stdout/stderr are pipes: it can
+    // neither read what is typed nor change terminal settings.
+    let inner = format!(
+        "{} sandbox --work {} -- python3 -c \"import os,sys; print('tty', os.isatty(1), os.isatty(2))\ntry:\n  os.read(1, 10); print('READ')\nexcept OSError as e: print('read errno', e.errno)\"",
+        bin(),
+        fx.work.display()
+    );
+    let out = std::process::Command::new("script").args(["-qec", &inner, "/dev/null"]).stdin(std::process::Stdio::null()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tty False False"), "{text}");
+    // EBADF: fd 1 is the write end of a pipe.
+    assert!(text.contains("read errno 9"), "{text}");
+}
+
+#[test]
+fn created_work_dirs_never_follow_links() {
+    let fx = Fixture::new();
+    let victim = fx.base.join("victim-dir");
+    std::fs::create_dir(&victim).unwrap();
+    // The requested work dir is a symlink planted where it would be created.
+    let planted = fx.work.join("job1");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let r = sh_with(As::Root, &planted, &["--host-uid", "65534"], "true");
+    assert_eq!(r.code, 125, "{r:?}");
+    // A symlinked parent is not followed either.
+    std::os::unix::fs::symlink(&fx.base, fx.work.join("up")).unwrap();
+    let r = sh_with(As::Root, &fx.work.join("up/created-through-link"), &["--host-uid", "65534"], "true");
+    assert_eq!(r.code, 125, "{r:?}");
+    assert!(!fx.base.join("created-through-link").exists());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0, "the link target was chowned");
+}
+
+#[test]
+fn pseudo_filesystems_and_system_dirs_are_not_work_dirs() {
+    let victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    for work in [format!("/proc/{}", victim.id()), "/sys/kernel".into(), "/".into(), "/usr".into(), "/etc".into()] {
+        let r = sh_with(As::Root, std::path::Path::new(&work), &["--host-uid", "65534"], "ls /work");
+        assert_eq!(r.code, 125, "{work}: {r:?}");
+        assert!(r.stderr.contains("work dir"), "{work}: {r:?}");
+    }
+    let mut victim = victim;
+    victim.kill().unwrap();
+    let _ = victim.wait();
+}

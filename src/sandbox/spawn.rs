@@ -75,6 +75,7 @@ pub struct Running {
     stdin: Option<(OwnedFd, Vec<u8>)>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    relays: [Option<OwnedFd>; 2],
     max_output: usize,
     deadline: Option<Instant>,
     started: Instant,
@@ -143,8 +144,36 @@ fn open_work_dir(path: &Path) -> Result<(PathBuf, OwnedFd, nix::sys::stat::FileS
         })
     })?;
     let st = nix::sys::stat::fstat(&fd).map_err(|e| refuse(format!("fstat: {e:?}")))?;
+    let fs = nix::sys::statfs::fstatfs(&fd).map_err(|e| refuse(format!("fstatfs: {e:?}")))?;
+    let fs_type = fs.filesystem_type().0 as i64;
+    if let Some((_, name)) = PSEUDO_FS.iter().find(|(magic, _)| *magic == fs_type) {
+        return Err(refuse(format!("is on {name}; a work dir must be an ordinary directory")));
+    }
+    for system in ["/", "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/var", "/boot", "/root", "/home"] {
+        if nix::sys::stat::stat(system).is_ok_and(|s| (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino)) {
+            return Err(refuse(format!("is the host's {system}; give a dedicated directory")));
+        }
+    }
     Ok((abs, fd, st))
 }
+
+/// Kernel and pseudo filesystems a work dir must never be on.
+const PSEUDO_FS: [(i64, &str); 14] = [
+    (0x9fa0, "procfs"),
+    (0x6265_6572, "sysfs"),
+    (0x1cd1, "devpts"),
+    (0x0027_e0eb, "cgroupfs"),
+    (0x6367_7270, "cgroup2"),
+    (0x7363_6673, "securityfs"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0xcafe_4a11, "bpffs"),
+    (0x6e73_6673, "nsfs"),
+    (0x6165_676c, "pstore"),
+    (0x6265_6570, "configfs"),
+    (0xde5e_81e4, "efivarfs"),
+    (0xf97c_ff8c, "selinuxfs"),
+];
 
 /// A pipe whose both ends are at fd >= 3 and close-on-exec, so the child's dup2 onto
 /// 0/1/2 can never clobber a source.
@@ -387,6 +416,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
         }
     }
     let mut readers: [Option<OwnedFd>; 2] = [None, None];
+    let mut relays: [Option<OwnedFd>; 2] = [None, None];
     for (i, mode) in [spec.stdout, spec.stderr].into_iter().enumerate() {
         match mode {
             OutputMode::Inherit => {}
@@ -405,6 +435,13 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
                 let fd = high(fd)?;
                 stdio[i + 1] = Some(fd.as_raw_fd());
                 keep_open.push(fd);
+            }
+            OutputMode::Relay(dest) => {
+                let (r, w) = pipe_high()?;
+                stdio[i + 1] = Some(w.as_raw_fd());
+                keep_open.push(w);
+                readers[i] = Some(r);
+                relays[i] = Some(dest);
             }
         }
     }
@@ -492,6 +529,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
         stdin: stdin_writer,
         stdout: readers[0].take(),
         stderr: readers[1].take(),
+        relays,
         max_output: spec.limits.max_output_bytes,
         deadline: spec.limits.wall_timeout.map(|t| started + t),
         started,
@@ -508,24 +546,42 @@ fn set_nonblocking(fd: &OwnedFd) -> Result<(), SandboxError> {
 }
 
 /// Reads what is available into `buf`, keeping at most `cap` bytes. Returns false at EOF.
-fn drain(fd: &OwnedFd, buf: &mut Vec<u8>, cap: usize, truncated: &mut bool) -> Result<bool, SandboxError> {
+/// Reads at most this many chunks per wake-up, so a writer that keeps the pipe full
+/// cannot starve the deadline check.
+const READS_PER_WAKE: usize = 16;
+
+/// Reads what is available into `sink`. Returns false at EOF.
+fn drain(fd: &OwnedFd, sink: &mut Sink, cap: usize, truncated: &mut bool) -> Result<bool, SandboxError> {
     let mut chunk = [0u8; 65536];
-    loop {
+    for _ in 0..READS_PER_WAKE {
         match nix::unistd::read(fd, &mut chunk) {
             Ok(0) => return Ok(false),
-            Ok(n) => {
-                let room = cap.saturating_sub(buf.len());
-                let keep = room.min(n);
-                buf.extend_from_slice(&chunk[..keep]);
-                if keep < n {
-                    *truncated = true;
+            Ok(n) => match sink {
+                Sink::Buffer(buf) => {
+                    let room = cap.saturating_sub(buf.len());
+                    let keep = room.min(n);
+                    buf.extend_from_slice(&chunk[..keep]);
+                    if keep < n {
+                        *truncated = true;
+                    }
                 }
-            }
+                Sink::Relay(out) => {
+                    // A closed or failing destination drops the output; the command runs on.
+                    let _written = std::io::Write::write_all(out, &chunk[..n]);
+                }
+            },
             Err(Errno::EAGAIN) => return Ok(true),
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(SandboxError::parent("read(output)", e)),
         }
     }
+    Ok(true)
+}
+
+/// Where captured bytes go.
+enum Sink {
+    Buffer(Vec<u8>),
+    Relay(std::fs::File),
 }
 
 impl Running {
@@ -592,7 +648,9 @@ impl Running {
     /// As [`Running::wait`]; when `cancel` becomes readable the sandbox is killed and the
     /// outcome says `cancelled`.
     pub fn wait_cancellable(mut self, cancel: Option<BorrowedFd<'_>>) -> Result<Outcome, SandboxError> {
-        let mut out = [Vec::new(), Vec::new()];
+        let [relay_out, relay_err] = std::mem::take(&mut self.relays);
+        let sink = |r: Option<OwnedFd>| r.map(|fd| Sink::Relay(std::fs::File::from(fd))).unwrap_or(Sink::Buffer(Vec::new()));
+        let mut out = [sink(relay_out), sink(relay_err)];
         let mut truncated = [false, false];
         let mut readers = [self.stdout.take(), self.stderr.take()];
         for r in readers.iter().flatten() {
@@ -714,7 +772,10 @@ impl Running {
             WaitStatus::Signaled(_, sig, _) => (None, Some(sig as i32)),
             _ => (None, None),
         };
-        let [stdout, stderr] = out;
+        let [stdout, stderr] = out.map(|s| match s {
+            Sink::Buffer(b) => b,
+            Sink::Relay(_) => Vec::new(),
+        });
         Ok(Outcome {
             exit_code,
             signal,

@@ -76,6 +76,10 @@ pub enum OutputMode {
     Null,
     /// This descriptor (e.g. a pipe the caller reads itself).
     Fd(OwnedFd),
+    /// Streamed through a pipe to this descriptor by the supervisor, so the command
+    /// never holds it (use for terminals: a tty fd would let the command read what is
+    /// typed and change terminal settings).
+    Relay(OwnedFd),
 }
 
 /// An unprivileged host uid/gid that the sandbox's user maps to.
