@@ -5,9 +5,12 @@
 //! free of `unsafe`, which lives only in `src/sandbox/`.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod sandbox;
+pub mod spawner;
 pub mod tenant;

@@ -28,6 +28,125 @@ enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// The daemon: tenant socket and admin socket (see DESIGN.md). State in --state-dir,
+    /// else $STATE_DIRECTORY, else ./.bulkhead; sockets in $RUNTIME_DIRECTORY or the state
+    /// dir. Supports systemd socket activation (socket names `tenant`, `admin`) and
+    /// sd_notify.
+    Serve {
+        /// State directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Admin config (default <state>/config.toml; absent means embedded defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage tenants through the admin socket.
+    Tenants {
+        #[command(flatten)]
+        at: StateArgs,
+        #[command(subcommand)]
+        op: TenantOp,
+    },
+    /// Run a command in the tenant's sandbox through the daemon; exit status, stdout and
+    /// stderr pass through.
+    Exec {
+        #[command(flatten)]
+        at: StateArgs,
+        /// Tenant token (default: $BULKHEAD_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+        /// Wall-clock limit.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Working directory under /work.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Extra environment variable (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        op: AuditOp,
+    },
+    #[command(name = "__spawner", hide = true)]
+    Spawner {
+        #[arg(long)]
+        fd: i32,
+        #[arg(long)]
+        parent: Option<i32>,
+    },
+}
+
+#[derive(clap::Args)]
+struct StateArgs {
+    /// State directory of the daemon (default: $BULKHEAD_STATE_DIR, else ./.bulkhead).
+    #[arg(long, env = "BULKHEAD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Directory of the sockets (default: $RUNTIME_DIRECTORY, else the state dir).
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
+}
+
+impl StateArgs {
+    fn paths(&self) -> bulkhead::api::Paths {
+        let mut p = bulkhead::api::Paths::resolve(Some(self.state_dir.clone().unwrap_or_else(|| PathBuf::from(".bulkhead"))), None);
+        if let Some(d) = &self.socket_dir {
+            p.runtime_dir = d.clone();
+        }
+        p
+    }
+}
+
+#[derive(Subcommand)]
+enum TenantOp {
+    /// Create a tenant; prints its token (only the token), once.
+    Create { name: String },
+    /// List tenants.
+    List,
+    /// Delete a tenant: kills its sandboxes, revokes its tokens, removes its root.
+    Delete { name: String },
+    /// Freeze a tenant (every request gets 423 tenant_frozen; running sandboxes are killed).
+    Freeze { name: String },
+    /// Unfreeze a tenant.
+    Unfreeze { name: String },
+    /// Tokens.
+    Token {
+        #[command(subcommand)]
+        op: TokenOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenOp {
+    /// Replace the tenant's primary token; prints the new one. The old one stops working at once.
+    Rotate { name: String },
+    /// Add a token (one more actor); prints it.
+    Create {
+        name: String,
+        #[arg(long, default_value = "default")]
+        workspace: String,
+        /// owner|admin|member|viewer
+        #[arg(long, default_value = "member")]
+        role: String,
+    },
+    /// Revoke a token by id (tk_<tenant>_<8 hex>).
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum AuditOp {
+    /// Verify the hash chain; reports the first bad line and exits non-zero.
+    Verify {
+        /// The log (default: <state>/audit.jsonl).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        at: StateArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -81,6 +200,39 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Spawner { fd, parent } => match bulkhead::sandbox::channel::adopt_inherited_socket(fd) {
+            Ok(sock) => ExitCode::from(bulkhead::spawner::run_spawner(sock, parent).clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("bulkhead __spawner: fd {fd}: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Serve { state_dir, config } => {
+            init_logging();
+            let paths = bulkhead::api::Paths::resolve(state_dir, config);
+            match bulkhead::api::prepare(paths).and_then(bulkhead::api::serve) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bulkhead serve: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Tenants { at, op } => client_main(tenants(at, op)),
+        Command::Exec { at, token, timeout_ms, cwd, env, cmd } => client_main(exec(at, token, timeout_ms, cwd, env, cmd)),
+        Command::Audit { op: AuditOp::Verify { file, at } } => {
+            let file = file.unwrap_or_else(|| at.paths().state_dir.join("audit.jsonl"));
+            match bulkhead::audit::verify_file(&file) {
+                Ok(r) => {
+                    println!("ok: {} lines, chain intact (last hash {})", r.lines, r.last_hash);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("audit verify: {}: {e}", file.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Sandbox(args) => run_sandbox(args),
         Command::Bench { which: BenchCommand::Coldstart(args) } => match bulkhead::bench::coldstart_cli(&args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -251,4 +403,119 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
         eprintln!("bulkhead: timed out; sandbox killed");
     }
     Ok(outcome.shell_status().clamp(0, 255) as u8)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Runs a client future; `Ok(code)` is the exit status, `Err` a message (exit 1).
+fn client_main(fut: impl std::future::Future<Output = Result<u8, String>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bulkhead: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("bulkhead: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn admin_client(at: &StateArgs) -> Result<bulkhead::client::SocketClient, String> {
+    let paths = at.paths();
+    let key = std::fs::read_to_string(paths.admin_key()).map_err(|e| format!("admin key {}: {e}", paths.admin_key().display()))?;
+    Ok(bulkhead::client::SocketClient::new(&paths.admin_socket(), &key))
+}
+
+fn check(reply: bulkhead::client::Reply) -> Result<serde_json::Value, String> {
+    if reply.status.is_success() {
+        return Ok(reply.json());
+    }
+    let v = reply.json();
+    Err(format!("{} {}: {}", reply.status.as_u16(), v["error"]["reason_code"].as_str().unwrap_or("error"), v["error"]["message"].as_str().unwrap_or("")))
+}
+
+async fn tenants(at: StateArgs, op: TenantOp) -> Result<u8, String> {
+    use hyper::Method;
+    let c = admin_client(&at)?;
+    match op {
+        TenantOp::Create { name } => {
+            let v = check(c.json(Method::POST, "/admin/tenants", &serde_json::json!({"name": name})).await?)?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        TenantOp::List => {
+            let v = check(c.request(Method::GET, "/admin/tenants", Vec::new()).await?)?;
+            for t in v["tenants"].as_array().cloned().unwrap_or_default() {
+                let tokens: Vec<String> = t["tokens"].as_array().cloned().unwrap_or_default().iter().map(|k| format!("{}({})", k["id"].as_str().unwrap_or(""), k["role"].as_str().unwrap_or(""))).collect();
+                println!("{}\t{}\tuid={}\t{}", t["name"].as_str().unwrap_or(""), if t["frozen"].as_bool().unwrap_or(false) { "frozen" } else { "active" }, t["host_uid"], tokens.join(","));
+            }
+        }
+        TenantOp::Delete { name } => {
+            check(c.request(Method::DELETE, &format!("/admin/tenants/{name}"), Vec::new()).await?)?;
+        }
+        TenantOp::Freeze { name } => {
+            check(c.request(Method::POST, &format!("/admin/tenants/{name}/freeze"), Vec::new()).await?)?;
+        }
+        TenantOp::Unfreeze { name } => {
+            check(c.request(Method::POST, &format!("/admin/tenants/{name}/unfreeze"), Vec::new()).await?)?;
+        }
+        TenantOp::Token { op: TokenOp::Rotate { name } } => {
+            let v = check(c.request(Method::POST, &format!("/admin/tenants/{name}/tokens/rotate"), Vec::new()).await?)?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        TenantOp::Token { op: TokenOp::Create { name, workspace, role } } => {
+            let v = check(c.json(Method::POST, &format!("/admin/tenants/{name}/tokens"), &serde_json::json!({"workspace": workspace, "role": role})).await?)?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        TenantOp::Token { op: TokenOp::Revoke { id } } => {
+            check(c.request(Method::DELETE, &format!("/admin/tokens/{id}"), Vec::new()).await?)?;
+        }
+    }
+    Ok(0)
+}
+
+async fn exec(at: StateArgs, token: Option<String>, timeout_ms: Option<u64>, cwd: Option<String>, env: Vec<String>, cmd: Vec<String>) -> Result<u8, String> {
+    use std::io::Write;
+    let token = token.or_else(|| std::env::var("BULKHEAD_TOKEN").ok()).ok_or("no token: pass --token or set BULKHEAD_TOKEN")?;
+    let mut envs = serde_json::Map::new();
+    for kv in env {
+        let (k, v) = kv.split_once('=').ok_or(format!("--env {kv:?}: expected K=V"))?;
+        envs.insert(k.into(), v.into());
+    }
+    let mut body = serde_json::json!({"argv": cmd, "env": envs});
+    if let Some(t) = timeout_ms {
+        body["timeout_ms"] = t.into();
+    }
+    if let Some(c) = cwd {
+        body["cwd"] = c.into();
+    }
+    let c = bulkhead::client::SocketClient::new(&at.paths().tenant_socket(), &token);
+    let reply = c.json(hyper::Method::POST, "/v1/exec", &body).await?;
+    let v = reply.json();
+    if !reply.status.is_success() {
+        let code = v["error"]["reason_code"].as_str().unwrap_or("error");
+        eprintln!("bulkhead: {} {code}: {}", reply.status.as_u16(), v["error"]["message"].as_str().unwrap_or(""));
+        return Ok(if code == "exec_failed" { 127 } else { 125 });
+    }
+    let _out = std::io::stdout().write_all(v["stdout"].as_str().unwrap_or_default().as_bytes());
+    let _err = std::io::stderr().write_all(v["stderr"].as_str().unwrap_or_default().as_bytes());
+    if v["stdout_truncated"].as_bool() == Some(true) || v["stderr_truncated"].as_bool() == Some(true) {
+        eprintln!("bulkhead: output truncated at {} bytes", v["output_cap_bytes"]);
+    }
+    if v["timed_out"].as_bool() == Some(true) {
+        eprintln!("bulkhead: timed out; sandbox killed");
+    }
+    let code = match (v["exit_code"].as_i64(), v["signal"].as_i64()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => 125,
+    };
+    Ok(code.clamp(0, 255) as u8)
 }

@@ -8,6 +8,7 @@
 //! host root; Landlock; rlimits; new session; drop every capability; no_new_privs;
 //! default-deny seccomp; exec. All `unsafe` in the crate lives in this module.
 
+pub mod channel;
 mod child;
 pub mod error;
 pub mod landlock;

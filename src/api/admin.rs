@@ -1,0 +1,175 @@
+//! The admin socket: `/admin/...`, admin key required.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::app::App;
+use super::error::ApiError;
+use super::http::{json_response, parse_json, read_body, response};
+use crate::audit::Event;
+use crate::auth::{AdminSession, Role, TenantName};
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    name: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    #[serde(default)]
+    workspace: Option<String>,
+    #[serde(default)]
+    role: Option<Role>,
+}
+
+fn event(s: &AdminSession, action: &str, tenant: Option<&str>, target: Option<String>, outcome: &str, reason: Option<&str>) -> Event {
+    Event {
+        actor: s.actor().to_string(),
+        tenant: tenant.map(String::from),
+        action: action.into(),
+        target,
+        outcome: outcome.into(),
+        reason_code: reason.map(String::from),
+        trace_id: Some(s.trace_id().to_string()),
+        exec: None,
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("worker: {e}")))?
+}
+
+/// Audits an admin action whatever its outcome, then passes the result on.
+async fn audited<T>(app: &App, s: &AdminSession, action: &str, tenant: Option<&str>, target: Option<String>, r: Result<T, ApiError>) -> Result<T, ApiError> {
+    let (outcome, reason) = match &r {
+        Ok(_) => ("ok", None),
+        Err(e) => ("error", Some(e.status_and_code().1)),
+    };
+    app.audit.record(event(s, action, tenant, target, outcome, reason)).await?;
+    r
+}
+
+fn existing(app: &App, name: &str) -> Result<TenantName, ApiError> {
+    app.registry.existing(name).ok_or_else(|| ApiError::TenantMissing(name.to_string()))
+}
+
+/// Routes an admin request.
+pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let t = s.trace_id().to_string();
+    match (method, &parts[..]) {
+        (Method::GET, ["", "admin", "status"]) => {
+            let running: usize = app.running.lock().unwrap_or_else(|p| p.into_inner()).values().map(|m| m.len()).sum();
+            Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "tenants": app.registry.list().len(),
+                    "running_sandboxes": running,
+                    "spawner_restarts": app.spawner.restarts(),
+                    "uptime_s": app.started.elapsed().as_secs(),
+                    "host_ids": if app.root { "per-tenant" } else { "daemon user" },
+                    "cgroups": "not used yet: limits are rlimits",
+                }),
+                &t,
+            ))
+        }
+        (Method::GET, ["", "admin", "tenants"]) => Ok(json_response(StatusCode::OK, &serde_json::json!({"tenants": app.registry.list()}), &t)),
+        (Method::POST, ["", "admin", "tenants"]) => {
+            let body = read_body(req.into_body(), 4096).await?;
+            let create: CreateTenant = parse_json(&body)?;
+            let name = TenantName::for_admin(&s, &create.name).map_err(ApiError::from);
+            let shown = create.name.clone();
+            let r = match name {
+                Ok(name) => {
+                    let app2 = app.clone();
+                    blocking(move || Ok(app2.registry.create(name)?)).await
+                }
+                Err(e) => Err(e),
+            };
+            let issued = audited(&app, &s, "tenant.create", Some(&shown), Some(shown.clone()), r).await?;
+            Ok(json_response(StatusCode::CREATED, &serde_json::json!({"name": shown, "token": issued.token, "token_id": issued.id.to_string()}), &t))
+        }
+        (Method::DELETE, ["", "admin", "tenants", name]) => {
+            let name_s = name.to_string();
+            let r = match existing(&app, name) {
+                Ok(tenant) => {
+                    app.kill_tenant_runs(&tenant).await;
+                    let app2 = app.clone();
+                    let t2 = tenant.clone();
+                    let r = blocking(move || Ok(app2.registry.delete(&t2)?)).await;
+                    app.overlays.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant.as_str());
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            audited(&app, &s, "tenant.delete", Some(&name_s), Some(name_s.clone()), r).await?;
+            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
+        }
+        (Method::POST, ["", "admin", "tenants", name, action @ ("freeze" | "unfreeze")]) => {
+            let frozen = *action == "freeze";
+            let name_s = name.to_string();
+            let r = match existing(&app, name) {
+                Ok(tenant) => {
+                    let app2 = app.clone();
+                    let t2 = tenant.clone();
+                    let r = blocking(move || Ok(app2.registry.set_frozen(&t2, frozen)?)).await;
+                    if frozen && r.is_ok() {
+                        app.kill_tenant_runs(&tenant).await;
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            audited(&app, &s, &format!("tenant.{action}"), Some(&name_s), Some(name_s.clone()), r).await?;
+            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
+        }
+        (Method::POST, ["", "admin", "tenants", name, "tokens", "rotate"]) => {
+            let name_s = name.to_string();
+            let r = match existing(&app, name) {
+                Ok(tenant) => {
+                    let app2 = app.clone();
+                    blocking(move || Ok(app2.registry.rotate(&tenant)?)).await
+                }
+                Err(e) => Err(e),
+            };
+            let target = r.as_ref().ok().map(|i| i.id.to_string());
+            let issued = audited(&app, &s, "token.rotate", Some(&name_s), target, r).await?;
+            Ok(json_response(StatusCode::OK, &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}), &t))
+        }
+        (Method::POST, ["", "admin", "tenants", name, "tokens"]) => {
+            let body = read_body(req.into_body(), 4096).await?;
+            let create: CreateToken = parse_json(&body)?;
+            let name_s = name.to_string();
+            let r = match existing(&app, name) {
+                Ok(tenant) => {
+                    let app2 = app.clone();
+                    let ws = create.workspace.unwrap_or_else(|| "default".into());
+                    let role = create.role.unwrap_or(Role::Member);
+                    blocking(move || Ok(app2.registry.create_token(&tenant, &ws, role)?)).await
+                }
+                Err(e) => Err(e),
+            };
+            let target = r.as_ref().ok().map(|i| i.id.to_string());
+            let issued = audited(&app, &s, "token.create", Some(&name_s), target, r).await?;
+            Ok(json_response(StatusCode::CREATED, &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}), &t))
+        }
+        (Method::DELETE, ["", "admin", "tokens", id]) => {
+            let id_s = id.to_string();
+            let app2 = app.clone();
+            let r = blocking(move || Ok(app2.registry.revoke_token(&id_s)?)).await;
+            let tenant = r.as_ref().ok().map(|t| t.to_string());
+            audited(&app, &s, "token.revoke", tenant.as_deref(), Some(id.to_string()), r).await?;
+            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
+        }
+        (m, _) if path.starts_with("/admin/") => Err(if matches!(m, Method::GET | Method::POST | Method::DELETE) { ApiError::NotFound(format!("no route {path}")) } else { ApiError::Method }),
+        _ => Err(ApiError::NotFound(format!("no route {path}"))),
+    }
+}

@@ -1,0 +1,81 @@
+//! The daemon's shared state, handed to every request.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::audit::AuditLog;
+use crate::auth::{TenantName, TokenDigest};
+use crate::config::{AdminConfig, TenantSettings};
+use crate::spawner::{Killer, SpawnerClient};
+use crate::tenant::Registry;
+
+/// The stored admin key: its public id and digest.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminRecord {
+    /// `ak_<8 hex>`.
+    pub id: String,
+    /// SHA-256 of the key.
+    pub digest: TokenDigest,
+}
+
+/// Everything a request handler may use.
+pub struct App {
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// Admin configuration.
+    pub config: AdminConfig,
+    /// Tenants and tokens.
+    pub registry: Registry,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// The sandbox spawner.
+    pub spawner: SpawnerClient,
+    /// The admin key.
+    pub admin: AdminRecord,
+    /// Tenant overlays by tenant name.
+    pub overlays: Mutex<HashMap<String, TenantSettings>>,
+    /// Runs in flight per tenant, so delete/freeze can kill them.
+    pub running: Mutex<HashMap<String, HashMap<u64, Killer>>>,
+    /// The daemon runs as root (per-tenant host uids).
+    pub root: bool,
+    /// Start time.
+    pub started: Instant,
+}
+
+impl App {
+    /// Kills every run of `tenant` now.
+    pub async fn kill_tenant_runs(&self, tenant: &TenantName) {
+        let killers: Vec<Killer> = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        for k in killers {
+            k.kill().await;
+        }
+    }
+
+    /// Registers a run of `tenant`.
+    pub fn track(&self, tenant: &TenantName, id: u64, killer: Killer) {
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().insert(id, killer);
+    }
+
+    /// Forgets a finished run.
+    pub fn untrack(&self, tenant: &TenantName, id: u64) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = running.get_mut(tenant.as_str()) {
+            m.remove(&id);
+            if m.is_empty() {
+                running.remove(tenant.as_str());
+            }
+        }
+    }
+
+    /// The tenant's effective settings (admin defaults with its overlay on top).
+    pub fn settings(&self, tenant: &TenantName) -> TenantSettings {
+        let overlays = self.overlays.lock().unwrap_or_else(|p| p.into_inner());
+        match overlays.get(tenant.as_str()) {
+            Some(o) => self.config.defaults.overlaid(o),
+            None => self.config.defaults.clone(),
+        }
+    }
+}

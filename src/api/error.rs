@@ -1,0 +1,146 @@
+//! Every refusal, mapped once to an HTTP status and a stable `reason_code`.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
+
+use crate::audit::AuditError;
+use crate::auth::AuthError;
+use crate::config::ConfigError;
+use crate::spawner::SpawnerError;
+use crate::tenant::RegistryError;
+use crate::tenant::files::FilesError;
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed input.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing, malformed or unknown credential.
+    #[error("{0}")]
+    Auth(#[from] AuthError),
+    /// The tenant is frozen.
+    #[error("tenant is frozen")]
+    Frozen,
+    /// No such route or object.
+    #[error("{0}")]
+    NotFound(String),
+    /// Admin operation on a tenant that does not exist.
+    #[error("no tenant {0}")]
+    TenantMissing(String),
+    /// Method not allowed on this route.
+    #[error("method not allowed")]
+    Method,
+    /// Body or value too large.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A path that would leave the tenant's work dir.
+    #[error("{0}")]
+    PathEscape(String),
+    /// A tenant overlay key that only the admin may set.
+    #[error("{0}")]
+    AdminOnlyKey(String),
+    /// An overlay key that does not exist.
+    #[error("{0}")]
+    UnknownKey(String),
+    /// Conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The command could not be executed.
+    #[error("{0}")]
+    ExecFailed(String),
+    /// The sandbox machinery failed.
+    #[error("{0}")]
+    Sandbox(String),
+    /// Something on our side failed.
+    #[error("{0}")]
+    Internal(String),
+    /// The daemon is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl ApiError {
+    /// Status and reason code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Auth(AuthError::InvalidTenantName(_) | AuthError::InvalidWorkspace(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Auth(AuthError::Random(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            ApiError::Frozen => (StatusCode::LOCKED, "tenant_frozen"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::TenantMissing(_) => (StatusCode::NOT_FOUND, "tenant_missing"),
+            ApiError::Method => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::PathEscape(_) => (StatusCode::FORBIDDEN, "path_escape"),
+            ApiError::AdminOnlyKey(_) => (StatusCode::FORBIDDEN, "admin_only_key"),
+            ApiError::UnknownKey(_) => (StatusCode::BAD_REQUEST, "unknown_key"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::ExecFailed(_) => (StatusCode::BAD_REQUEST, "exec_failed"),
+            ApiError::Sandbox(_) => (StatusCode::INTERNAL_SERVER_ERROR, "sandbox_error"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        }
+    }
+
+    /// The JSON error response.
+    pub fn response(&self, trace_id: &str) -> Response<Full<Bytes>> {
+        let (status, code) = self.status_and_code();
+        let body = serde_json::json!({"error": {"reason_code": code, "message": self.to_string()}});
+        super::http::json_response(status, &body, trace_id)
+    }
+}
+
+impl From<FilesError> for ApiError {
+    fn from(e: FilesError) -> Self {
+        match e {
+            FilesError::PathEscape => ApiError::PathEscape(e.to_string()),
+            FilesError::BadPath(_) | FilesError::WrongType(_) => ApiError::BadRequest(e.to_string()),
+            FilesError::NotFound => ApiError::NotFound(e.to_string()),
+            FilesError::NotEmpty => ApiError::Conflict(e.to_string()),
+            FilesError::TooLarge(_) => ApiError::TooLarge(e.to_string()),
+            FilesError::Os { .. } => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::NotFound(n) => ApiError::TenantMissing(n),
+            RegistryError::AlreadyExists(_) => ApiError::Conflict(e.to_string()),
+            RegistryError::TokenNotFound(_) => ApiError::NotFound(e.to_string()),
+            RegistryError::Auth(a) => ApiError::Auth(a),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ConfigError> for ApiError {
+    fn from(e: ConfigError) -> Self {
+        match e {
+            ConfigError::AdminOnlyKey { .. } => ApiError::AdminOnlyKey(e.to_string()),
+            ConfigError::UnknownKey { .. } => ApiError::UnknownKey(e.to_string()),
+            ConfigError::Invalid { .. } => ApiError::BadRequest(e.to_string()),
+            ConfigError::Read { .. } => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<SpawnerError> for ApiError {
+    fn from(e: SpawnerError) -> Self {
+        match e {
+            SpawnerError::Failed { exec_failure: true, .. } => ApiError::ExecFailed(e.to_string()),
+            SpawnerError::Failed { invalid: true, .. } => ApiError::BadRequest(e.to_string()),
+            other => ApiError::Sandbox(other.to_string()),
+        }
+    }
+}
+
+impl From<AuditError> for ApiError {
+    fn from(e: AuditError) -> Self {
+        ApiError::Internal(format!("audit: {e}"))
+    }
+}

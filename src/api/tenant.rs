@@ -1,0 +1,276 @@
+//! The tenant socket: every handler takes the request's `Boundary`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::app::App;
+use super::error::ApiError;
+use super::http::{json_response, parse_json, percent_decode, read_body, response};
+use crate::audit::{Event, ExecDetails};
+use crate::auth::Boundary;
+use crate::spawner::protocol::RunLimits;
+use crate::tenant::files::{Found, WorkDir, clean_path};
+
+/// `POST /v1/exec`. No tenant field exists, and unknown fields are refused.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Command and arguments.
+    pub argv: Vec<String>,
+    /// Standard input.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory (under /work).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Wall-clock limit.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+const MAX_ARGS: usize = 1024;
+const MAX_ARGV_BYTES: usize = 64 * 1024;
+const MAX_ENV: usize = 128;
+const MAX_ENV_BYTES: usize = 32 * 1024;
+
+/// Routes a tenant request; `boundary` came from the token.
+pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if path == "/v1/exec" {
+        if method != Method::POST {
+            return Err(ApiError::Method);
+        }
+        let body = read_body(req.into_body(), app.config.server.max_body_bytes).await?;
+        return exec(&app, &boundary, parse_json(&body)?).await;
+    }
+    if path == "/v1/config" {
+        return match method {
+            Method::GET => {
+                let s = app.settings(boundary.tenant());
+                Ok(json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default(), boundary.trace_id()))
+            }
+            Method::PUT => {
+                let body = read_body(req.into_body(), 64 * 1024).await?;
+                put_config(&app, &boundary, &body).await
+            }
+            _ => Err(ApiError::Method),
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/v1/files").filter(|r| r.is_empty() || r.starts_with('/')) {
+        let rel = clean_path(&percent_decode(rest)?)?;
+        return match method {
+            Method::GET => get_file(&app, &boundary, rel).await,
+            Method::PUT => {
+                let body = read_body(req.into_body(), app.config.server.max_body_bytes).await?;
+                put_file(&app, &boundary, rel, body).await
+            }
+            Method::DELETE => delete_file(&app, &boundary, rel).await,
+            _ => Err(ApiError::Method),
+        };
+    }
+    Err(ApiError::NotFound(format!("no route {method} {path}")))
+}
+
+fn work_dir(app: &App, b: &Boundary) -> Result<WorkDir, ApiError> {
+    let rec = app.registry.record(b.tenant()).ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
+    let owner = app.root.then_some((rec.host_uid, rec.host_gid));
+    Ok(WorkDir::open(&app.registry.work_dir(b.tenant()), owner)?)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("worker: {e}")))?
+}
+
+fn event(b: &Boundary, action: &str, target: Option<String>, outcome: &str, reason: Option<&str>) -> Event {
+    Event {
+        actor: b.actor().to_string(),
+        tenant: Some(b.tenant().to_string()),
+        action: action.into(),
+        target,
+        outcome: outcome.into(),
+        reason_code: reason.map(String::from),
+        trace_id: Some(b.trace_id().to_string()),
+        exec: None,
+    }
+}
+
+async fn get_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf) -> Result<Response<Full<Bytes>>, ApiError> {
+    let max = app.config.files.max_file_bytes;
+    let wd = work_dir(app, b)?;
+    let found = blocking(move || Ok(wd.get(&rel, max)?)).await?;
+    Ok(match found {
+        Found::File(bytes) => response(StatusCode::OK, "application/octet-stream", bytes, b.trace_id()),
+        Found::Dir(entries) => json_response(StatusCode::OK, &serde_json::json!({ "entries": entries }), b.trace_id()),
+    })
+}
+
+async fn put_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf, body: Bytes) -> Result<Response<Full<Bytes>>, ApiError> {
+    let wd = work_dir(app, b)?;
+    let target = rel.display().to_string();
+    let size = body.len();
+    let r = {
+        let rel = rel.clone();
+        blocking(move || Ok(wd.put(&rel, &body)?)).await
+    };
+    let (outcome, reason) = match &r {
+        Ok(()) => ("ok", None),
+        Err(e) => ("error", Some(e.status_and_code().1)),
+    };
+    app.audit.record(event(b, "files.put", Some(target.clone()), outcome, reason)).await?;
+    r?;
+    Ok(json_response(StatusCode::OK, &serde_json::json!({"path": target, "size": size}), b.trace_id()))
+}
+
+async fn delete_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf) -> Result<Response<Full<Bytes>>, ApiError> {
+    let wd = work_dir(app, b)?;
+    let target = rel.display().to_string();
+    let r = blocking(move || Ok(wd.delete(&rel)?)).await;
+    let (outcome, reason) = match &r {
+        Ok(()) => ("ok", None),
+        Err(e) => ("error", Some(e.status_and_code().1)),
+    };
+    app.audit.record(event(b, "files.delete", Some(target), outcome, reason)).await?;
+    r?;
+    Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), b.trace_id()))
+}
+
+async fn put_config(app: &Arc<App>, b: &Boundary, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
+    let parsed = crate::config::parse_overlay_json(b.tenant().as_str(), body);
+    let overlay = match parsed {
+        Ok(o) => o,
+        Err(e) => {
+            let e = ApiError::from(e);
+            app.audit.record(event(b, "config.put", None, "denied", Some(e.status_and_code().1))).await?;
+            return Err(e);
+        }
+    };
+    let text = toml::to_string(&overlay).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let dir = app.registry.tenant_dir(b.tenant());
+    blocking(move || crate::tenant::write_atomic(&dir, "config.toml", text.as_bytes(), 0o600).map_err(|e| ApiError::Internal(format!("config.toml: {e}")))).await?;
+    app.overlays.lock().unwrap_or_else(|p| p.into_inner()).insert(b.tenant().to_string(), overlay);
+    app.audit.record(event(b, "config.put", None, "ok", None)).await?;
+    let s = app.settings(b.tenant());
+    Ok(json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default(), b.trace_id()))
+}
+
+/// Kills a run whose request went away before it finished.
+struct KillOnDrop(Option<crate::spawner::Killer>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(k) = self.0.take() {
+            tokio::spawn(async move { k.kill().await });
+        }
+    }
+}
+
+async fn read_capped(fd: std::os::fd::OwnedFd, cap: usize) -> (Vec<u8>, bool) {
+    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return (Vec::new(), false) };
+    let mut out = Vec::new();
+    let mut truncated = false;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match rx.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let keep = cap.saturating_sub(out.len()).min(n);
+                out.extend_from_slice(&chunk[..keep]);
+                truncated |= keep < n;
+            }
+        }
+    }
+    (out, truncated)
+}
+
+fn validate(req: &ExecRequest, app: &App) -> Result<u64, ApiError> {
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(ApiError::BadRequest("argv must name a command".into()));
+    }
+    if req.argv.len() > MAX_ARGS || req.argv.iter().map(String::len).sum::<usize>() > MAX_ARGV_BYTES {
+        return Err(ApiError::TooLarge(format!("argv is limited to {MAX_ARGS} arguments and {MAX_ARGV_BYTES} bytes")));
+    }
+    if req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::BadRequest("argv holds NUL".into()));
+    }
+    if req.env.len() > MAX_ENV || req.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > MAX_ENV_BYTES {
+        return Err(ApiError::TooLarge(format!("env is limited to {MAX_ENV} entries and {MAX_ENV_BYTES} bytes")));
+    }
+    if req.env.iter().any(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0')) {
+        return Err(ApiError::BadRequest("env names must be non-empty without '=' or NUL, values without NUL".into()));
+    }
+    if req.stdin.as_ref().is_some_and(|s| s.len() > app.config.exec.max_stdin_bytes) {
+        return Err(ApiError::TooLarge(format!("stdin is limited to {} bytes", app.config.exec.max_stdin_bytes)));
+    }
+    let timeout = req.timeout_ms.unwrap_or(app.config.exec.default_timeout_ms);
+    if timeout == 0 || timeout > app.config.exec.max_timeout_ms {
+        return Err(ApiError::BadRequest(format!("timeout_ms must be 1..={}", app.config.exec.max_timeout_ms)));
+    }
+    Ok(timeout)
+}
+
+async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+    let timeout_ms = validate(&req, app)?;
+    let rec = app.registry.record(b.tenant()).ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
+    let (program, argv_sha256) = ExecDetails::describe(&req.argv);
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ApiError::Internal(format!("pipe2: {e}")));
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let limits = RunLimits { timeout_ms, pids: app.config.exec.pids, memory_bytes: app.config.exec.memory_bytes };
+    let env: Vec<(String, String)> = req.env.into_iter().collect();
+    let started = app.spawner.run(req.argv, env, req.cwd, &app.registry.work_dir(b.tenant()), (rec.host_uid, rec.host_gid), limits, [in_r, out_w, err_w]).await;
+    let handle = match started {
+        Ok(h) => h,
+        Err(e) => {
+            let e = ApiError::from(e);
+            let mut ev = event(b, "exec", None, "error", Some(e.status_and_code().1));
+            ev.exec = Some(ExecDetails { program, argv_sha256, exit_code: None, signal: None, duration_ms: 0 });
+            app.audit.record(ev).await?;
+            return Err(e);
+        }
+    };
+    let id = handle.id();
+    let mut guard = KillOnDrop(Some(handle.killer()));
+    app.track(b.tenant(), id, handle.killer());
+    let stdin = req.stdin.unwrap_or_default();
+    let feed = async move {
+        if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(in_w) {
+            // The command may exit without reading its input; that is not an error.
+            let _written = tx.write_all(stdin.as_bytes()).await;
+        }
+    };
+    let cap = app.config.exec.max_output_bytes;
+    let (exit, (), (stdout, out_trunc), (stderr, err_trunc)) = tokio::join!(handle.wait(), feed, read_capped(out_r, cap), read_capped(err_r, cap));
+    guard.0 = None;
+    app.untrack(b.tenant(), id);
+    let exit = exit.map_err(ApiError::from);
+    let mut ev = event(b, "exec", None, if exit.is_ok() { "ok" } else { "error" }, exit.as_ref().err().map(|e| e.status_and_code().1));
+    let (exit_code, signal, timed_out, duration_ms) = match &exit {
+        Ok(x) => (x.exit_code, x.signal, x.timed_out, x.duration_ms),
+        Err(_) => (None, None, false, 0),
+    };
+    ev.exec = Some(ExecDetails { program, argv_sha256, exit_code, signal, duration_ms });
+    app.audit.record(ev).await?;
+    exit?;
+    let body = serde_json::json!({
+        "exit_code": exit_code,
+        "signal": signal,
+        "stdout": String::from_utf8_lossy(&stdout),
+        "stderr": String::from_utf8_lossy(&stderr),
+        "stdout_truncated": out_trunc,
+        "stderr_truncated": err_trunc,
+        "output_cap_bytes": cap,
+        "timed_out": timed_out,
+        "duration_ms": duration_ms,
+    });
+    Ok(json_response(StatusCode::OK, &body, b.trace_id()))
+}

@@ -1,0 +1,67 @@
+//! A small client for the two sockets (used by the CLI and the tests), on hyperlocal.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyperlocal::{UnixClientExt, UnixConnector, Uri};
+
+/// A response: status and body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Body bytes.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON (Null when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The error's reason code, if this is an error response.
+    pub fn reason_code(&self) -> Option<String> {
+        self.json()["error"]["reason_code"].as_str().map(String::from)
+    }
+}
+
+/// One socket and one credential.
+#[derive(Debug, Clone)]
+pub struct SocketClient {
+    socket: PathBuf,
+    bearer: String,
+    client: Client<UnixConnector, Full<Bytes>>,
+}
+
+impl SocketClient {
+    /// A client for `socket` sending `Authorization: Bearer <bearer>`.
+    pub fn new(socket: &Path, bearer: &str) -> SocketClient {
+        SocketClient { socket: socket.to_path_buf(), bearer: bearer.trim().to_string(), client: Client::unix() }
+    }
+
+    /// Sends one request.
+    pub async fn request(&self, method: Method, path: &str, body: Vec<u8>) -> Result<Reply, String> {
+        let uri: hyper::Uri = Uri::new(&self.socket, path).into();
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.bearer))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| format!("{}: {e}", self.socket.display()))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Reply { status, body })
+    }
+
+    /// Sends a JSON request.
+    pub async fn json(&self, method: Method, path: &str, body: &serde_json::Value) -> Result<Reply, String> {
+        self.request(method, path, serde_json::to_vec(body).map_err(|e| e.to_string())?).await
+    }
+}

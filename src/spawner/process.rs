@@ -1,0 +1,168 @@
+//! The spawner process: single-threaded, one poll loop over the control socket and the
+//! pidfds of its sandboxes.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::protocol::{Reply, Request};
+use crate::sandbox::{self, HostIds, OutputMode, Running, SandboxError, SandboxSpec, StdinSource, channel};
+
+struct Live {
+    running: Running,
+    deadline: Instant,
+    timed_out: bool,
+    killed: bool,
+}
+
+fn send(sock: &OwnedFd, reply: &Reply) -> Result<(), String> {
+    let bytes = serde_json::to_vec(reply).map_err(|e| e.to_string())?;
+    loop {
+        match channel::send(sock.as_fd(), &bytes, &[]) {
+            Ok(()) => return Ok(()),
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
+                let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+                let _ready = poll(&mut fds, PollTimeout::from(1000u16));
+            }
+            Err(e) => return Err(format!("send: {e}")),
+        }
+    }
+}
+
+fn start(req: Request, fds: Vec<OwnedFd>, live: &mut HashMap<u64, Live>) -> Reply {
+    let Request::Run { id, argv, env, cwd, work_dir, host_uid, host_gid, limits } = req else {
+        return Reply::Failed { id: 0, message: "not a run request".into(), exec_failure: false, invalid: true };
+    };
+    let [stdin, stdout, stderr]: [OwnedFd; 3] = match fds.try_into() {
+        Ok(a) => a,
+        Err(_) => return Reply::Failed { id, message: "run request without its three descriptors".into(), exec_failure: false, invalid: true },
+    };
+    if live.contains_key(&id) {
+        return Reply::Failed { id, message: "duplicate run id".into(), exec_failure: false, invalid: true };
+    }
+    let mut spec = SandboxSpec::new(work_dir, argv);
+    spec.env = env;
+    spec.cwd = cwd;
+    spec.stdin = StdinSource::Fd(stdin);
+    spec.stdout = OutputMode::Fd(stdout);
+    spec.stderr = OutputMode::Fd(stderr);
+    spec.host_ids = nix::unistd::geteuid().is_root().then_some(HostIds { uid: host_uid, gid: host_gid });
+    spec.limits.nproc = limits.pids;
+    spec.limits.address_space_bytes = limits.memory_bytes;
+    match sandbox::spawn(spec) {
+        Ok(running) => {
+            let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
+            live.insert(id, Live { running, deadline, timed_out: false, killed: false });
+            Reply::Started { id }
+        }
+        Err(e) => Reply::Failed {
+            id,
+            exec_failure: e.is_exec_failure(),
+            invalid: matches!(e, SandboxError::InvalidSpec(_) | SandboxError::WorkDir { .. }),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Runs the spawner on `sock` until the daemon closes it. Returns the process exit code.
+pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
+    // Die with the daemon; if it is already gone, stop now.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        eprintln!("bulkhead spawner: prctl(PR_SET_PDEATHSIG): {e}");
+        return 1;
+    }
+    if parent.is_some_and(|p| nix::unistd::getppid().as_raw() != p) {
+        return 1;
+    }
+    // Its own session: a Ctrl-C meant for a foreground daemon must not reach the spawner
+    // (the daemon decides when runs end; the spawner dies with it regardless).
+    if let Err(e) = nix::unistd::setsid() {
+        eprintln!("bulkhead spawner: setsid: {e}");
+    }
+    let mut live: HashMap<u64, Live> = HashMap::new();
+    let mut buf = vec![0u8; channel::MAX_MESSAGE];
+    loop {
+        let now = Instant::now();
+        let next = live.values().filter(|l| !l.timed_out && !l.killed).map(|l| l.deadline).min();
+        let timeout = match next {
+            Some(d) if d <= now => PollTimeout::ZERO,
+            Some(d) => PollTimeout::try_from((d - now).as_millis().min(60_000) as u32 + 1).unwrap_or(PollTimeout::MAX),
+            None => PollTimeout::NONE,
+        };
+        let ids: Vec<u64> = live.keys().copied().collect();
+        let mut fds = Vec::with_capacity(ids.len() + 1);
+        fds.push(PollFd::new(sock.as_fd(), PollFlags::POLLIN));
+        for id in &ids {
+            if let Some(l) = live.get(id) {
+                fds.push(PollFd::new(l.running.pidfd(), PollFlags::POLLIN));
+            }
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => {
+                eprintln!("bulkhead spawner: poll: {e}");
+                return 1;
+            }
+        }
+        let control_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+        let exited: Vec<u64> = ids.iter().zip(&fds[1..]).filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty())).map(|(id, _)| *id).collect();
+        drop(fds);
+        for id in exited {
+            let Some(l) = live.get_mut(&id) else { continue };
+            match l.running.try_wait() {
+                Ok(Some(exit)) => {
+                    let l = live.remove(&id);
+                    let (timed_out, killed, duration_ms) = l.map(|l| (l.timed_out, l.killed, l.running.elapsed().as_millis() as u64)).unwrap_or_default();
+                    if send(&sock, &Reply::Exited { id, exit_code: exit.code, signal: exit.signal, timed_out, killed, duration_ms }).is_err() {
+                        return 1;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => eprintln!("bulkhead spawner: run {id}: {e}"),
+            }
+        }
+        let now = Instant::now();
+        for l in live.values_mut() {
+            if !l.timed_out && !l.killed && l.deadline <= now {
+                l.timed_out = true;
+                if let Err(e) = l.running.kill() {
+                    eprintln!("bulkhead spawner: kill at deadline: {e}");
+                }
+            }
+        }
+        if control_ready {
+            loop {
+                match channel::recv(sock.as_fd(), &mut buf, false) {
+                    Ok(None) => return 0,
+                    Ok(Some((n, fds))) => {
+                        let reply = match serde_json::from_slice::<Request>(&buf[..n]) {
+                            Ok(Request::Kill { id }) => {
+                                if let Some(l) = live.get_mut(&id) {
+                                    l.killed = true;
+                                    if let Err(e) = l.running.kill() {
+                                        eprintln!("bulkhead spawner: kill: {e}");
+                                    }
+                                }
+                                None
+                            }
+                            Ok(req) => Some(start(req, fds, &mut live)),
+                            Err(e) => Some(Reply::Failed { id: 0, message: format!("bad request: {e}"), exec_failure: false, invalid: true }),
+                        };
+                        if reply.is_some_and(|r| send(&sock, &r).is_err()) {
+                            return 1;
+                        }
+                    }
+                    Err(Errno::EAGAIN) => break,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => {
+                        eprintln!("bulkhead spawner: recv: {e}");
+                        return 1;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Messages between the daemon and the spawner.
+
+use serde::{Deserialize, Serialize};
+
+/// Limits of one run (the daemon has already applied the admin maxima).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RunLimits {
+    /// Wall-clock limit; the spawner kills the sandbox when it passes.
+    pub timeout_ms: u64,
+    /// RLIMIT_NPROC.
+    pub pids: u64,
+    /// RLIMIT_AS.
+    pub memory_bytes: u64,
+}
+
+/// Daemon → spawner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type")]
+pub enum Request {
+    /// Start a sandbox; the message carries three descriptors: stdin (read end), stdout
+    /// and stderr (write ends).
+    Run {
+        /// Daemon-chosen id, unique per spawner.
+        id: u64,
+        /// Command.
+        argv: Vec<String>,
+        /// Extra environment.
+        env: Vec<(String, String)>,
+        /// Working directory inside the sandbox.
+        cwd: Option<String>,
+        /// Host work dir.
+        work_dir: String,
+        /// Host uid/gid (used when the spawner runs as root).
+        host_uid: u32,
+        /// Host gid.
+        host_gid: u32,
+        /// Limits.
+        limits: RunLimits,
+    },
+    /// Kill a running sandbox now.
+    Kill {
+        /// Its id.
+        id: u64,
+    },
+}
+
+/// Spawner → daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, tag = "type")]
+pub enum Reply {
+    /// The command was executed.
+    Started {
+        /// Run id.
+        id: u64,
+    },
+    /// The sandbox could not be started.
+    Failed {
+        /// Run id.
+        id: u64,
+        /// Human-readable cause, e.g. "landlock_restrict_self: EINVAL".
+        message: String,
+        /// The command itself could not be executed (not found / not executable).
+        exec_failure: bool,
+        /// The spec was invalid (a client error).
+        invalid: bool,
+    },
+    /// The sandbox ended.
+    Exited {
+        /// Run id.
+        id: u64,
+        /// Exit status, when it exited.
+        exit_code: Option<i32>,
+        /// Signal that ended it.
+        signal: Option<i32>,
+        /// It was killed at its deadline.
+        timed_out: bool,
+        /// It was killed on request.
+        killed: bool,
+        /// Wall time from clone to exit, in milliseconds.
+        duration_ms: u64,
+    },
+}
+
+impl Reply {
+    /// The run this reply is about.
+    pub fn id(&self) -> u64 {
+        match self {
+            Reply::Started { id } | Reply::Failed { id, .. } | Reply::Exited { id, .. } => *id,
+        }
+    }
+}
