@@ -28,7 +28,7 @@ pub enum VerifyError {
         why: String,
     },
     /// A line whose `prev` is not the previous line's hash: edited, removed or reordered.
-    #[error("line {line}: chain broken (prev does not match the hash of line {})", line - 1)]
+    #[error("line {line}: chain broken (prev does not match the hash of line {}: that line was altered, removed or moved)", line - 1)]
     ChainBroken {
         /// Line number.
         line: u64,

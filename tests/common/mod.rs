@@ -126,3 +126,18 @@ pub fn tag() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{}.{}", 900 + (nanos % 97), nanos % 100_000)
 }
+
+pub mod daemon;
+
+/// Like [`pids_with_cmdline`] but including bulkhead's own processes.
+pub fn pids_with_cmdline_incl(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle)) {
+            out.push(pid);
+        }
+    }
+    out
+}
