@@ -167,22 +167,25 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
     };
     let plain = || time_command(Command::new("/bin/true"));
     let bw = |b: &Path| time_command(bwrap_command(b, work));
+    let daemon_dir = work.parent().map(|p| p.join("daemon")).ok_or("no temp dir")?;
+    let daemon = BenchDaemon::start(bulkhead_exe, &daemon_dir, 1)?;
 
     // Warm-up: page cache, the policy compile and the host layout of the library path.
     for _ in 0..10 {
         library()?;
         process()?;
         plain()?;
+        daemon.exec(0)?;
         if let Some(b) = &bwrap {
             bw(b)?;
         }
     }
-    let names = ["bwrap", "bulkhead_process", "bulkhead_library", "plain_spawn"];
-    let mut samples: Vec<Vec<Duration>> = (0..4).map(|_| Vec::with_capacity(args.runs)).collect();
+    let names = ["bwrap", "bulkhead_process", "bulkhead_library", "plain_spawn", "bulkhead_daemon_exec"];
+    let mut samples: Vec<Vec<Duration>> = (0..names.len()).map(|_| Vec::with_capacity(args.runs)).collect();
     for i in 0..args.runs {
         // Rotate the order each round so no variant always runs right after another.
-        for k in 0..4 {
-            let v = (i + k) % 4;
+        for k in 0..names.len() {
+            let v = (i + k) % names.len();
             let d = match v {
                 0 => match &bwrap {
                     Some(b) => bw(b)?,
@@ -190,11 +193,13 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
                 },
                 1 => process()?,
                 2 => library()?,
-                _ => plain()?,
+                3 => plain()?,
+                _ => daemon.exec(0)?,
             };
             samples[v].push(d);
         }
     }
+    drop(daemon);
     let mut variants = std::collections::BTreeMap::new();
     for (name, s) in names.iter().zip(samples) {
         if !s.is_empty() {
@@ -203,7 +208,7 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
     }
     let mut ratios = std::collections::BTreeMap::new();
     if let Some(b) = variants.get("bwrap").cloned() {
-        for name in ["bulkhead_process", "bulkhead_library", "plain_spawn"] {
+        for name in ["bulkhead_process", "bulkhead_library", "plain_spawn", "bulkhead_daemon_exec"] {
             if let Some(s) = variants.get(name) {
                 ratios.insert(name.to_string(), (s.p50_us as f64 / b.p50_us.max(1) as f64, s.p99_us as f64 / b.p99_us.max(1) as f64));
             }
@@ -243,6 +248,7 @@ pub fn target_lines(report: &Report) -> Vec<String> {
         }
     };
     vec![
+        check("bulkhead_daemon_exec", 50, 0.60, "POST /v1/exec through the daemon (audit line durable)"),
         check("bulkhead_process", 50, 0.80, "bulkhead sandbox (process)"),
         check("bulkhead_library", 50, 0.45, "library in-process"),
         check("bulkhead_library", 99, 0.75, "library in-process"),
@@ -262,4 +268,167 @@ pub fn coldstart_cli(args: &ColdstartArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A daemon started for a benchmark, with `tenants` tenants and one client each.
+pub struct BenchDaemon {
+    child: std::process::Child,
+    rt: tokio::runtime::Runtime,
+    clients: Vec<crate::client::SocketClient>,
+    state: PathBuf,
+}
+
+impl BenchDaemon {
+    /// Starts `bulkhead serve` on `dir` and creates `tenants` tenants.
+    pub fn start(exe: &Path, dir: &Path, tenants: usize) -> Result<BenchDaemon, String> {
+        let state = dir.to_path_buf();
+        std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        let child = Command::new(exe)
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(&state)
+            .env("RUST_LOG", "warn")
+            .env_remove("STATE_DIRECTORY")
+            .env_remove("RUNTIME_DIRECTORY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("start daemon: {e}"))?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let mut d = BenchDaemon { child, rt, clients: Vec::new(), state };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let up = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
+        while !(up(&d.state.join("admin.sock")) && up(&d.state.join("bulkhead.sock"))) {
+            if Instant::now() > deadline {
+                return Err("daemon did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let key = std::fs::read_to_string(d.state.join("admin.key")).map_err(|e| e.to_string())?;
+        let admin = crate::client::SocketClient::new(&d.state.join("admin.sock"), &key);
+        // One connection pool for all tenants' tokens, as one agent platform process has.
+        let pool = crate::client::SocketClient::new(&d.state.join("bulkhead.sock"), "");
+        for i in 0..tenants {
+            let r = d
+                .rt
+                .block_on(admin.json(hyper::Method::POST, "/admin/tenants", &serde_json::json!({"name": format!("bench-{i}")})))?;
+            let token = r.json()["token"].as_str().ok_or(format!("create tenant: {:?}", r.json()))?.to_string();
+            d.clients.push(pool.with_bearer(&token));
+        }
+        Ok(d)
+    }
+
+    /// One `POST /v1/exec` of `/bin/true` for tenant `i`, timed to the response.
+    pub fn exec(&self, i: usize) -> Result<Duration, String> {
+        let c = self.clients.get(i).ok_or("no such tenant")?;
+        let t = Instant::now();
+        let r = self.rt.block_on(c.json(hyper::Method::POST, "/v1/exec", &serde_json::json!({"argv": ["/bin/true"]})))?;
+        let d = t.elapsed();
+        if r.json()["exit_code"] != 0 {
+            return Err(format!("daemon exec: {:?}", r.json()));
+        }
+        Ok(d)
+    }
+
+    /// The daemon's peak resident set (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    }
+}
+
+impl Drop for BenchDaemon {
+    fn drop(&mut self) {
+        // Best effort: the benchmark's daemon is a child of ours and is stopped with it.
+        let _killed = self.child.kill();
+        let _reaped = self.child.wait();
+    }
+}
+
+/// Options of `bulkhead bench files`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FilesArgs {
+    /// Tenants (each with its own file).
+    #[arg(long, default_value_t = 100)]
+    pub tenants: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 50)]
+    pub clients: usize,
+    /// Requests in all.
+    #[arg(long, default_value_t = 1000)]
+    pub requests: usize,
+    /// When started as root, the unprivileged uid to run as.
+    #[arg(long, default_value_t = 65534)]
+    pub as_uid: u32,
+}
+
+/// Result of `bulkhead bench files`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FilesReport {
+    /// Requests completed.
+    pub requests: usize,
+    /// Requests per second over the whole run.
+    pub requests_per_s: f64,
+    /// Latency percentiles in microseconds.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Peak daemon RSS in MiB (VmHWM), with all tenants loaded.
+    pub peak_rss_mib: f64,
+    /// Tenants.
+    pub tenants: usize,
+}
+
+/// Many concurrent `GET /v1/files` against a daemon holding many tenants.
+pub fn files(args: &FilesArgs, exe: &Path) -> Result<FilesReport, String> {
+    let (work, _uid) = prepare(&ColdstartArgs { runs: 0, json: false, as_uid: args.as_uid })?;
+    let dir = work.parent().map(|p| p.join("daemon")).ok_or("no temp dir")?;
+    let d = BenchDaemon::start(exe, &dir, args.tenants)?;
+    let result = d.rt.block_on(async {
+        for (i, c) in d.clients.iter().enumerate() {
+            let r = c.request(hyper::Method::PUT, "/v1/files/doc.txt", format!("tenant {i} document\n").repeat(64).into_bytes()).await?;
+            if !r.status.is_success() {
+                return Err(format!("put: {:?}", r.json()));
+            }
+        }
+        let per = args.requests.div_ceil(args.clients.max(1));
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for k in 0..args.clients {
+            let mine: Vec<crate::client::SocketClient> = (0..per).map(|j| d.clients[(k * per + j) % d.clients.len()].clone()).collect();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(mine.len());
+                for c in mine {
+                    let s = Instant::now();
+                    let r = c.request(hyper::Method::GET, "/v1/files/doc.txt", Vec::new()).await?;
+                    if !r.status.is_success() {
+                        return Err(format!("get: {}", r.status));
+                    }
+                    lat.push(s.elapsed());
+                }
+                Ok::<_, String>(lat)
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.map_err(|e| e.to_string())??);
+        }
+        Ok((t.elapsed(), all))
+    });
+    let (elapsed, lat) = result?;
+    let s = stats(lat.clone());
+    let report = FilesReport {
+        requests: lat.len(),
+        requests_per_s: lat.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: s.p50_us,
+        p99_us: s.p99_us,
+        peak_rss_mib: d.peak_rss_kib().unwrap_or(0) as f64 / 1024.0,
+        tenants: args.tenants,
+    };
+    drop(d);
+    if let Some(base) = work.parent() {
+        let _removed = std::fs::remove_dir_all(base);
+    }
+    Ok(report)
 }

@@ -44,6 +44,11 @@ impl SocketClient {
         SocketClient { socket: socket.to_path_buf(), bearer: bearer.trim().to_string(), client: Client::unix() }
     }
 
+    /// Another credential over the same connection pool (one process, many tokens).
+    pub fn with_bearer(&self, bearer: &str) -> SocketClient {
+        SocketClient { socket: self.socket.clone(), bearer: bearer.trim().to_string(), client: self.client.clone() }
+    }
+
     /// Sends one request.
     pub async fn request(&self, method: Method, path: &str, body: Vec<u8>) -> Result<Reply, String> {
         let uri: hyper::Uri = Uri::new(&self.socket, path).into();

@@ -195,6 +195,15 @@ enum BenchCommand {
     /// Cold-start latency of /bin/true: bubblewrap vs bulkhead (process and library) vs a
     /// plain spawn, interleaved in one run.
     Coldstart(bulkhead::bench::ColdstartArgs),
+    /// Concurrent GET /v1/files against a daemon with many tenants: requests/s, p99 and
+    /// the daemon's peak RSS.
+    Files {
+        #[command(flatten)]
+        args: bulkhead::bench::FilesArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -234,6 +243,29 @@ fn main() -> ExitCode {
             }
         }
         Command::Sandbox(args) => run_sandbox(args),
+        Command::Bench { which: BenchCommand::Files { args, json } } => {
+            let exe = match std::env::current_exe() {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("bulkhead: bench: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match bulkhead::bench::files(&args, &exe) {
+                Ok(r) if json => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    println!("{} GET /v1/files from {} clients over {} tenants: {:.0} requests/s, p50 {} us, p99 {} us; daemon peak RSS {:.1} MiB (target < 50 MiB with 100 tenants)", r.requests, args.clients, r.tenants, r.requests_per_s, r.p50_us, r.p99_us, r.peak_rss_mib);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bulkhead: bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Bench { which: BenchCommand::Coldstart(args) } => match bulkhead::bench::coldstart_cli(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -11,7 +11,7 @@ fn coldstart_json_reports_each_variant() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let variants = v["variants"].as_object().unwrap();
-    for name in ["bulkhead_process", "bulkhead_library", "plain_spawn"] {
+    for name in ["bulkhead_process", "bulkhead_library", "plain_spawn", "bulkhead_daemon_exec"] {
         let s = &variants[name];
         assert_eq!(s["runs"], 5, "{v}");
         let (p50, p90, p99) = (s["p50_us"].as_u64().unwrap(), s["p90_us"].as_u64().unwrap(), s["p99_us"].as_u64().unwrap());
@@ -26,4 +26,19 @@ fn coldstart_json_reports_each_variant() {
     }
     // The benchmark ran unprivileged even though the test runs as root.
     assert_eq!(v["uid"], 65534, "{v}");
+}
+
+#[test]
+fn files_benchmark_reports_throughput_latency_and_rss() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["bench", "files", "--tenants", "5", "--clients", "5", "--requests", "50", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requests"], 50, "{v}");
+    assert_eq!(v["tenants"], 5, "{v}");
+    assert!(v["requests_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["p50_us"].as_u64().unwrap() <= v["p99_us"].as_u64().unwrap(), "{v}");
+    assert!(v["peak_rss_mib"].as_f64().unwrap() > 0.0, "{v}");
 }
