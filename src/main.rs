@@ -87,18 +87,15 @@ struct StateArgs {
     /// State directory of the daemon (default: $BULKHEAD_STATE_DIR, else ./.bulkhead).
     #[arg(long, env = "BULKHEAD_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Directory of the sockets (default: $RUNTIME_DIRECTORY, else the state dir).
+    /// Directory of the sockets (default: where the daemon recorded them in
+    /// <state>/sockets.json, else the state dir).
     #[arg(long)]
     socket_dir: Option<PathBuf>,
 }
 
 impl StateArgs {
     fn paths(&self) -> bulkhead::api::Paths {
-        let mut p = bulkhead::api::Paths::resolve(Some(self.state_dir.clone().unwrap_or_else(|| PathBuf::from(".bulkhead"))), None);
-        if let Some(d) = &self.socket_dir {
-            p.runtime_dir = d.clone();
-        }
-        p
+        bulkhead::api::Paths::for_client(self.state_dir.clone().unwrap_or_else(|| PathBuf::from(".bulkhead")), self.socket_dir.clone())
     }
 }
 

@@ -435,3 +435,93 @@ async fn crash_during_changes_leaves_whole_tenants_and_a_valid_audit() {
         assert!(out.status.success(), "round {round}: {out:?}");
     }
 }
+
+#[tokio::test]
+async fn sigterm_to_the_whole_tree_still_finishes_running_requests() {
+    let mut d = Daemon::start(As::Nobody);
+    let token = d.create("acme").await;
+    let c = d.tenant(&token);
+    let running = tokio::spawn(async move { exec(&c, &["sh", "-c", "sleep 1; echo finished"]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // As `kill -TERM -<pgid>` or an init system without KillMode=mixed would: the spawner
+    // gets SIGTERM too, and must not take the run with it.
+    for p in pids_with_cmdline_incl("__spawner") {
+        if std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default().contains(&format!("PPid:\t{}", d.pid())) {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGTERM).unwrap();
+        }
+    }
+    let status = tokio::task::spawn_blocking(move || (d.terminate(), d)).await.unwrap();
+    assert!(status.0.success(), "{:?}", status.0);
+    let r = running.await.unwrap();
+    assert_eq!(r.json()["stdout"], "finished\n", "{:?}", r.json());
+}
+
+#[tokio::test]
+async fn a_strict_umask_does_not_lock_sandboxes_out() {
+    let state = temp_state("umask");
+    let log = std::fs::File::create(state.with_extension("log")).unwrap();
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "umask 077; exec \"$0\" serve --state-dir \"$1\"", bin(), state.to_str().unwrap()])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(state.join("admin.sock")).is_err() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let key = std::fs::read_to_string(state.join("admin.key")).unwrap();
+    let admin = bulkhead::client::SocketClient::new(&state.join("admin.sock"), &key);
+    let r = admin.json(Method::POST, "/admin/tenants", &serde_json::json!({"name": "acme"})).await.unwrap();
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    let r = exec(&bulkhead::client::SocketClient::new(&state.join("bulkhead.sock"), &token), &["echo", "ok"]).await;
+    assert_eq!(r.json()["stdout"], "ok\n", "{:?}", r.json());
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}
+
+#[tokio::test]
+async fn systemd_layout_socket_activation_and_state_dir_only_clients() {
+    let base = temp_state("sd");
+    let (state, run) = (base.clone(), base.with_extension("run"));
+    std::fs::create_dir_all(&run).unwrap();
+    let tenant_sock = run.join("bulkhead.sock");
+    // systemd-socket-activate passes the listening tenant socket as fd 3 named "tenant";
+    // the daemon binds the admin socket itself in $RUNTIME_DIRECTORY.
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&tenant_sock)
+        .arg("--fdname=tenant")
+        .arg("-E").arg(format!("STATE_DIRECTORY={}", state.display()))
+        .arg("-E").arg(format!("RUNTIME_DIRECTORY={}", run.display()))
+        .arg(bin())
+        .arg("serve")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tenant_sock.exists() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first connection starts the daemon; it then binds admin.sock next to it.
+    let first = std::os::unix::net::UnixStream::connect(&tenant_sock).unwrap();
+    while std::os::unix::net::UnixStream::connect(run.join("admin.sock")).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not come up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(first);
+    // A client given only the state dir finds both sockets.
+    let out = std::process::Command::new(bin()).args(["tenants", "--state-dir"]).arg(&state).args(["create", "acme"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = std::process::Command::new(bin()).args(["exec", "--state-dir"]).arg(&state).args(["--token", &token, "--", "echo", "activated"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "activated\n", "{out:?}");
+    // On SIGTERM the daemon removes only the socket it bound itself.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let _ = child.wait();
+    assert!(tenant_sock.exists(), "the socket-activated socket belongs to systemd");
+    assert!(!run.join("admin.sock").exists());
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}

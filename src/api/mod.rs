@@ -161,6 +161,31 @@ fn bind(path: &Path, mode: u32, activated: Option<std::os::fd::OwnedFd>) -> Resu
     Ok(listener)
 }
 
+/// `<state>/sockets.json`: where this daemon's sockets are, so that clients given only
+/// the state dir find them when they live in `$RUNTIME_DIRECTORY`.
+fn write_socket_pointer(paths: &Paths) -> Result<(), ServeError> {
+    let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let v = serde_json::json!({"tenant": abs(paths.tenant_socket()), "admin": abs(paths.admin_socket())});
+    crate::tenant::write_atomic(&paths.state_dir, "sockets.json", v.to_string().as_bytes(), 0o644).map_err(start_err)
+}
+
+impl Paths {
+    /// For clients: the socket paths the daemon recorded in `<state>/sockets.json`, if
+    /// any, else the defaults.
+    pub fn for_client(state_dir: PathBuf, socket_dir: Option<PathBuf>) -> Paths {
+        let mut p = Paths::resolve(Some(state_dir), None);
+        if let Some(d) = socket_dir {
+            p.runtime_dir = d;
+            return p;
+        }
+        let recorded = std::fs::read(p.state_dir.join("sockets.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        if let Some(dir) = recorded.as_ref().and_then(|v| v["admin"].as_str()).and_then(|a| Path::new(a).parent()) {
+            p.runtime_dir = dir.to_path_buf();
+        }
+        p
+    }
+}
+
 fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
     let sock = match std::os::unix::net::UnixDatagram::unbound() {
@@ -274,8 +299,17 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         let mut take = |name: &str| listen_fds.iter().position(|(n, _)| n == name).map(|i| listen_fds.remove(i).1);
         let tenant_fd = take("tenant").or_else(|| take("bulkhead.socket"));
         let admin_fd = take("admin");
+        // Sockets handed over by systemd stay its to remove; only our own are cleaned up.
+        let mut bound_here = Vec::new();
+        if tenant_fd.is_none() {
+            bound_here.push(paths.tenant_socket());
+        }
+        if admin_fd.is_none() {
+            bound_here.push(paths.admin_socket());
+        }
         let tenant_listener = bind(&paths.tenant_socket(), 0o666, tenant_fd)?;
         let admin_listener = bind(&paths.admin_socket(), 0o600, admin_fd)?;
+        write_socket_pointer(&paths)?;
         let app = Arc::new(App {
             state_dir: paths.state_dir.clone(),
             config,
@@ -311,7 +345,9 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
             tracing::warn!("grace period over; exiting with requests still running");
         }
-        let _removed = (std::fs::remove_file(paths.tenant_socket()), std::fs::remove_file(paths.admin_socket()));
+        for p in bound_here {
+            let _removed = std::fs::remove_file(p);
+        }
         Ok(())
     })
 }

@@ -77,6 +77,17 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
     if parent.is_some_and(|p| nix::unistd::getppid().as_raw() != p) {
         return 1;
     }
+    // Termination is the daemon's to decide: a SIGTERM sent to the whole process tree must
+    // not kill the runs the daemon is still finishing. The spawner dies with the daemon
+    // (parent-death signal) or by SIGKILL; sandboxes start with an empty signal mask.
+    let mut term = nix::sys::signal::SigSet::empty();
+    for s in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGINT, nix::sys::signal::SIGHUP, nix::sys::signal::SIGQUIT] {
+        term.add(s);
+    }
+    if let Err(e) = term.thread_block() {
+        eprintln!("bulkhead spawner: sigprocmask: {e}");
+        return 1;
+    }
     // Its own session: a Ctrl-C meant for a foreground daemon must not reach the spawner
     // (the daemon decides when runs end; the spawner dies with it regardless).
     if let Err(e) = nix::unistd::setsid() {

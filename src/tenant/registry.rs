@@ -275,8 +275,11 @@ impl Registry {
         let rec = TenantRecord { name: name.to_string(), host_uid, host_gid, frozen: false, created_unix: now_unix(), tokens: vec![token] };
         let tmp = self.tenants_dir.join(format!(".tmp-{}-{}", name, auth::trace_id()));
         std::fs::DirBuilder::new().mode(0o711).create(&tmp).map_err(io("mkdir", &tmp))?;
+        // Explicit modes: the umask must not decide whether a sandbox can reach its work dir.
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o711)).map_err(io("chmod", &tmp))?;
         let work = tmp.join("work");
         std::fs::DirBuilder::new().mode(0o700).create(&work).map_err(io("mkdir", &work))?;
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700)).map_err(io("chmod", &work))?;
         if matches!(self.policy, HostIdPolicy::PerTenant { .. }) {
             std::os::unix::fs::chown(&work, Some(host_uid), Some(host_gid)).map_err(io("chown", &work))?;
         }
