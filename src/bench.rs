@@ -84,7 +84,7 @@ pub fn bwrap_command(bwrap: &Path, work: &Path) -> Command {
             _ => {}
         }
     }
-    for f in ["/etc/ld.so.cache", "/etc/ssl/certs", "/etc/ca-certificates", "/etc/alternatives", "/etc/localtime"] {
+    for f in ["/etc/ld.so.cache", "/etc/ssl/certs", "/etc/pki", "/etc/alternatives", "/etc/localtime"] {
         if Path::new(f).exists() {
             c.args(["--ro-bind", f, f]);
         }

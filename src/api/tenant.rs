@@ -218,6 +218,7 @@ fn validate(req: &ExecRequest, app: &App) -> Result<u64, ApiError> {
 }
 
 async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+    let t0 = std::time::Instant::now();
     let timeout_ms = validate(&req, app)?;
     let rec = app.registry.record(b.tenant()).ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
     let (program, argv_sha256) = ExecDetails::describe(&req.argv);
@@ -239,6 +240,7 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest) -> Result<Response
         }
     };
     let id = handle.id();
+    let t_started = t0.elapsed();
     let mut guard = KillOnDrop(Some(handle.killer()));
     app.track(b.tenant(), id, handle.killer());
     let stdin = req.stdin.unwrap_or_default();
@@ -251,6 +253,7 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest) -> Result<Response
     let cap = app.config.exec.max_output_bytes;
     let (exit, (), (stdout, out_trunc), (stderr, err_trunc)) = tokio::join!(handle.wait(), feed, read_capped(out_r, cap), read_capped(err_r, cap));
     guard.0 = None;
+    let t_exited = t0.elapsed();
     app.untrack(b.tenant(), id);
     let exit = exit.map_err(ApiError::from);
     let mut ev = event(b, "exec", None, if exit.is_ok() { "ok" } else { "error" }, exit.as_ref().err().map(|e| e.status_and_code().1));
@@ -260,6 +263,7 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest) -> Result<Response
     };
     ev.exec = Some(ExecDetails { program, argv_sha256, exit_code, signal, duration_ms });
     app.audit.record(ev).await?;
+    tracing::debug!(started_us = t_started.as_micros() as u64, exited_us = t_exited.as_micros() as u64, audited_us = t0.elapsed().as_micros() as u64, "exec phases");
     exit?;
     let body = serde_json::json!({
         "exit_code": exit_code,

@@ -61,15 +61,13 @@ fn in_root(p: &str) -> Result<CString, SandboxError> {
     cstr(&format!("{NEWROOT}{p}"))
 }
 
-const SYSTEM_DIRS: [&str; 8] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt"];
-const ETC_BINDS: [&str; 6] = [
-    "/etc/ld.so.cache",
-    "/etc/ssl/certs",
-    "/etc/ca-certificates",
-    "/etc/alternatives",
-    "/etc/localtime",
-    "/etc/pki",
-];
+/// DESIGN.md's system view: `/usr` and the host's `/bin`, `/lib*`, `/sbin` (links or
+/// directories). Nothing else of the host (no `/opt`, `/var`, `/home`).
+const SYSTEM_DIRS: [&str; 7] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+/// The host's `/etc` entries a program needs: the loader cache, CA certificates
+/// (Debian's `ssl/certs`, Fedora's `pki`), the alternatives links `/usr/bin` points
+/// through, and the time zone.
+const ETC_BINDS: [&str; 5] = ["/etc/ld.so.cache", "/etc/ssl/certs", "/etc/pki", "/etc/alternatives", "/etc/localtime"];
 const DEV_NODES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
 
 impl SystemLayout {
@@ -95,10 +93,6 @@ impl SystemLayout {
                 let target = target.to_str().ok_or_else(|| SandboxError::InvalidSpec(format!("{dir}: non-UTF-8 link")))?;
                 symlinks.push((cstr(target)?, in_root(dir)?));
             } else if meta.is_dir() {
-                // /opt is optional system software; bind it only if it is not empty.
-                if dir == "/opt" && std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true) {
-                    continue;
-                }
                 mkdirs.push(in_root(dir)?);
                 labels.push(format!("bind {dir}"));
                 system_binds.push(Bind { src: cstr(dir)?, dst: in_root(dir)?, is_dir: true });

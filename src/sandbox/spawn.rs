@@ -149,12 +149,21 @@ fn open_work_dir(path: &Path) -> Result<(PathBuf, OwnedFd, nix::sys::stat::FileS
     if let Some((_, name)) = PSEUDO_FS.iter().find(|(magic, _)| *magic == fs_type) {
         return Err(refuse(format!("is on {name}; a work dir must be an ordinary directory")));
     }
-    for system in ["/", "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/var", "/boot", "/root", "/home"] {
-        if nix::sys::stat::stat(system).is_ok_and(|s| (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino)) {
-            return Err(refuse(format!("is the host's {system}; give a dedicated directory")));
-        }
+    if let Some((_, system)) = system_dir_ids().iter().find(|(id, _)| *id == (st.st_dev, st.st_ino)) {
+        return Err(refuse(format!("is the host's {system}; give a dedicated directory")));
     }
     Ok((abs, fd, st))
+}
+
+/// (device, inode) of host directories that must never become a work dir, read once.
+fn system_dir_ids() -> &'static [((u64, u64), &'static str)] {
+    static IDS: std::sync::OnceLock<Vec<((u64, u64), &'static str)>> = std::sync::OnceLock::new();
+    IDS.get_or_init(|| {
+        ["/", "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/var", "/boot", "/root", "/home", "/opt", "/srv"]
+            .iter()
+            .filter_map(|p| nix::sys::stat::stat(*p).ok().map(|s| ((s.st_dev, s.st_ino), *p)))
+            .collect()
+    })
 }
 
 /// Kernel and pseudo filesystems a work dir must never be on.
