@@ -331,6 +331,18 @@ impl BenchDaemon {
         Ok(d)
     }
 
+    /// One `GET /v1/config` for tenant `i` (the HTTP and auth path without a sandbox).
+    pub fn get_config(&self, i: usize) -> Result<Duration, String> {
+        let c = self.clients.get(i).ok_or("no such tenant")?;
+        let t = Instant::now();
+        let r = self.rt.block_on(c.request(hyper::Method::GET, "/v1/config", Vec::new()))?;
+        let d = t.elapsed();
+        if !r.status.is_success() {
+            return Err(format!("get config: {}", r.status));
+        }
+        Ok(d)
+    }
+
     /// The daemon's peak resident set (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;

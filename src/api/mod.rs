@@ -289,7 +289,11 @@ async fn accept_loop(app: Arc<App>, listener: UnixListener, side: Side, limit: A
 
 /// Runs the daemon until SIGTERM/SIGINT, then lets running requests finish.
 pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(start_err)?;
+    let workers = match prepared.config.server.worker_threads {
+        0 => std::thread::available_parallelism().map(|n| n.get() / 2).unwrap_or(1).max(1),
+        n => n,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().map_err(start_err)?;
     rt.block_on(async move {
         let Prepared { paths, config, registry, overlays, admin, spawner, mut listen_fds } = prepared;
         let (exe, sock, child) = spawner;

@@ -1,12 +1,11 @@
-//! Appending with group commit: concurrent requests hand their events to one writer
-//! thread, which writes every pending line and makes them durable with one fdatasync
-//! before acknowledging any of them.
+//! Appending with group commit: concurrent requests' lines are written together and made
+//! durable with one fdatasync before any of them is acknowledged.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{Event, GENESIS, Line, line_hash};
@@ -25,17 +24,38 @@ pub enum AuditError {
     /// The last line of the log does not parse.
     #[error("audit log {0}: last line is not a valid audit line; run `bulkhead audit verify`")]
     Corrupt(String),
-    /// The writer thread is gone.
-    #[error("audit writer stopped")]
+    /// The commit that carried this line was abandoned.
+    #[error("audit commit abandoned")]
     Stopped,
 }
 
 type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 /// Handle to the audit log; cheap to clone.
-#[derive(Debug, Clone)]
+///
+/// Group commit without a writer thread: the first requester to find no commit in
+/// progress becomes the leader, writes every line queued by then with one write and one
+/// fdatasync, acknowledges them all, and repeats while lines keep arriving; the others
+/// wait for their acknowledgement. An uncontended request thus pays no thread hand-off.
+#[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<(Event, Ack)>,
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditLog")
+    }
+}
+
+struct Queue {
+    pending: Vec<(Event, Ack)>,
+    committing: bool,
+}
+
+struct Inner {
+    queue: Mutex<Queue>,
+    state: Mutex<State>,
 }
 
 struct State {
@@ -70,8 +90,12 @@ fn recover(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
     Ok((line.seq, line_hash(last)))
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl AuditLog {
-    /// Opens (creating) `<state>/audit.jsonl` and starts the writer thread.
+    /// Opens (creating) `<state>/audit.jsonl`.
     pub fn open(state_dir: &Path) -> Result<AuditLog, AuditError> {
         let path = state_dir.join("audit.jsonl");
         let mut file = std::fs::OpenOptions::new().read(true).append(true).create(true).mode(0o600).open(&path).map_err(io(&path))?;
@@ -80,15 +104,50 @@ impl AuditLog {
         let head = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&head_path).map_err(io(&head_path))?;
         let mut state = State { file, head, path, seq, prev };
         state.write_head().map_err(io(&head_path))?;
-        let (tx, rx) = mpsc::channel::<(Event, Ack)>();
-        std::thread::Builder::new().name("audit-writer".into()).spawn(move || writer_loop(state, rx)).map_err(io(&head_path))?;
-        Ok(AuditLog { tx })
+        Ok(AuditLog { inner: Arc::new(Inner { queue: Mutex::new(Queue { pending: Vec::new(), committing: false }), state: Mutex::new(state) }) })
+    }
+
+    /// Queues `event`; returns whether the caller must lead the commit.
+    fn enqueue(&self, event: Event, ack: Ack) -> bool {
+        let mut q = lock(&self.inner.queue);
+        q.pending.push((event, ack));
+        !std::mem::replace(&mut q.committing, true)
+    }
+
+    /// Commits batches until the queue is empty (the leader's job).
+    fn lead(&self, run_blocking: impl Fn(&mut dyn FnMut())) {
+        loop {
+            let batch = {
+                let mut q = lock(&self.inner.queue);
+                if q.pending.is_empty() {
+                    q.committing = false;
+                    return;
+                }
+                std::mem::take(&mut q.pending)
+            };
+            let (events, acks): (Vec<Event>, Vec<Ack>) = batch.into_iter().unzip();
+            let mut result = Err("not written".to_string());
+            run_blocking(&mut || {
+                let mut state = lock(&self.inner.state);
+                result = state.commit(&events);
+                if result.is_err() {
+                    state.resync();
+                }
+            });
+            for ack in acks {
+                // A requester that went away no longer needs the answer.
+                let _delivered = ack.send(result.clone());
+            }
+        }
     }
 
     /// Appends `event` and returns once it is durable.
     pub async fn record(&self, event: Event) -> Result<(), AuditError> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        self.tx.send((event, ack)).map_err(|_| AuditError::Stopped)?;
+        if self.enqueue(event, ack) {
+            let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            self.lead(|f: &mut dyn FnMut()| if multi { tokio::task::block_in_place(f) } else { f() });
+        }
         match done.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AuditError::Io { path: "audit.jsonl".into(), source: std::io::Error::other(e) }),
@@ -96,10 +155,12 @@ impl AuditLog {
         }
     }
 
-    /// Appends `event` from synchronous code (CLI start-up, tests).
+    /// Appends `event` from synchronous code (tests, tools).
     pub fn record_blocking(&self, event: Event) -> Result<(), AuditError> {
         let (ack, done) = tokio::sync::oneshot::channel();
-        self.tx.send((event, ack)).map_err(|_| AuditError::Stopped)?;
+        if self.enqueue(event, ack) {
+            self.lead(|f: &mut dyn FnMut()| f());
+        }
         match done.blocking_recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AuditError::Io { path: "audit.jsonl".into(), source: std::io::Error::other(e) }),
@@ -109,6 +170,16 @@ impl AuditLog {
 }
 
 impl State {
+    /// After a failed write: cut back to the last complete line so later lines chain.
+    fn resync(&mut self) {
+        tracing::error!(path = %self.path.display(), "audit write failed; resynchronizing on the last complete line");
+        let path = self.path.clone();
+        if let Ok((seq, prev)) = recover(&mut self.file, &path) {
+            self.seq = seq;
+            self.prev = prev;
+        }
+    }
+
     fn write_head(&mut self) -> std::io::Result<()> {
         // Fixed width so an in-place rewrite never leaves stale bytes behind.
         let text = format!("{{\"seq\":{:>20},\"hash\":\"{}\"}}\n", self.seq, self.prev);
@@ -136,34 +207,5 @@ impl State {
             tracing::warn!(error = %e, "audit.head update failed");
         }
         Ok(())
-    }
-}
-
-fn writer_loop(mut state: State, rx: mpsc::Receiver<(Event, Ack)>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
-        let (events, acks): (Vec<Event>, Vec<Ack>) = batch.into_iter().unzip();
-        let result = state.commit(&events);
-        if result.is_err() {
-            // A failed write may have left a partial tail; cut back to the last good line
-            // so that later lines still chain.
-            if let Ok(len) = state.file.metadata().map(|m| m.len()) {
-                tracing::error!(len, "audit write failed");
-            }
-            if let Ok((seq, prev)) = recover(&mut state.file, &state.path.clone()) {
-                state.seq = seq;
-                state.prev = prev;
-            }
-        }
-        for ack in acks {
-            // A requester that went away no longer needs the answer.
-            let _delivered = ack.send(result.clone());
-        }
     }
 }

@@ -73,11 +73,14 @@ pub struct ServerConfig {
     pub header_read_timeout_ms: u64,
     /// How long shutdown waits for running requests.
     pub shutdown_grace_ms: u64,
+    /// Async worker threads; 0 means half the cores (at least one), leaving the rest to
+    /// the spawner and the sandboxes.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_connections: 512, max_body_bytes: 8 << 20, max_header_bytes: 16 << 10, header_read_timeout_ms: 10_000, shutdown_grace_ms: 30_000 }
+        ServerConfig { max_connections: 512, max_body_bytes: 8 << 20, max_header_bytes: 16 << 10, header_read_timeout_ms: 10_000, shutdown_grace_ms: 30_000, worker_threads: 0 }
     }
 }
 
