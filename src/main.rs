@@ -39,6 +39,9 @@ enum Command {
         /// Admin config (default <state>/config.toml; absent means embedded defaults).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Log format on stderr: text, or json (one object per event, for journald/SIEM).
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
     },
     /// Manage tenants through the admin socket.
     Tenants {
@@ -213,8 +216,8 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Serve { state_dir, config } => {
-            init_logging();
+        Command::Serve { state_dir, config, log_format } => {
+            init_logging(log_format == "json");
             let paths = bulkhead::api::Paths::resolve(state_dir, config);
             match bulkhead::api::prepare(paths).and_then(bulkhead::api::serve) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -434,10 +437,15 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
     Ok(outcome.shell_status().clamp(0, 255) as u8)
 }
 
-fn init_logging() {
+fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 /// Runs a client future; `Ok(code)` is the exit status, `Err` a message (exit 1).
