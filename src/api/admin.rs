@@ -9,7 +9,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use super::app::App;
 use super::error::ApiError;
-use super::http::{json_response, parse_json, read_body, response};
+use super::http::{blocking, json_response, parse_json, read_body, response};
 use crate::audit::Event;
 use crate::auth::{AdminSession, Role, TenantName};
 
@@ -39,10 +39,6 @@ fn event(s: &AdminSession, action: &str, tenant: Option<&str>, target: Option<St
         trace_id: Some(s.trace_id().to_string()),
         exec: None,
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("worker: {e}")))?
 }
 
 /// Audits an admin action whatever its outcome, then passes the result on.

@@ -43,6 +43,11 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))
 }
 
+/// Runs filesystem work off the async workers.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("worker: {e}")))?
+}
+
 /// Decodes `%XX` escapes in a URL path segment into raw bytes.
 pub fn percent_decode(raw: &str) -> Result<Vec<u8>, ApiError> {
     let b = raw.as_bytes();

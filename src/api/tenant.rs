@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::app::App;
 use super::error::ApiError;
-use super::http::{json_response, parse_json, percent_decode, read_body, response};
+use super::http::{blocking, json_response, parse_json, percent_decode, read_body, response};
 use crate::audit::{Event, ExecDetails};
 use crate::auth::Boundary;
 use crate::spawner::protocol::RunLimits;
@@ -84,10 +84,6 @@ fn work_dir(app: &App, b: &Boundary) -> Result<WorkDir, ApiError> {
     let rec = app.registry.record(b.tenant()).ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
     let owner = app.root.then_some((rec.host_uid, rec.host_gid));
     Ok(WorkDir::open(&app.registry.work_dir(b.tenant()), owner)?)
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("worker: {e}")))?
 }
 
 fn event(b: &Boundary, action: &str, target: Option<String>, outcome: &str, reason: Option<&str>) -> Event {
