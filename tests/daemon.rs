@@ -525,3 +525,27 @@ async fn systemd_layout_socket_activation_and_state_dir_only_clients() {
     assert!(!run.join("admin.sock").exists());
     let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }
+
+#[tokio::test]
+async fn output_is_capped_and_delete_kills_running_sandboxes() {
+    let d = Daemon::start_with(As::Nobody, temp_state("cap"), Some("[exec]\nmax_output_bytes = 1000\n"));
+    let token = d.create("acme").await;
+    let r = exec(&d.tenant(&token), &["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' a; echo done >&2"]).await;
+    let v = r.json();
+    assert_eq!((v["stdout"].as_str().unwrap().len(), v["stdout_truncated"].as_bool(), v["output_cap_bytes"].as_u64()), (1000, Some(true), Some(1000)), "{v}");
+    assert_eq!((v["stderr"].as_str(), v["stderr_truncated"].as_bool()), (Some("done\n"), Some(false)));
+    // Delete while a sandbox runs: it is killed, and nothing of it is left.
+    let t = tag();
+    let c = d.tenant(&token);
+    let arg = t.clone();
+    let running = tokio::spawn(async move { exec(&c, &["sleep", &arg]).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids_with_cmdline(&format!("sleep {t}")).is_empty() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(d.admin().request(Method::DELETE, "/admin/tenants/acme", vec![]).await.unwrap().status, 204);
+    let r = tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap();
+    assert_eq!(r.json()["signal"], 9, "{:?}", r.json());
+    assert!(pids_with_cmdline(&format!("sleep {t}")).is_empty());
+}
