@@ -429,7 +429,7 @@ async fn crash_during_changes_leaves_whole_tenants_and_a_valid_audit() {
         }
         for e in std::fs::read_dir(state.join("tenants")).unwrap().flatten() {
             let n = e.file_name().to_string_lossy().to_string();
-            assert!(!n.starts_with('.'), "leftover {n}");
+            assert!(!n.starts_with('.') || n == ".next-host-id", "leftover {n}");
         }
         let out = std::process::Command::new(bin()).args(["audit", "verify"]).arg(state.join("audit.jsonl")).output().unwrap();
         assert!(out.status.success(), "round {round}: {out:?}");
@@ -548,4 +548,125 @@ async fn output_is_capped_and_delete_kills_running_sandboxes() {
     let r = tokio::time::timeout(Duration::from_secs(10), running).await.unwrap().unwrap();
     assert_eq!(r.json()["signal"], 9, "{:?}", r.json());
     assert!(pids_with_cmdline(&format!("sleep {t}")).is_empty());
+}
+
+/// Sends raw bytes on a new connection and hangs up at once.
+fn hang_up_after(sock: &std::path::Path, bytes: &[u8]) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.write_all(bytes).unwrap();
+}
+
+fn raw_request(method: &str, path: &str, token: &str, body: &[u8]) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+#[tokio::test]
+async fn a_client_hanging_up_ends_its_run_and_the_change_is_still_audited() {
+    let d = Daemon::start(As::Root);
+    let token = d.create("acme").await;
+    let sock = d.state.join("bulkhead.sock");
+    let t = tag();
+    // An exec whose client goes away: the sandbox is killed and the run audited.
+    let body = serde_json::to_vec(&serde_json::json!({"argv": ["sh", "-c", format!("echo started > /work/m; exec sleep {t}")], "timeout_ms": 60000})).unwrap();
+    {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.write_all(&raw_request("POST", "/v1/exec", &token, &body)).unwrap();
+        // Hang up only once the run is under way.
+        let marker = d.state.join("tenants/acme/work/m");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "the run never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let audit = std::fs::read_to_string(d.state.join("audit.jsonl")).unwrap();
+        let done = audit.lines().any(|l| l.contains("\"action\":\"exec\"") && l.contains("\"signal\":9"));
+        if done && pids_with_cmdline(&format!("sleep {t}")).is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "run not killed or not audited after the client left: {audit}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A file PUT whose client does not wait for the answer is written and audited.
+    hang_up_after(&sock, &raw_request("PUT", "/v1/files/left.txt", &token, b"data"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(d.state.join("audit.jsonl")).unwrap().contains("\"target\":\"left.txt\"") {
+        assert!(Instant::now() < deadline, "unaudited write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(std::process::Command::new(bin()).args(["audit", "verify"]).arg(d.state.join("audit.jsonl")).status().unwrap().success());
+}
+
+#[tokio::test]
+async fn freeze_kills_runs_whatever_their_client_did() {
+    let d = Daemon::start(As::Nobody);
+    let token = d.create("acme").await;
+    let sock = d.state.join("bulkhead.sock");
+    let t = tag();
+    // Runs started by clients that keep their connections open and idle.
+    let body = serde_json::to_vec(&serde_json::json!({"argv": ["sleep", t]})).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.write_all(&raw_request("POST", "/v1/exec", &token, &body)).unwrap();
+        held.push(s);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids_with_cmdline(&format!("sleep {t}")).len() < 3 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(d.admin().request(Method::POST, "/admin/tenants/acme/freeze", vec![]).await.unwrap().status, 204);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = d.admin().request(Method::GET, "/admin/status", vec![]).await.unwrap().json();
+        if pids_with_cmdline(&format!("sleep {t}")).is_empty() && status["running_sandboxes"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a run survived the freeze: {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn slow_or_greedy_clients_cannot_starve_others() {
+    let d = Daemon::start_with(As::Nobody, temp_state("greedy"), Some("[server]\nmax_connections = 4\nbody_read_timeout_ms = 500\nmax_body_bytes = 65536\n"));
+    let token = d.create("acme").await;
+    let sock = d.state.join("bulkhead.sock");
+    // Every tenant connection slot taken by a body that never finishes...
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.write_all(format!("PUT /v1/files/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\nabc").as_bytes()).unwrap();
+        held.push(s);
+    }
+    // ...does not stop the admin.
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(2), d.admin().request(Method::GET, "/admin/status", vec![])).await.expect("admin starved").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // The slow bodies are cut off at the body timeout with 408.
+    use std::io::Read;
+    let mut buf = String::new();
+    held[0].set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = held[0].read_to_string(&mut buf);
+    assert!(buf.starts_with("HTTP/1.1 408"), "{buf}");
+    // A declared length over the limit is refused before any body is read.
+    let r = d.tenant(&token).request(Method::PUT, "/v1/files/big", vec![0u8; 70_000]).await.unwrap();
+    assert_eq!(r.reason_code().as_deref(), Some("too_large"));
+    // Oversized argv after encoding, sockets in work/: client errors, not 500s.
+    let r = d.tenant(&token).json(Method::POST, "/v1/exec", &serde_json::json!({"argv": ["echo", "\u{1}".repeat(60_000)]})).await.unwrap();
+    assert!(r.status.is_client_error(), "{:?}", r.json());
+    let r = exec(&d.tenant(&token), &["python3", "-c", "import socket; socket.socket(socket.AF_UNIX).bind('/work/sock')"]).await;
+    assert_eq!(r.json()["exit_code"], 0, "{:?}", r.json());
+    let r = d.tenant(&token).request(Method::GET, "/v1/files/sock", vec![]).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (400, Some("bad_request")), "{:?}", r.json());
 }

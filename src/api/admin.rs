@@ -79,7 +79,7 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
         }
         (Method::GET, ["", "admin", "tenants"]) => Ok(json_response(StatusCode::OK, &serde_json::json!({"tenants": app.registry.list()}), &t)),
         (Method::POST, ["", "admin", "tenants"]) => {
-            let body = read_body(req.into_body(), 4096).await?;
+            let (body, _budget) = read_body(&app, req.into_body(), 4096).await?;
             let create: CreateTenant = parse_json(&body)?;
             let name = TenantName::for_admin(&s, &create.name).map_err(ApiError::from);
             let shown = create.name.clone();
@@ -97,10 +97,14 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
             let name_s = name.to_string();
             let r = match existing(&app, name) {
                 Ok(tenant) => {
+                    // Frozen first, so a run racing with the delete stops itself; then kill.
+                    let app2 = app.clone();
+                    let t2 = tenant.clone();
+                    let frozen = blocking(move || Ok(app2.registry.set_frozen(&t2, true)?)).await;
                     app.kill_tenant_runs(&tenant).await;
                     let app2 = app.clone();
                     let t2 = tenant.clone();
-                    let r = blocking(move || Ok(app2.registry.delete(&t2)?)).await;
+                    let r = frozen.and(blocking(move || Ok(app2.registry.delete(&t2)?)).await);
                     app.overlays.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant.as_str());
                     r
                 }
@@ -141,7 +145,7 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
             Ok(json_response(StatusCode::OK, &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}), &t))
         }
         (Method::POST, ["", "admin", "tenants", name, "tokens"]) => {
-            let body = read_body(req.into_body(), 4096).await?;
+            let (body, _budget) = read_body(&app, req.into_body(), 4096).await?;
             let create: CreateToken = parse_json(&body)?;
             let name_s = name.to_string();
             let r = match existing(&app, name) {

@@ -43,15 +43,21 @@ pub struct App {
     pub root: bool,
     /// Start time.
     pub started: Instant,
+    /// Budget of bytes held for request bodies and file reads (permits are KiB).
+    pub inflight: tokio::sync::Semaphore,
 }
 
 impl App {
-    /// Kills every run of `tenant` now.
+    /// Kills every run of `tenant` now: the spawner kills each sandbox of the tenant's
+    /// work dir, tracked here or not. Callers first mark the tenant frozen or gone, so a run
+    /// that starts after this message sees that and kills itself (see `tenant::exec`).
     pub async fn kill_tenant_runs(&self, tenant: &TenantName) {
-        let killers: Vec<Killer> = self.running.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).map(|m| m.values().cloned().collect()).unwrap_or_default();
-        for k in killers {
-            k.kill().await;
-        }
+        self.spawner.kill_tenant(&self.registry.work_dir(tenant)).await;
+    }
+
+    /// Whether `tenant` may still run: it exists and is not frozen.
+    pub fn may_run(&self, tenant: &TenantName) -> bool {
+        self.registry.record(tenant).is_some_and(|r| !r.frozen)
     }
 
     /// Registers a run of `tenant`.

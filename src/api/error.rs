@@ -59,6 +59,9 @@ pub enum ApiError {
     /// The daemon is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// The client was too slow.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl ApiError {
@@ -82,6 +85,7 @@ impl ApiError {
             ApiError::Sandbox(_) => (StatusCode::INTERNAL_SERVER_ERROR, "sandbox_error"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
         }
     }
 

@@ -27,15 +27,37 @@ pub fn response(status: StatusCode, content_type: &str, body: Vec<u8>, trace_id:
     r
 }
 
-/// Reads the whole body, refusing more than `max` bytes.
-pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, max).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
+/// Reads the whole body: refused up front when its declared length exceeds `max`, cut
+/// off past `max`, bounded in time, and counted against the daemon-wide in-flight budget
+/// for as long as the handler holds it.
+pub async fn read_body(app: &super::App, body: Incoming, max: usize) -> Result<(Bytes, tokio::sync::SemaphorePermit<'_>), ApiError> {
+    use hyper::body::Body;
+    let declared = body.size_hint().exact();
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(ApiError::TooLarge(format!("request body larger than {max} bytes")));
+    }
+    let reserve = declared.map(|n| n as usize).unwrap_or(max);
+    let permit = reserve_bytes(app, reserve).await?;
+    let timeout = std::time::Duration::from_millis(app.config.server.body_read_timeout_ms);
+    let collected = tokio::time::timeout(timeout, Limited::new(body, max).collect())
+        .await
+        .map_err(|_| ApiError::Timeout(format!("request body not received within {} ms", timeout.as_millis())))?;
+    match collected {
+        Ok(c) => Ok((c.to_bytes(), permit)),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(ApiError::TooLarge(format!("request body larger than {max} bytes")))
         }
         Err(e) => Err(ApiError::BadRequest(format!("reading the body: {e}"))),
     }
+}
+
+/// Takes `bytes` from the in-flight budget (waiting while others hold it).
+pub async fn reserve_bytes(app: &super::App, bytes: usize) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    let kib = u32::try_from(bytes.div_ceil(1024).max(1)).map_err(|_| ApiError::TooLarge("request too large".into()))?;
+    if kib as usize > app.config.server.max_inflight_bytes / 1024 {
+        return Err(ApiError::TooLarge(format!("larger than the daemon's in-flight budget of {} bytes", app.config.server.max_inflight_bytes)));
+    }
+    app.inflight.acquire_many(kib).await.map_err(|_| ApiError::ShuttingDown)
 }
 
 /// Parses a JSON body into `T` (which rejects unknown fields).

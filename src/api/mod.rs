@@ -204,6 +204,17 @@ fn sd_notify(state: &str) {
     }
 }
 
+/// Runs a tenant request in its own task, so that a client hanging up cannot cancel it
+/// half-way (after the change, before its audit line). The task learns of the hang-up
+/// through `gone` (an exec then kills its run).
+async fn detached(app: Arc<App>, boundary: crate::auth::Boundary, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (connected, gone) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(tenant::route(app, boundary, req, gone));
+    let r = task.await.unwrap_or_else(|e| Err(ApiError::Internal(format!("handler: {e}"))));
+    drop(connected);
+    r
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
     Tenant,
@@ -221,7 +232,7 @@ async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<F
                 Ok((boundary, frozen)) => {
                     let trace = boundary.trace_id().to_string();
                     let who = boundary.actor().to_string();
-                    let r = if frozen { Err(ApiError::Frozen) } else { tenant::route(app.clone(), boundary, req).await };
+                    let r = if frozen { Err(ApiError::Frozen) } else { detached(app.clone(), boundary, req).await };
                     (r, trace, who)
                 }
                 Err(e) => (Err(ApiError::from(e)), crate::auth::trace_id(), "anonymous".into()),
@@ -233,7 +244,10 @@ async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<F
                 Ok(s) => {
                     let trace = s.trace_id().to_string();
                     let who = s.actor().to_string();
-                    (admin::route(app.clone(), s, req).await, trace, who)
+                    let app2 = app.clone();
+                    let task = tokio::spawn(async move { admin::route(app2, s, req).await });
+                    let r = task.await.unwrap_or_else(|e| Err(ApiError::Internal(format!("handler: {e}"))));
+                    (r, trace, who)
                 }
                 Err(e) => (Err(ApiError::from(e)), crate::auth::trace_id(), "anonymous".into()),
             }
@@ -314,6 +328,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         let tenant_listener = bind(&paths.tenant_socket(), 0o666, tenant_fd)?;
         let admin_listener = bind(&paths.admin_socket(), 0o600, admin_fd)?;
         write_socket_pointer(&paths)?;
+        let config_inflight_kib = config.server.max_inflight_bytes / 1024;
         let app = Arc::new(App {
             state_dir: paths.state_dir.clone(),
             config,
@@ -325,13 +340,15 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             running: std::sync::Mutex::new(std::collections::HashMap::new()),
             root,
             started: Instant::now(),
+            inflight: Semaphore::new((config_inflight_kib).max(1)),
         });
         app.audit.record(Event { actor: "daemon".into(), action: "daemon.start".into(), outcome: "ok".into(), ..Default::default() }).await.map_err(start_err)?;
-        let limit = Arc::new(Semaphore::new(app.config.server.max_connections));
+        let tenant_limit = Arc::new(Semaphore::new(app.config.server.max_connections));
+        let admin_limit = Arc::new(Semaphore::new(app.config.server.admin_max_connections));
         let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let t = tokio::spawn(accept_loop(app.clone(), tenant_listener, Side::Tenant, limit.clone(), graceful.clone(), stop_rx.clone()));
-        let a = tokio::spawn(accept_loop(app.clone(), admin_listener, Side::Admin, limit, graceful.clone(), stop_rx));
+        let t = tokio::spawn(accept_loop(app.clone(), tenant_listener, Side::Tenant, tenant_limit, graceful.clone(), stop_rx.clone()));
+        let a = tokio::spawn(accept_loop(app.clone(), admin_listener, Side::Admin, admin_limit, graceful.clone(), stop_rx));
         tracing::info!(tenant = %paths.tenant_socket().display(), admin = %paths.admin_socket().display(), state = %paths.state_dir.display(), host_ids = if root { "per-tenant" } else { "daemon user" }, cgroups = "not used: limits are rlimits", "bulkhead serving");
         sd_notify("READY=1");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(start_err)?;

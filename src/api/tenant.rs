@@ -14,7 +14,7 @@ use super::http::{blocking, json_response, parse_json, percent_decode, read_body
 use crate::audit::{Event, ExecDetails};
 use crate::auth::Boundary;
 use crate::spawner::protocol::RunLimits;
-use crate::tenant::files::{Found, WorkDir, clean_path};
+use crate::tenant::files::{Found, WorkDir, clean_path, read_file};
 
 /// `POST /v1/exec`. No tenant field exists, and unknown fields are refused.
 #[derive(Debug, serde::Deserialize)]
@@ -41,16 +41,17 @@ const MAX_ARGV_BYTES: usize = 64 * 1024;
 const MAX_ENV: usize = 128;
 const MAX_ENV_BYTES: usize = 32 * 1024;
 
-/// Routes a tenant request; `boundary` came from the token.
-pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+/// Routes a tenant request; `boundary` came from the token. Runs detached from the
+/// connection (see `api::handle`): `gone` fires if the client goes away.
+pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, gone: tokio::sync::oneshot::Receiver<()>) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     if path == "/v1/exec" {
         if method != Method::POST {
             return Err(ApiError::Method);
         }
-        let body = read_body(req.into_body(), app.config.server.max_body_bytes).await?;
-        return exec(&app, &boundary, parse_json(&body)?).await;
+        let (body, _budget) = read_body(&app, req.into_body(), app.config.server.max_body_bytes).await?;
+        return exec(&app, &boundary, parse_json(&body)?, gone).await;
     }
     if path == "/v1/config" {
         return match method {
@@ -59,7 +60,7 @@ pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>) ->
                 Ok(json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default(), boundary.trace_id()))
             }
             Method::PUT => {
-                let body = read_body(req.into_body(), 64 * 1024).await?;
+                let (body, _budget) = read_body(&app, req.into_body(), 64 * 1024).await?;
                 put_config(&app, &boundary, &body).await
             }
             _ => Err(ApiError::Method),
@@ -70,7 +71,7 @@ pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>) ->
         return match method {
             Method::GET => get_file(&app, &boundary, rel).await,
             Method::PUT => {
-                let body = read_body(req.into_body(), app.config.server.max_body_bytes).await?;
+                let (body, _budget) = read_body(&app, req.into_body(), app.config.server.max_body_bytes).await?;
                 put_file(&app, &boundary, rel, body).await
             }
             Method::DELETE => delete_file(&app, &boundary, rel).await,
@@ -104,8 +105,13 @@ async fn get_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf) -> Resu
     let wd = work_dir(app, b)?;
     let found = blocking(move || Ok(wd.get(&rel, max)?)).await?;
     Ok(match found {
-        Found::File(bytes) => response(StatusCode::OK, "application/octet-stream", bytes, b.trace_id()),
-        Found::Dir(entries) => json_response(StatusCode::OK, &serde_json::json!({ "entries": entries }), b.trace_id()),
+        Found::File(file, size) => {
+            // The file is held in memory while it is sent: count it against the budget.
+            let _budget = super::http::reserve_bytes(app, size as usize).await?;
+            let bytes = blocking(move || Ok(read_file(file, max)?)).await?;
+            response(StatusCode::OK, "application/octet-stream", bytes, b.trace_id())
+        }
+        Found::Dir(entries, truncated) => json_response(StatusCode::OK, &serde_json::json!({ "entries": entries, "truncated": truncated }), b.trace_id()),
     })
 }
 
@@ -158,14 +164,16 @@ async fn put_config(app: &Arc<App>, b: &Boundary, body: &[u8]) -> Result<Respons
     Ok(json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default(), b.trace_id()))
 }
 
-/// Kills a run whose request went away before it finished.
-struct KillOnDrop(Option<crate::spawner::Killer>);
+/// Keeps a run in the daemon's count of running sandboxes for as long as it is alive.
+struct Tracked<'a> {
+    app: &'a App,
+    tenant: &'a crate::auth::TenantName,
+    id: u64,
+}
 
-impl Drop for KillOnDrop {
+impl Drop for Tracked<'_> {
     fn drop(&mut self) {
-        if let Some(k) = self.0.take() {
-            tokio::spawn(async move { k.kill().await });
-        }
+        self.app.untrack(self.tenant, self.id);
     }
 }
 
@@ -203,6 +211,9 @@ fn validate(req: &ExecRequest, app: &App) -> Result<u64, ApiError> {
     if req.env.iter().any(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0')) {
         return Err(ApiError::BadRequest("env names must be non-empty without '=' or NUL, values without NUL".into()));
     }
+    if req.cwd.as_ref().is_some_and(|c| c.len() > 4096) {
+        return Err(ApiError::BadRequest("cwd is limited to 4096 bytes".into()));
+    }
     if req.stdin.as_ref().is_some_and(|s| s.len() > app.config.exec.max_stdin_bytes) {
         return Err(ApiError::TooLarge(format!("stdin is limited to {} bytes", app.config.exec.max_stdin_bytes)));
     }
@@ -213,7 +224,7 @@ fn validate(req: &ExecRequest, app: &App) -> Result<u64, ApiError> {
     Ok(timeout)
 }
 
-async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest, mut gone: tokio::sync::oneshot::Receiver<()>) -> Result<Response<Full<Bytes>>, ApiError> {
     let t0 = std::time::Instant::now();
     let timeout_ms = validate(&req, app)?;
     let rec = app.registry.record(b.tenant()).ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
@@ -237,8 +248,14 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest) -> Result<Response
     };
     let id = handle.id();
     let t_started = t0.elapsed();
-    let mut guard = KillOnDrop(Some(handle.killer()));
-    app.track(b.tenant(), id, handle.killer());
+    let killer = handle.killer();
+    app.track(b.tenant(), id, killer.clone());
+    let _tracked = Tracked { app, tenant: b.tenant(), id };
+    // Frozen or deleted while this run was being started: the kill for the tenant may
+    // have reached the spawner before this run did.
+    if !app.may_run(b.tenant()) {
+        killer.kill().await;
+    }
     let stdin = req.stdin.unwrap_or_default();
     let feed = async move {
         if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(in_w) {
@@ -247,10 +264,17 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest) -> Result<Response
         }
     };
     let cap = app.config.exec.max_output_bytes;
-    let (exit, (), (stdout, out_trunc), (stderr, err_trunc)) = tokio::join!(handle.wait(), feed, read_capped(out_r, cap), read_capped(err_r, cap));
-    guard.0 = None;
+    let work = async { tokio::join!(handle.wait(), feed, read_capped(out_r, cap), read_capped(err_r, cap)) };
+    tokio::pin!(work);
+    // A client that goes away ends its run; the run is still waited for and audited.
+    let (exit, (), (stdout, out_trunc), (stderr, err_trunc)) = tokio::select! {
+        r = &mut work => r,
+        _ = &mut gone => {
+            killer.kill().await;
+            work.await
+        }
+    };
     let t_exited = t0.elapsed();
-    app.untrack(b.tenant(), id);
     let exit = exit.map_err(ApiError::from);
     let mut ev = event(b, "exec", None, if exit.is_ok() { "ok" } else { "error" }, exit.as_ref().err().map(|e| e.status_and_code().1));
     let (exit_code, signal, timed_out, duration_ms) = match &exit {

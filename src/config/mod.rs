@@ -63,8 +63,15 @@ pub enum ConfigError {
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Open connections across both sockets.
+    /// Open connections on the tenant socket.
     pub max_connections: usize,
+    /// Open connections on the admin socket (its own budget, so tenants cannot lock the
+    /// admin out).
+    pub admin_max_connections: usize,
+    /// Time a client has to send its whole request body.
+    pub body_read_timeout_ms: u64,
+    /// Request bodies and file contents held in memory at once, across all requests.
+    pub max_inflight_bytes: usize,
     /// Largest request body.
     pub max_body_bytes: usize,
     /// Largest request head.
@@ -80,7 +87,17 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_connections: 512, max_body_bytes: 8 << 20, max_header_bytes: 16 << 10, header_read_timeout_ms: 10_000, shutdown_grace_ms: 30_000, worker_threads: 0 }
+        ServerConfig {
+            max_connections: 512,
+            admin_max_connections: 32,
+            body_read_timeout_ms: 30_000,
+            max_inflight_bytes: 256 << 20,
+            max_body_bytes: 8 << 20,
+            max_header_bytes: 16 << 10,
+            header_read_timeout_ms: 10_000,
+            shutdown_grace_ms: 30_000,
+            worker_threads: 0,
+        }
     }
 }
 
@@ -118,7 +135,7 @@ pub struct FilesConfig {
 
 impl Default for FilesConfig {
     fn default() -> Self {
-        FilesConfig { max_file_bytes: 64 << 20 }
+        FilesConfig { max_file_bytes: 16 << 20 }
     }
 }
 

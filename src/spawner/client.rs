@@ -201,6 +201,14 @@ impl SpawnerClient {
         }
     }
 
+    /// Kills every run of the tenant whose work dir is `work_dir`.
+    pub async fn kill_tenant(&self, work_dir: &Path) {
+        let Ok(conn) = self.conn() else { return };
+        if let Err(e) = self.send(&conn, &Request::KillTenant { work_dir: work_dir.display().to_string() }, &[]).await {
+            tracing::warn!(error = %e, "kill-tenant request not delivered");
+        }
+    }
+
     /// Starts a run. Returns once the command has been executed; the handle then yields
     /// its exit. The three descriptors are the sandbox's stdin, stdout and stderr.
     #[allow(clippy::too_many_arguments)]
@@ -219,6 +227,10 @@ impl SpawnerClient {
         let (tx, mut rx) = mpsc::unbounded_channel();
         conn.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
         let req = Request::Run { id, argv, env, cwd, work_dir: work_dir.display().to_string(), host_uid: host.0, host_gid: host.1, limits };
+        if serde_json::to_vec(&req).map(|b| b.len() > channel::MAX_MESSAGE).unwrap_or(true) {
+            conn.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            return Err(SpawnerError::Failed { message: "argv and env are too large once encoded".into(), exec_failure: false, invalid: true });
+        }
         let fds = [stdio[0].as_fd(), stdio[1].as_fd(), stdio[2].as_fd()];
         if let Err(e) = self.send(&conn, &req, &fds).await {
             conn.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);

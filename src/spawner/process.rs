@@ -13,6 +13,7 @@ use crate::sandbox::{self, HostIds, OutputMode, Running, SandboxError, SandboxSp
 
 struct Live {
     running: Running,
+    work_dir: String,
     deadline: Instant,
     timed_out: bool,
     killed: bool,
@@ -43,7 +44,7 @@ fn start(req: Request, fds: Vec<OwnedFd>, live: &mut HashMap<u64, Live>) -> Repl
     if live.contains_key(&id) {
         return Reply::Failed { id, message: "duplicate run id".into(), exec_failure: false, invalid: true };
     }
-    let mut spec = SandboxSpec::new(work_dir, argv);
+    let mut spec = SandboxSpec::new(work_dir.clone(), argv);
     spec.env = env;
     spec.cwd = cwd;
     spec.stdin = StdinSource::Fd(stdin);
@@ -55,13 +56,13 @@ fn start(req: Request, fds: Vec<OwnedFd>, live: &mut HashMap<u64, Live>) -> Repl
     match sandbox::spawn(spec) {
         Ok(running) => {
             let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
-            live.insert(id, Live { running, deadline, timed_out: false, killed: false });
+            live.insert(id, Live { running, work_dir, deadline, timed_out: false, killed: false });
             Reply::Started { id }
         }
         Err(e) => Reply::Failed {
             id,
             exec_failure: e.is_exec_failure(),
-            invalid: matches!(e, SandboxError::InvalidSpec(_) | SandboxError::WorkDir { .. }),
+            invalid: matches!(e, SandboxError::InvalidSpec(_) | SandboxError::WorkDir { .. } | SandboxError::Setup { step: sandbox::Step::ChdirCwd, .. }),
             message: e.to_string(),
         },
     }
@@ -152,6 +153,15 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                         let reply = match serde_json::from_slice::<Request>(&buf[..n]) {
                             Ok(Request::Kill { id }) => {
                                 if let Some(l) = live.get_mut(&id) {
+                                    l.killed = true;
+                                    if let Err(e) = l.running.kill() {
+                                        eprintln!("bulkhead spawner: kill: {e}");
+                                    }
+                                }
+                                None
+                            }
+                            Ok(Request::KillTenant { work_dir }) => {
+                                for l in live.values_mut().filter(|l| l.work_dir == work_dir) {
                                     l.killed = true;
                                     if let Err(e) = l.running.kill() {
                                         eprintln!("bulkhead spawner: kill: {e}");

@@ -43,6 +43,12 @@ pub enum Request {
         /// Its id.
         id: u64,
     },
+    /// Kill every running sandbox of one tenant (identified by its work dir), including
+    /// runs the daemon no longer tracks.
+    KillTenant {
+        /// The tenant's host work dir, as sent in `Run`.
+        work_dir: String,
+    },
 }
 
 /// Spawner → daemon.

@@ -54,11 +54,15 @@ fn os(op: &'static str) -> impl FnOnce(Errno) -> FilesError {
         Errno::EISDIR => FilesError::WrongType("is a directory"),
         Errno::ENOTEMPTY => FilesError::NotEmpty,
         Errno::ENAMETOOLONG => FilesError::BadPath("name too long"),
+        // Opening a socket (or another special file without an open method) by path.
+        Errno::ENXIO | Errno::ENODEV => FilesError::WrongType("not a regular file"),
         errno => FilesError::Os { op, errno },
     }
 }
 
 const MAX_PATH: usize = 4096;
+/// Entries a listing returns at most (the response says when it stopped there).
+pub const MAX_LISTING: usize = 10_000;
 
 /// Checks a client path lexically: relative components only, no `..`, no NUL. An empty
 /// path (or `/`) is the work dir itself.
@@ -87,6 +91,17 @@ fn beneath(flags: OFlag) -> OpenHow {
     if flags.contains(OFlag::O_CREAT) { how.mode(Mode::from_bits_truncate(0o644)) } else { how }
 }
 
+/// Reads an opened file, refusing more than `max` bytes (it may have grown since).
+pub fn read_file(file: std::fs::File, max: u64) -> Result<Vec<u8>, FilesError> {
+    let mut buf = Vec::new();
+    let mut limited = file.take(max + 1);
+    limited.read_to_end(&mut buf).map_err(|e| os("read")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    if buf.len() as u64 > max {
+        return Err(FilesError::TooLarge(max));
+    }
+    Ok(buf)
+}
+
 /// A handle on one tenant's `work/`.
 #[derive(Debug)]
 pub struct WorkDir {
@@ -109,10 +124,10 @@ pub struct Entry {
 /// What a GET found.
 #[derive(Debug)]
 pub enum Found {
-    /// A regular file's bytes.
-    File(Vec<u8>),
-    /// A directory listing, sorted by name.
-    Dir(Vec<Entry>),
+    /// An open regular file and its size when opened (read it with [`read_file`]).
+    File(std::fs::File, u64),
+    /// A directory listing, sorted by name, and whether it was cut at the cap.
+    Dir(Vec<Entry>, bool),
 }
 
 impl WorkDir {
@@ -131,22 +146,32 @@ impl WorkDir {
         openat2(self.root.as_fd(), target, beneath(flags)).map_err(os("openat2"))
     }
 
-    /// Reads a file (at most `max` bytes) or lists a directory.
+    /// Opens a file (refusing one over `max` bytes) or lists a directory.
     pub fn get(&self, rel: &Path, max: u64) -> Result<Found, FilesError> {
         let fd = self.open_beneath(rel, OFlag::O_RDONLY | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)?;
         let st = fstat(&fd).map_err(os("fstat"))?;
         let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
         if kind == SFlag::S_IFDIR {
             let mut dir = nix::dir::Dir::from_fd(fd).map_err(os("fdopendir"))?;
-            let mut entries = Vec::new();
+            let mut names = Vec::new();
+            let mut truncated = false;
             for e in dir.iter() {
                 let e = e.map_err(os("readdir"))?;
                 let name = e.file_name().to_bytes();
                 if name == b"." || name == b".." {
                     continue;
                 }
-                let name_os = OsStr::from_bytes(name);
-                let meta = nix::sys::stat::fstatat(self.root.as_fd(), &rel.join(name_os), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
+                if names.len() == MAX_LISTING {
+                    truncated = true;
+                    break;
+                }
+                names.push(name.to_vec());
+            }
+            // Each entry is examined relative to the directory actually opened (never by
+            // re-resolving a path), so a concurrent rename cannot point the stat elsewhere.
+            let mut entries = Vec::with_capacity(names.len());
+            for name in names {
+                let meta = nix::sys::stat::fstatat(&dir, OsStr::from_bytes(&name), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
                 let (kind, size) = match meta {
                     Ok(m) => {
                         let k = SFlag::from_bits_truncate(m.st_mode) & SFlag::S_IFMT;
@@ -163,10 +188,10 @@ impl WorkDir {
                     }
                     Err(_) => ("other", 0),
                 };
-                entries.push(Entry { name: String::from_utf8_lossy(name).into_owned(), kind, size });
+                entries.push(Entry { name: String::from_utf8_lossy(&name).into_owned(), kind, size });
             }
             entries.sort_by(|a, b| a.name.cmp(&b.name));
-            return Ok(Found::Dir(entries));
+            return Ok(Found::Dir(entries, truncated));
         }
         if kind != SFlag::S_IFREG {
             return Err(FilesError::WrongType("not a regular file"));
@@ -174,13 +199,7 @@ impl WorkDir {
         if st.st_size as u64 > max {
             return Err(FilesError::TooLarge(max));
         }
-        let mut file = std::fs::File::from(fd);
-        let mut buf = Vec::with_capacity(st.st_size as usize);
-        Read::by_ref(&mut file).take(max + 1).read_to_end(&mut buf).map_err(|e| os("read")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
-        if buf.len() as u64 > max {
-            return Err(FilesError::TooLarge(max));
-        }
-        Ok(Found::File(buf))
+        Ok(Found::File(std::fs::File::from(fd), st.st_size as u64))
     }
 
     fn chown(&self, fd: &OwnedFd) -> Result<(), FilesError> {
@@ -283,11 +302,14 @@ mod tests {
         let (dir, w) = tmp_work();
         w.put(Path::new("a/b/c.txt"), b"hello").unwrap();
         match w.get(Path::new("a/b/c.txt"), 100).unwrap() {
-            Found::File(b) => assert_eq!(b, b"hello"),
+            Found::File(f, 5) => assert_eq!(read_file(f, 100).unwrap(), b"hello"),
             other => panic!("{other:?}"),
         }
         match w.get(Path::new("a"), 100).unwrap() {
-            Found::Dir(e) => assert_eq!(e, vec![Entry { name: "b".into(), kind: "dir", size: e[0].size }]),
+            Found::Dir(e, truncated) => {
+                assert!(!truncated);
+                assert_eq!(e, vec![Entry { name: "b".into(), kind: "dir", size: e[0].size }]);
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(w.get(Path::new("a/b/c.txt"), 3).unwrap_err(), FilesError::TooLarge(3));
@@ -311,7 +333,10 @@ mod tests {
         assert_eq!(w.put(Path::new("up/new.txt"), b"x").unwrap_err(), FilesError::PathEscape);
         assert!(!dir.join("new.txt").exists());
         // A symlink inside that stays inside is followed for reads...
-        assert!(matches!(w.get(Path::new("ok"), 100).unwrap(), Found::File(b) if b == b"in"));
+        match w.get(Path::new("ok"), 100).unwrap() {
+            Found::File(f, _) => assert_eq!(read_file(f, 100).unwrap(), b"in"),
+            other => panic!("{other:?}"),
+        }
         // ...and replaced, not followed, by writes.
         w.put(Path::new("abs"), b"replaced").unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("outside.txt")).unwrap(), "outside");

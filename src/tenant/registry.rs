@@ -138,6 +138,9 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Re
     move |source| RegistryError::Io { op, path: path.display().to_string(), source }
 }
 
+/// `<state>/tenants/.next-host-id`: the next per-tenant host id to hand out.
+const HIGH_WATER: &str = ".next-host-id";
+
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -174,6 +177,8 @@ impl Registry {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.starts_with(".tmp-") || name.starts_with(".trash-") {
                 std::fs::remove_dir_all(&path).map_err(io("remove", &path))?;
+            } else if name.starts_with("..next-host-id.tmp") {
+                std::fs::remove_file(&path).map_err(io("remove", &path))?;
             }
         }
         let mut records = BTreeMap::new();
@@ -239,13 +244,23 @@ impl Registry {
             .collect()
     }
 
+    /// Picks host ids for a new tenant. Per-tenant ids are handed out upwards from a
+    /// persisted high-water mark, so a deleted tenant's uid is not given to the next tenant
+    /// while anything of the old one might linger; only when the range is used up are
+    /// freed ids reused.
     fn allocate_ids(&self, records: &BTreeMap<TenantName, TenantRecord>) -> Result<(u32, u32), RegistryError> {
         match self.policy {
             HostIdPolicy::Caller { uid, gid } => Ok((uid, gid)),
             HostIdPolicy::PerTenant { base, count } => {
                 let used: std::collections::BTreeSet<u32> = records.values().map(|r| r.host_uid).collect();
                 let end = base.saturating_add(count);
-                (base..end).find(|u| !used.contains(u)).map(|u| (u, u)).ok_or(RegistryError::HostIdsExhausted { base, end })
+                let mark = std::fs::read_to_string(self.tenants_dir.join(HIGH_WATER)).ok().and_then(|s| s.trim().parse::<u32>().ok()).unwrap_or(base);
+                let uid = (mark.max(base)..end)
+                    .find(|u| !used.contains(u))
+                    .or_else(|| (base..end).find(|u| !used.contains(u)))
+                    .ok_or(RegistryError::HostIdsExhausted { base, end })?;
+                write_atomic(&self.tenants_dir, HIGH_WATER, format!("{}\n", uid.saturating_add(1)).as_bytes(), 0o600).map_err(io("write", &self.tenants_dir))?;
+                Ok((uid, uid))
             }
         }
     }
