@@ -71,6 +71,16 @@ enum Command {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Kill switch: refuse all new work daemon-wide (503 halted) and kill what runs.
+    Halt {
+        #[command(flatten)]
+        at: StateArgs,
+    },
+    /// Lift the kill switch.
+    Resume {
+        #[command(flatten)]
+        at: StateArgs,
+    },
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -114,6 +124,8 @@ enum TenantOp {
     Freeze { name: String },
     /// Unfreeze a tenant.
     Unfreeze { name: String },
+    /// Kill a tenant's running sandboxes now (it stays usable).
+    Stop { name: String },
     /// Tokens.
     Token {
         #[command(subcommand)]
@@ -133,6 +145,9 @@ enum TokenOp {
         /// owner|admin|member|viewer
         #[arg(long, default_value = "member")]
         role: String,
+        /// Comma-separated tool allowlist (exec,files.read,files.write,config.read,config.write).
+        #[arg(long, value_delimiter = ',')]
+        tools: Option<Vec<String>>,
     },
     /// Revoke a token by id (tk_<tenant>_<8 hex>).
     Revoke { id: String },
@@ -228,6 +243,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Tenants { at, op } => client_main(tenants(at, op)),
+        Command::Halt { at } => client_main(switch(at, "halt")),
+        Command::Resume { at } => client_main(switch(at, "resume")),
         Command::Exec { at, token, timeout_ms, cwd, env, cmd } => client_main(exec(at, token, timeout_ms, cwd, env, cmd)),
         Command::Audit { op: AuditOp::Verify { file, at } } => {
             let file = file.unwrap_or_else(|| at.paths().state_dir.join("audit.jsonl"));
@@ -504,18 +521,31 @@ async fn tenants(at: StateArgs, op: TenantOp) -> Result<u8, String> {
         TenantOp::Unfreeze { name } => {
             check(c.request(Method::POST, &format!("/admin/tenants/{name}/unfreeze"), Vec::new()).await?)?;
         }
+        TenantOp::Stop { name } => {
+            check(c.request(Method::POST, &format!("/admin/tenants/{name}/stop"), Vec::new()).await?)?;
+        }
         TenantOp::Token { op: TokenOp::Rotate { name } } => {
             let v = check(c.request(Method::POST, &format!("/admin/tenants/{name}/tokens/rotate"), Vec::new()).await?)?;
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
-        TenantOp::Token { op: TokenOp::Create { name, workspace, role } } => {
-            let v = check(c.json(Method::POST, &format!("/admin/tenants/{name}/tokens"), &serde_json::json!({"workspace": workspace, "role": role})).await?)?;
+        TenantOp::Token { op: TokenOp::Create { name, workspace, role, tools } } => {
+            let mut body = serde_json::json!({"workspace": workspace, "role": role});
+            if let Some(t) = tools {
+                body["tools"] = t.into();
+            }
+            let v = check(c.json(Method::POST, &format!("/admin/tenants/{name}/tokens"), &body).await?)?;
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
         TenantOp::Token { op: TokenOp::Revoke { id } } => {
             check(c.request(Method::DELETE, &format!("/admin/tokens/{id}"), Vec::new()).await?)?;
         }
     }
+    Ok(0)
+}
+
+async fn switch(at: StateArgs, action: &str) -> Result<u8, String> {
+    let c = admin_client(&at)?;
+    check(c.request(hyper::Method::POST, &format!("/admin/{action}"), Vec::new()).await?)?;
     Ok(0)
 }
 

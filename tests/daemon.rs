@@ -155,9 +155,10 @@ async fn rotation_revocation_freeze_and_delete() {
     // A second actor, then revoked.
     let r = d.admin().json(Method::POST, "/admin/tenants/acme/tokens", &serde_json::json!({"role": "viewer", "workspace": "research"})).await.unwrap();
     let (second, id) = (r.json()["token"].as_str().unwrap().to_string(), r.json()["token_id"].as_str().unwrap().to_string());
-    assert_eq!(exec(&d.tenant(&second), &["true"]).await.status, 200);
+    assert_eq!(d.tenant(&second).request(Method::GET, "/v1/files/", vec![]).await.unwrap().status, 200);
+    assert_eq!(exec(&d.tenant(&second), &["true"]).await.reason_code().as_deref(), Some("policy_denied"), "a viewer only reads");
     assert_eq!(d.admin().request(Method::DELETE, &format!("/admin/tokens/{id}"), vec![]).await.unwrap().status, 204);
-    assert_eq!(exec(&d.tenant(&second), &["true"]).await.status, 401);
+    assert_eq!(d.tenant(&second).request(Method::GET, "/v1/files/", vec![]).await.unwrap().status, 401);
     // Frozen: 423 on everything, and a running sandbox is killed.
     let c = d.tenant(&new);
     let running = tokio::spawn(async move { exec(&c, &["sleep", "30"]).await });

@@ -26,6 +26,9 @@ struct CreateToken {
     workspace: Option<String>,
     #[serde(default)]
     role: Option<Role>,
+    /// Tool allowlist; absent: every tool the role allows.
+    #[serde(default)]
+    tools: Option<Vec<String>>,
 }
 
 fn event(s: &AdminSession, action: &str, tenant: Option<&str>, target: Option<String>, outcome: &str, reason: Option<&str>) -> Event {
@@ -72,6 +75,7 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                     "spawner_restarts": app.spawner.restarts(),
                     "uptime_s": app.started.elapsed().as_secs(),
                     "host_ids": if app.root { "per-tenant" } else { "daemon user" },
+                    "halted": app.is_halted(),
                     "cgroups": "not used yet: limits are rlimits",
                 }),
                 &t,
@@ -147,19 +151,53 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
         (Method::POST, ["", "admin", "tenants", name, "tokens"]) => {
             let (body, _budget) = read_body(&app, req.into_body(), 4096).await?;
             let create: CreateToken = parse_json(&body)?;
+            if let Some(tools) = &create.tools {
+                crate::policy::validate_tools(tools).map_err(ApiError::BadRequest)?;
+            }
             let name_s = name.to_string();
             let r = match existing(&app, name) {
                 Ok(tenant) => {
                     let app2 = app.clone();
                     let ws = create.workspace.unwrap_or_else(|| "default".into());
                     let role = create.role.unwrap_or(Role::Member);
-                    blocking(move || Ok(app2.registry.create_token(&tenant, &ws, role)?)).await
+                    let tools = create.tools;
+                    blocking(move || Ok(app2.registry.create_token(&tenant, &ws, role, tools)?)).await
                 }
                 Err(e) => Err(e),
             };
             let target = r.as_ref().ok().map(|i| i.id.to_string());
             let issued = audited(&app, &s, "token.create", Some(&name_s), target, r).await?;
             Ok(json_response(StatusCode::CREATED, &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}), &t))
+        }
+        (Method::POST, ["", "admin", "tenants", name, "stop"]) => {
+            let name_s = name.to_string();
+            let r = match existing(&app, name) {
+                Ok(tenant) => {
+                    app.kill_tenant_runs(&tenant).await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            audited(&app, &s, "tenant.stop", Some(&name_s), Some(name_s.clone()), r).await?;
+            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
+        }
+        (Method::POST, ["", "admin", action @ ("halt" | "resume")]) => {
+            let halt = *action == "halt";
+            let marker = app.state_dir.join("halted");
+            // Persisted first, so a restart keeps the switch where the admin left it.
+            let r = blocking(move || {
+                let done = if halt { crate::tenant::write_atomic(marker.parent().unwrap_or(std::path::Path::new(".")), "halted", b"1\n", 0o600) } else { std::fs::remove_file(&marker).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) };
+                done.map_err(|e| ApiError::Internal(format!("halted marker: {e}")))
+            })
+            .await;
+            if r.is_ok() {
+                app.halted.store(halt, std::sync::atomic::Ordering::SeqCst);
+                if halt {
+                    app.spawner.kill_all().await;
+                }
+            }
+            audited(&app, &s, &format!("daemon.{action}"), None, None, r).await?;
+            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
         }
         (Method::DELETE, ["", "admin", "tokens", id]) => {
             let id_s = id.to_string();

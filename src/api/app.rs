@@ -45,6 +45,8 @@ pub struct App {
     pub started: Instant,
     /// Budget of bytes held for request bodies and file reads (permits are KiB).
     pub inflight: tokio::sync::Semaphore,
+    /// Daemon-wide kill switch (`bulkhead halt`), persisted as `<state>/halted`.
+    pub halted: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -55,9 +57,15 @@ impl App {
         self.spawner.kill_tenant(&self.registry.work_dir(tenant)).await;
     }
 
-    /// Whether `tenant` may still run: it exists and is not frozen.
+    /// Whether `tenant` may still run: it exists, is not frozen, and the daemon is not
+    /// halted.
     pub fn may_run(&self, tenant: &TenantName) -> bool {
-        self.registry.record(tenant).is_some_and(|r| !r.frozen)
+        !self.is_halted() && self.registry.record(tenant).is_some_and(|r| !r.frozen)
+    }
+
+    /// The kill switch's state.
+    pub fn is_halted(&self) -> bool {
+        self.halted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Registers a run of `tenant`.

@@ -62,6 +62,9 @@ pub enum ApiError {
     /// The client was too slow.
     #[error("{0}")]
     Timeout(String),
+    /// The policy refused the action.
+    #[error("{0}")]
+    Policy(#[from] crate::policy::Denial),
 }
 
 impl ApiError {
@@ -86,6 +89,8 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+            ApiError::Policy(crate::policy::Denial::Halted) => (StatusCode::SERVICE_UNAVAILABLE, "halted"),
+            ApiError::Policy(crate::policy::Denial::Scope { .. }) => (StatusCode::FORBIDDEN, "policy_denied"),
         }
     }
 

@@ -329,6 +329,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         let admin_listener = bind(&paths.admin_socket(), 0o600, admin_fd)?;
         write_socket_pointer(&paths)?;
         let config_inflight_kib = config.server.max_inflight_bytes / 1024;
+        let halted = paths.state_dir.join("halted").exists();
         let app = Arc::new(App {
             state_dir: paths.state_dir.clone(),
             config,
@@ -341,6 +342,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             root,
             started: Instant::now(),
             inflight: Semaphore::new((config_inflight_kib).max(1)),
+            halted: std::sync::atomic::AtomicBool::new(halted),
         });
         app.audit.record(Event { actor: "daemon".into(), action: "daemon.start".into(), outcome: "ok".into(), ..Default::default() }).await.map_err(start_err)?;
         let tenant_limit = Arc::new(Semaphore::new(app.config.server.max_connections));

@@ -46,6 +46,11 @@ const MAX_ENV_BYTES: usize = 32 * 1024;
 pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, gone: tokio::sync::oneshot::Receiver<()>) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    if let Some((action, Err(denial))) = action_of(&method, &path).map(|a| (a, crate::policy::check(&boundary, a, app.is_halted()))) {
+        let e = ApiError::from(denial);
+        app.audit.record(event(&boundary, action.tool(), Some(path.clone()), "denied", Some(e.status_and_code().1))).await?;
+        return Err(e);
+    }
     if path == "/v1/exec" {
         if method != Method::POST {
             return Err(ApiError::Method);
@@ -79,6 +84,20 @@ pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, go
         };
     }
     Err(ApiError::NotFound(format!("no route {method} {path}")))
+}
+
+/// The policy action a route performs (`None`: no such route; the router says so).
+fn action_of(method: &Method, path: &str) -> Option<crate::policy::Action> {
+    use crate::policy::Action;
+    let files = path.strip_prefix("/v1/files").is_some_and(|r| r.is_empty() || r.starts_with('/'));
+    match (method, path) {
+        (&Method::POST, "/v1/exec") => Some(Action::Exec),
+        (&Method::GET, "/v1/config") => Some(Action::ConfigRead),
+        (&Method::PUT, "/v1/config") => Some(Action::ConfigWrite),
+        (&Method::GET, _) if files => Some(Action::FilesRead),
+        (&Method::PUT | &Method::DELETE, _) if files => Some(Action::FilesWrite),
+        _ => None,
+    }
 }
 
 fn work_dir(app: &App, b: &Boundary) -> Result<WorkDir, ApiError> {

@@ -38,10 +38,15 @@ pub struct Boundary {
     pub(in crate::auth) workspace: String,
     pub(in crate::auth) actor: TokenId,
     pub(in crate::auth) role: Role,
+    pub(in crate::auth) allowed_tools: Option<Vec<String>>,
     pub(in crate::auth) trace_id: String,
 }
 
 impl Boundary {
+    /// The token's tool allowlist; `None` means every tool its role allows.
+    pub fn allowed_tools(&self) -> Option<&[String]> {
+        self.allowed_tools.as_deref()
+    }
     /// The tenant.
     pub fn tenant(&self) -> &TenantName {
         &self.tenant

@@ -161,21 +161,23 @@ pub struct Credential<'a> {
     pub workspace: &'a str,
     /// Role of the token.
     pub role: Role,
+    /// The token's tool allowlist (`None`: every tool its role allows).
+    pub allowed_tools: Option<&'a [String]>,
 }
 
 impl TokenParts {
     /// Verifies the token against the tenant's stored credentials (every digest is
     /// compared, in constant time) and makes the request's Boundary.
     pub fn authenticate<'a>(self, creds: impl IntoIterator<Item = Credential<'a>>) -> Result<Boundary, AuthError> {
-        let mut found: Option<(String, Role)> = None;
+        let mut found: Option<(String, Role, Option<Vec<String>>)> = None;
         for c in creds {
             if c.digest.ct_eq(&self.digest) {
-                found = Some((c.workspace.to_string(), c.role));
+                found = Some((c.workspace.to_string(), c.role, c.allowed_tools.map(<[String]>::to_vec)));
             }
         }
-        let (workspace, role) = found.ok_or(AuthError::UnknownToken)?;
+        let (workspace, role, allowed_tools) = found.ok_or(AuthError::UnknownToken)?;
         let actor = TokenId::for_digest(&self.tenant, &self.digest);
-        Ok(Boundary { tenant: self.tenant, workspace, actor, role, trace_id: trace_id() })
+        Ok(Boundary { tenant: self.tenant, workspace, actor, role, allowed_tools, trace_id: trace_id() })
     }
 }
 
@@ -232,8 +234,8 @@ mod tests {
         let other = issue_token(&t).unwrap();
         let creds = || {
             vec![
-                Credential { digest: &other.digest, workspace: "w2", role: Role::Viewer },
-                Credential { digest: &issued.digest, workspace: "default", role: Role::Owner },
+                Credential { digest: &other.digest, workspace: "w2", role: Role::Viewer, allowed_tools: None },
+                Credential { digest: &issued.digest, workspace: "default", role: Role::Owner, allowed_tools: None },
             ]
         };
         let b = parse_bearer(Some(header.as_bytes())).unwrap().authenticate(creds()).unwrap();

@@ -201,6 +201,14 @@ impl SpawnerClient {
         }
     }
 
+    /// Kills every run of every tenant.
+    pub async fn kill_all(&self) {
+        let Ok(conn) = self.conn() else { return };
+        if let Err(e) = self.send(&conn, &Request::KillAll, &[]).await {
+            tracing::warn!(error = %e, "kill-all request not delivered");
+        }
+    }
+
     /// Kills every run of the tenant whose work dir is `work_dir`.
     pub async fn kill_tenant(&self, work_dir: &Path) {
         let Ok(conn) = self.conn() else { return };

@@ -160,6 +160,15 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                                 }
                                 None
                             }
+                            Ok(Request::KillAll) => {
+                                for l in live.values_mut() {
+                                    l.killed = true;
+                                    if let Err(e) = l.running.kill() {
+                                        eprintln!("bulkhead spawner: kill: {e}");
+                                    }
+                                }
+                                None
+                            }
                             Ok(Request::KillTenant { work_dir }) => {
                                 for l in live.values_mut().filter(|l| l.work_dir == work_dir) {
                                     l.killed = true;

@@ -43,6 +43,8 @@ pub enum Request {
         /// Its id.
         id: u64,
     },
+    /// Kill every running sandbox (daemon-wide halt).
+    KillAll,
     /// Kill every running sandbox of one tenant (identified by its work dir), including
     /// runs the daemon no longer tracks.
     KillTenant {

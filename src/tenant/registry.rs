@@ -45,6 +45,9 @@ pub struct TokenRecord {
     /// The token made by `tenants create` / `token rotate`.
     #[serde(default)]
     pub primary: bool,
+    /// Tools this token may use; absent means every tool its role allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_tools: Option<Vec<String>>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
 }
@@ -217,7 +220,7 @@ impl Registry {
         let records = self.read();
         let rec = records.get(&parts.tenant).ok_or(AuthError::UnknownToken)?;
         let frozen = rec.frozen;
-        let creds = rec.tokens.iter().map(|t| Credential { digest: &t.digest, workspace: &t.workspace, role: t.role });
+        let creds = rec.tokens.iter().map(|t| Credential { digest: &t.digest, workspace: &t.workspace, role: t.role, allowed_tools: t.allowed_tools.as_deref() });
         Ok((parts.authenticate(creds)?, frozen))
     }
 
@@ -271,10 +274,10 @@ impl Registry {
         write_atomic(&dir, "tenant.json", &json, 0o600).map_err(io("write", &dir))
     }
 
-    fn new_token(name: &TenantName, workspace: &str, role: Role, primary: bool) -> Result<(IssuedToken, TokenRecord), RegistryError> {
+    fn new_token(name: &TenantName, workspace: &str, role: Role, primary: bool, tools: Option<Vec<String>>) -> Result<(IssuedToken, TokenRecord), RegistryError> {
         validate_workspace(workspace)?;
         let issued = auth::issue_token(name)?;
-        let rec = TokenRecord { id: issued.id.clone(), digest: issued.digest.clone(), workspace: workspace.to_string(), role, primary, created_unix: now_unix() };
+        let rec = TokenRecord { id: issued.id.clone(), digest: issued.digest.clone(), workspace: workspace.to_string(), role, primary, allowed_tools: tools, created_unix: now_unix() };
         Ok((issued, rec))
     }
 
@@ -286,7 +289,7 @@ impl Registry {
             return Err(RegistryError::AlreadyExists(name.to_string()));
         }
         let (host_uid, host_gid) = self.allocate_ids(&records)?;
-        let (issued, token) = Self::new_token(&name, "default", Role::Owner, true)?;
+        let (issued, token) = Self::new_token(&name, "default", Role::Owner, true, None)?;
         let rec = TenantRecord { name: name.to_string(), host_uid, host_gid, frozen: false, created_unix: now_unix(), tokens: vec![token] };
         let tmp = self.tenants_dir.join(format!(".tmp-{}-{}", name, auth::trace_id()));
         std::fs::DirBuilder::new().mode(0o711).create(&tmp).map_err(io("mkdir", &tmp))?;
@@ -343,18 +346,18 @@ impl Registry {
     /// Replaces the tenant's primary token; the old one fails from the next request on.
     pub fn rotate(&self, name: &TenantName) -> Result<IssuedToken, RegistryError> {
         self.update(name, |r| {
-            let (workspace, role) = r.tokens.iter().find(|t| t.primary).map(|t| (t.workspace.clone(), t.role)).unwrap_or(("default".into(), Role::Owner));
-            let (issued, token) = Self::new_token(name, &workspace, role, true)?;
+            let (workspace, role, tools) = r.tokens.iter().find(|t| t.primary).map(|t| (t.workspace.clone(), t.role, t.allowed_tools.clone())).unwrap_or(("default".into(), Role::Owner, None));
+            let (issued, token) = Self::new_token(name, &workspace, role, true, tools)?;
             r.tokens.retain(|t| !t.primary);
             r.tokens.push(token);
             Ok(issued)
         })
     }
 
-    /// Adds a token (one more actor) to the tenant.
-    pub fn create_token(&self, name: &TenantName, workspace: &str, role: Role) -> Result<IssuedToken, RegistryError> {
+    /// Adds a token (one more actor) to the tenant, optionally limited to `tools`.
+    pub fn create_token(&self, name: &TenantName, workspace: &str, role: Role, tools: Option<Vec<String>>) -> Result<IssuedToken, RegistryError> {
         self.update(name, |r| {
-            let (issued, token) = Self::new_token(name, workspace, role, false)?;
+            let (issued, token) = Self::new_token(name, workspace, role, false, tools)?;
             r.tokens.push(token);
             Ok(issued)
         })
