@@ -126,6 +126,10 @@ enum TenantOp {
     Unfreeze { name: String },
     /// Kill a tenant's running sandboxes now (it stays usable).
     Stop { name: String },
+    /// Show a tenant's limits, or set them: KEY=VALUE (a number, or `none` to unset).
+    /// Keys: max_concurrent requests_per_s exec_per_s max_wall_ms max_output_bytes
+    /// steps_per_day cpu_s_per_day memory_bytes pids disk_bytes.
+    Limits { name: String, pairs: Vec<String> },
     /// Tokens.
     Token {
         #[command(subcommand)]
@@ -520,6 +524,21 @@ async fn tenants(at: StateArgs, op: TenantOp) -> Result<u8, String> {
         }
         TenantOp::Unfreeze { name } => {
             check(c.request(Method::POST, &format!("/admin/tenants/{name}/unfreeze"), Vec::new()).await?)?;
+        }
+        TenantOp::Limits { name, pairs } => {
+            if pairs.is_empty() {
+                let v = check(c.request(Method::GET, &format!("/admin/tenants/{name}/limits"), Vec::new()).await?)?;
+                println!("{}", serde_json::to_string_pretty(&v["effective"]).unwrap_or_default());
+            } else {
+                let mut patch = serde_json::Map::new();
+                for kv in pairs {
+                    let (k, v) = kv.split_once('=').ok_or(format!("{kv:?}: expected KEY=VALUE"))?;
+                    let value = if v == "none" { serde_json::Value::Null } else { serde_json::from_str::<serde_json::Number>(v).map(serde_json::Value::Number).map_err(|_| format!("{k}: {v:?} is not a number"))? };
+                    patch.insert(k.to_string(), value);
+                }
+                let v = check(c.json(Method::PUT, &format!("/admin/tenants/{name}/limits"), &serde_json::Value::Object(patch)).await?)?;
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
         }
         TenantOp::Stop { name } => {
             check(c.request(Method::POST, &format!("/admin/tenants/{name}/stop"), Vec::new()).await?)?;

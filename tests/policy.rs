@@ -144,3 +144,68 @@ async fn halt_survives_a_restart() {
     assert_eq!(d.admin().request(Method::POST, "/admin/resume", vec![]).await.unwrap().status, 204);
     assert_eq!(exec(&d.tenant(&a), &["true"]).await.status, 200);
 }
+
+#[tokio::test]
+async fn limits_hold_for_one_tenant_and_leave_the_other_alone() {
+    let d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    // Set with the CLI; read back on the admin API.
+    let out = std::process::Command::new(bin()).args(["tenants", "--state-dir"]).arg(&d.state).args(["limits", "acme", "max_concurrent=1", "max_wall_ms=2000", "max_output_bytes=10"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v = d.admin().request(Method::GET, "/admin/tenants/acme/limits", vec![]).await.unwrap().json();
+    assert_eq!((v["effective"]["max_concurrent"].as_u64(), v["effective"]["max_wall_ms"].as_u64()), (Some(1), Some(2000)), "{v}");
+    // max_concurrent: with one run going, a second gets 429 with Retry-After; beta runs.
+    let (needle, first) = start_sleep_with(&d, &a, "1.5").await;
+    let r = d.tenant(&a).json(Method::POST, "/v1/exec", &serde_json::json!({"argv": ["true"]})).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (429, Some("rate_limited")), "{:?}", r.json());
+    for _ in 0..3 {
+        assert_eq!(exec(&d.tenant(&b), &["true"]).await.status, 200, "beta is untouched");
+    }
+    first.await.unwrap();
+    wait_gone(&needle).await;
+    // max_wall_ms and max_output_bytes.
+    let r = d.tenant(&a).json(Method::POST, "/v1/exec", &serde_json::json!({"argv": ["true"], "timeout_ms": 5000})).await.unwrap();
+    assert_eq!(r.reason_code().as_deref(), Some("bad_request"));
+    let r = exec(&d.tenant(&a), &["echo", "0123456789abcdef"]).await;
+    assert_eq!((r.json()["stdout"].as_str(), r.json()["stdout_truncated"].as_bool()), (Some("0123456789"), Some(true)));
+    let r = exec(&d.tenant(&b), &["echo", "0123456789abcdef"]).await;
+    assert_eq!(r.json()["stdout"], "0123456789abcdef\n");
+    // requests_per_s: a burst is cut with 429 + Retry-After; beta is not.
+    let r = d.admin().json(Method::PUT, "/admin/tenants/acme/limits", &serde_json::json!({"requests_per_s": 2})).await.unwrap();
+    assert_eq!(r.status, 200);
+    let mut limited = 0;
+    for _ in 0..6 {
+        let r = d.tenant(&a).request(Method::GET, "/v1/files/", vec![]).await.unwrap();
+        if r.status == 429 {
+            limited += 1;
+            assert!(r.reason_code().as_deref() == Some("rate_limited"));
+        }
+        assert_eq!(d.tenant(&b).request(Method::GET, "/v1/files/", vec![]).await.unwrap().status, 200);
+    }
+    assert!(limited >= 3, "{limited} of 6 limited");
+    // Bad limits: clear errors, nothing changed.
+    let before = d.admin().request(Method::GET, "/admin/tenants/acme/limits", vec![]).await.unwrap().json();
+    for bad in [r#"{"pids": -1}"#, r#"{"pids": 0}"#, r#"{"bogus": 1}"#, r#"{"requests_per_s": 1e400}"#, r#"{"max_concurrent": 99999999999}"#, r#"{"memory_bytes": "lots"}"#] {
+        let r = d.admin().request(Method::PUT, "/admin/tenants/acme/limits", bad.as_bytes().to_vec()).await.unwrap();
+        assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (400, Some("bad_request")), "{bad}: {:?}", r.json());
+    }
+    assert_eq!(d.admin().request(Method::GET, "/admin/tenants/acme/limits", vec![]).await.unwrap().json(), before);
+    // Changes are audited; a tenant overlay can never set limits.
+    assert!(std::fs::read_to_string(d.state.join("audit.jsonl")).unwrap().contains("\"action\":\"limits.set\""));
+    let r = d.tenant(&b).json(Method::PUT, "/v1/config", &serde_json::json!({"limits": {"pids": 1}})).await.unwrap();
+    assert_eq!(r.reason_code().as_deref(), Some("admin_only_key"));
+}
+
+async fn start_sleep_with(d: &Daemon, token: &str, secs: &str) -> (String, tokio::task::JoinHandle<bulkhead::client::Reply>) {
+    let c = d.tenant(token);
+    let arg = format!("{secs}{}", tag().split('.').nth(1).unwrap_or("1"));
+    let needle = format!("sleep {arg}");
+    let h = tokio::spawn(async move { exec(&c, &["sleep", &arg]).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids_with_cmdline(&needle).is_empty() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (needle, h)
+}

@@ -110,6 +110,7 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                     let t2 = tenant.clone();
                     let r = frozen.and(blocking(move || Ok(app2.registry.delete(&t2)?)).await);
                     app.overlays.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant.as_str());
+                    app.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant.as_str());
                     r
                 }
                 Err(e) => Err(e),
@@ -169,6 +170,37 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
             let issued = audited(&app, &s, "token.create", Some(&name_s), target, r).await?;
             Ok(json_response(StatusCode::CREATED, &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}), &t))
         }
+        (Method::GET, ["", "admin", "tenants", name, "limits"]) => {
+            let tenant = existing(&app, name)?;
+            let own = app.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).cloned().unwrap_or_default();
+            Ok(json_response(StatusCode::OK, &serde_json::json!({"effective": app.limits(&tenant), "tenant": own, "defaults": app.config.limits}), &t))
+        }
+        (Method::PUT, ["", "admin", "tenants", name, "limits"]) => {
+            let (body, _budget) = read_body(&app, req.into_body(), 16 * 1024).await?;
+            let patch: serde_json::Map<String, serde_json::Value> = parse_json(&body)?;
+            let name_s = name.to_string();
+            let r = match existing(&app, name) {
+                Ok(tenant) => {
+                    let own = app.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).cloned().unwrap_or_default();
+                    match own.apply_patch(&patch) {
+                        Ok(next) => {
+                            let dir = app.registry.tenant_dir(&tenant);
+                            let json = serde_json::to_vec_pretty(&next).map_err(|e| ApiError::Internal(e.to_string()))?;
+                            let written = blocking(move || crate::tenant::write_atomic(&dir, "limits.json", &json, 0o600).map_err(|e| ApiError::Internal(format!("limits.json: {e}")))).await;
+                            written.map(|()| {
+                                app.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), next);
+                                app.limits(&tenant)
+                            })
+                        }
+                        Err(why) => Err(ApiError::BadRequest(why)),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            let keys: Vec<&String> = patch.keys().collect();
+            let effective = audited(&app, &s, "limits.set", Some(&name_s), Some(format!("{keys:?}")), r).await?;
+            Ok(json_response(StatusCode::OK, &serde_json::to_value(effective).unwrap_or_default(), &t))
+        }
         (Method::POST, ["", "admin", "tenants", name, "stop"]) => {
             let name_s = name.to_string();
             let r = match existing(&app, name) {
@@ -207,7 +239,7 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
             audited(&app, &s, "token.revoke", tenant.as_deref(), Some(id.to_string()), r).await?;
             Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
         }
-        (m, _) if path.starts_with("/admin/") => Err(if matches!(m, Method::GET | Method::POST | Method::DELETE) { ApiError::NotFound(format!("no route {path}")) } else { ApiError::Method }),
+        (m, _) if path.starts_with("/admin/") => Err(if matches!(m, Method::GET | Method::POST | Method::DELETE | Method::PUT) { ApiError::NotFound(format!("no route {path}")) } else { ApiError::Method }),
         _ => Err(ApiError::NotFound(format!("no route {path}"))),
     }
 }

@@ -47,6 +47,10 @@ pub struct App {
     pub inflight: tokio::sync::Semaphore,
     /// Daemon-wide kill switch (`bulkhead halt`), persisted as `<state>/halted`.
     pub halted: std::sync::atomic::AtomicBool,
+    /// Per-tenant limits set on the admin API (`<tenant>/limits.json`).
+    pub tenant_limits: Mutex<HashMap<String, crate::policy::limits::Limits>>,
+    /// Rate buckets and concurrency counters.
+    pub meters: crate::policy::limits::Meters,
 }
 
 impl App {
@@ -61,6 +65,12 @@ impl App {
     /// halted.
     pub fn may_run(&self, tenant: &TenantName) -> bool {
         !self.is_halted() && self.registry.record(tenant).is_some_and(|r| !r.frozen)
+    }
+
+    /// The tenant's effective limits: admin defaults with its own values on top.
+    pub fn limits(&self, tenant: &TenantName) -> crate::policy::limits::Limits {
+        let own = self.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).cloned().unwrap_or_default();
+        self.config.limits.overlaid(&own)
     }
 
     /// The kill switch's state.

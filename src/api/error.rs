@@ -65,6 +65,9 @@ pub enum ApiError {
     /// The policy refused the action.
     #[error("{0}")]
     Policy(#[from] crate::policy::Denial),
+    /// A rate or concurrency limit was hit.
+    #[error("limit {} reached; retry after {} ms", .0.limit, .0.retry_after.as_millis())]
+    RateLimited(crate::policy::limits::Throttled),
 }
 
 impl ApiError {
@@ -91,6 +94,7 @@ impl ApiError {
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::Policy(crate::policy::Denial::Halted) => (StatusCode::SERVICE_UNAVAILABLE, "halted"),
             ApiError::Policy(crate::policy::Denial::Scope { .. }) => (StatusCode::FORBIDDEN, "policy_denied"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         }
     }
 
@@ -98,7 +102,14 @@ impl ApiError {
     pub fn response(&self, trace_id: &str) -> Response<Full<Bytes>> {
         let (status, code) = self.status_and_code();
         let body = serde_json::json!({"error": {"reason_code": code, "message": self.to_string()}});
-        super::http::json_response(status, &body, trace_id)
+        let mut r = super::http::json_response(status, &body, trace_id);
+        if let ApiError::RateLimited(t) = self {
+            let secs = t.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+            }
+        }
+        r
     }
 }
 

@@ -105,6 +105,7 @@ pub struct Prepared {
     config: AdminConfig,
     registry: Registry,
     overlays: std::collections::HashMap<String, crate::config::TenantSettings>,
+    limits: std::collections::HashMap<String, crate::policy::limits::Limits>,
     admin: AdminRecord,
     spawner: (PathBuf, std::os::fd::OwnedFd, std::process::Child),
     listen_fds: Vec<(String, std::os::fd::OwnedFd)>,
@@ -133,13 +134,19 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
     };
     let registry = Registry::open(&paths.state_dir, policy).map_err(start_err)?;
     let mut overlays = std::collections::HashMap::new();
+    let mut limits = std::collections::HashMap::new();
     for t in registry.list() {
-        let file = paths.state_dir.join("tenants").join(&t.name).join("config.toml");
-        let o = crate::config::load_overlay(&t.name, &file).map_err(start_err)?;
+        let dir = paths.state_dir.join("tenants").join(&t.name);
+        let o = crate::config::load_overlay(&t.name, &dir.join("config.toml")).map_err(start_err)?;
+        if let Ok(text) = std::fs::read_to_string(dir.join("limits.json")) {
+            let l: crate::policy::limits::Limits = serde_json::from_str(&text).map_err(|e| ServeError::Start(format!("tenant {}: limits.json: {e}", t.name)))?;
+            l.validate().map_err(|e| ServeError::Start(format!("tenant {}: limits.json: {e}", t.name)))?;
+            limits.insert(t.name.clone(), l);
+        }
         overlays.insert(t.name, o);
     }
     let admin = admin_record(&paths.state_dir)?;
-    Ok(Prepared { paths, config, registry, overlays, admin, spawner: (exe, sock, child), listen_fds })
+    Ok(Prepared { paths, config, registry, overlays, limits, admin, spawner: (exe, sock, child), listen_fds })
 }
 
 fn bind(path: &Path, mode: u32, activated: Option<std::os::fd::OwnedFd>) -> Result<UnixListener, ServeError> {
@@ -309,7 +316,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().map_err(start_err)?;
     rt.block_on(async move {
-        let Prepared { paths, config, registry, overlays, admin, spawner, mut listen_fds } = prepared;
+        let Prepared { paths, config, registry, overlays, limits, admin, spawner, mut listen_fds } = prepared;
         let (exe, sock, child) = spawner;
         let spawner = SpawnerClient::new(exe, sock, child).map_err(start_err)?;
         let audit = AuditLog::open(&paths.state_dir).map_err(start_err)?;
@@ -343,6 +350,8 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             started: Instant::now(),
             inflight: Semaphore::new((config_inflight_kib).max(1)),
             halted: std::sync::atomic::AtomicBool::new(halted),
+            tenant_limits: std::sync::Mutex::new(limits),
+            meters: Default::default(),
         });
         app.audit.record(Event { actor: "daemon".into(), action: "daemon.start".into(), outcome: "ok".into(), ..Default::default() }).await.map_err(start_err)?;
         let tenant_limit = Arc::new(Semaphore::new(app.config.server.max_connections));

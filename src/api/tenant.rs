@@ -51,6 +51,12 @@ pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, go
         app.audit.record(event(&boundary, action.tool(), Some(path.clone()), "denied", Some(e.status_and_code().1))).await?;
         return Err(e);
     }
+    let limits = app.limits(boundary.tenant());
+    if let Some(rate) = limits.requests_per_s {
+        for key in [format!("rq/{}", boundary.tenant()), format!("rq/{}", boundary.actor())] {
+            app.meters.take(&key, rate, "requests_per_s").map_err(ApiError::RateLimited)?;
+        }
+    }
     if path == "/v1/exec" {
         if method != Method::POST {
             return Err(ApiError::Method);
@@ -214,7 +220,7 @@ async fn read_capped(fd: std::os::fd::OwnedFd, cap: usize) -> (Vec<u8>, bool) {
     (out, truncated)
 }
 
-fn validate(req: &ExecRequest, app: &App) -> Result<u64, ApiError> {
+fn validate(req: &ExecRequest, app: &App, limits: &crate::policy::limits::Limits) -> Result<u64, ApiError> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(ApiError::BadRequest("argv must name a command".into()));
     }
@@ -236,25 +242,36 @@ fn validate(req: &ExecRequest, app: &App) -> Result<u64, ApiError> {
     if req.stdin.as_ref().is_some_and(|s| s.len() > app.config.exec.max_stdin_bytes) {
         return Err(ApiError::TooLarge(format!("stdin is limited to {} bytes", app.config.exec.max_stdin_bytes)));
     }
-    let timeout = req.timeout_ms.unwrap_or(app.config.exec.default_timeout_ms);
-    if timeout == 0 || timeout > app.config.exec.max_timeout_ms {
-        return Err(ApiError::BadRequest(format!("timeout_ms must be 1..={}", app.config.exec.max_timeout_ms)));
+    let max = limits.max_wall_ms.map_or(app.config.exec.max_timeout_ms, |l| l.min(app.config.exec.max_timeout_ms));
+    let timeout = req.timeout_ms.unwrap_or(app.config.exec.default_timeout_ms.min(max));
+    if timeout == 0 || timeout > max {
+        return Err(ApiError::BadRequest(format!("timeout_ms must be 1..={max} (max_wall_ms)")));
     }
     Ok(timeout)
 }
 
 async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest, mut gone: tokio::sync::oneshot::Receiver<()>) -> Result<Response<Full<Bytes>>, ApiError> {
     let t0 = std::time::Instant::now();
-    let timeout_ms = validate(&req, app)?;
+    let limits = app.limits(b.tenant());
+    let timeout_ms = validate(&req, app, &limits)?;
+    if let Some(rate) = limits.exec_per_s {
+        for key in [format!("ex/{}", b.tenant()), format!("ex/{}", b.actor())] {
+            app.meters.take(&key, rate, "exec_per_s").map_err(ApiError::RateLimited)?;
+        }
+    }
+    let _slot = match limits.max_concurrent {
+        Some(max) => Some(app.meters.claim(b.tenant().as_str(), max).map_err(ApiError::RateLimited)?),
+        None => None,
+    };
     let rec = app.registry.record(b.tenant()).ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
     let (program, argv_sha256) = ExecDetails::describe(&req.argv);
     let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ApiError::Internal(format!("pipe2: {e}")));
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let limits = RunLimits { timeout_ms, pids: app.config.exec.pids, memory_bytes: app.config.exec.memory_bytes };
+    let run_limits = RunLimits { timeout_ms, pids: limits.pids.unwrap_or(app.config.exec.pids), memory_bytes: limits.memory_bytes.unwrap_or(app.config.exec.memory_bytes) };
     let env: Vec<(String, String)> = req.env.into_iter().collect();
-    let started = app.spawner.run(req.argv, env, req.cwd, &app.registry.work_dir(b.tenant()), (rec.host_uid, rec.host_gid), limits, [in_r, out_w, err_w]).await;
+    let started = app.spawner.run(req.argv, env, req.cwd, &app.registry.work_dir(b.tenant()), (rec.host_uid, rec.host_gid), run_limits, [in_r, out_w, err_w]).await;
     let handle = match started {
         Ok(h) => h,
         Err(e) => {
@@ -282,7 +299,7 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest, mut gone: tokio::s
             let _written = tx.write_all(stdin.as_bytes()).await;
         }
     };
-    let cap = app.config.exec.max_output_bytes;
+    let cap = limits.max_output_bytes.map_or(app.config.exec.max_output_bytes, |l| (l as usize).min(app.config.exec.max_output_bytes));
     let work = async { tokio::join!(handle.wait(), feed, read_capped(out_r, cap), read_capped(err_r, cap)) };
     tokio::pin!(work);
     // A client that goes away ends its run; the run is still waited for and audited.

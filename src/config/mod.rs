@@ -195,13 +195,19 @@ pub struct AdminConfig {
     pub host_ids: HostIdsConfig,
     /// Defaults for the tenant keys.
     pub defaults: TenantSettings,
+    /// Default per-tenant limits (the admin API sets per-tenant values on top).
+    pub limits: crate::policy::limits::Limits,
 }
 
 impl AdminConfig {
     /// Loads the admin config; a missing file means the embedded defaults.
     pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str(&text).map_err(|e| ConfigError::Invalid { path: path.display().to_string(), why: e.to_string() }),
+            Ok(text) => {
+                let c: AdminConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid { path: path.display().to_string(), why: e.to_string() })?;
+                c.limits.validate().map_err(|why| ConfigError::Invalid { path: path.display().to_string(), why })?;
+                Ok(c)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AdminConfig::default()),
             Err(e) => Err(ConfigError::Read { path: path.display().to_string(), why: e.to_string() }),
         }

@@ -6,6 +6,8 @@
 //! halt; limits, budgets and fair scheduling build on the same entry point.
 #![forbid(unsafe_code)]
 
+pub mod limits;
+
 use crate::auth::{Boundary, Role};
 
 /// Tool names a token's allowlist may hold (later issues add `llm`, `retrieval.*`,

@@ -1,0 +1,225 @@
+//! Per-tenant limits: admin defaults (`[limits]` in config.toml) overlaid by per-tenant
+//! values set on the admin API (`<tenant>/limits.json`); overlays cannot touch them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The limit keys. Every key is optional; absent means no limit from this layer.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Sandboxes of the tenant running at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Requests per second (token bucket, per tenant and per actor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_s: Option<f64>,
+    /// Execs per second (token bucket, per tenant and per actor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_per_s: Option<f64>,
+    /// Longest wall time of one run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wall_ms: Option<u64>,
+    /// Bytes kept of each output stream of one run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<u64>,
+    /// Tool calls per day (stored; enforcement arrives with usage accounting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_per_day: Option<u64>,
+    /// CPU seconds per day (stored; enforcement arrives with usage accounting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_s_per_day: Option<u64>,
+    /// Address space per sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Processes per sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// Disk usage of work/ (stored; enforcement arrives with usage accounting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+}
+
+fn bad(key: &str, why: &str) -> String {
+    format!("limit {key}: {why}")
+}
+
+impl Limits {
+    /// Rejects absurd values (zero, negative, not finite, beyond sane maxima).
+    pub fn validate(&self) -> Result<(), String> {
+        let rate = |k: &str, v: Option<f64>| match v {
+            Some(r) if !r.is_finite() || r <= 0.0 || r > 1_000_000.0 => Err(bad(k, "must be > 0 and at most 1000000")),
+            _ => Ok(()),
+        };
+        rate("requests_per_s", self.requests_per_s)?;
+        rate("exec_per_s", self.exec_per_s)?;
+        let range = |k: &str, v: Option<u64>, lo: u64, hi: u64| match v {
+            Some(x) if x < lo || x > hi => Err(bad(k, &format!("must be in {lo}..={hi}"))),
+            _ => Ok(()),
+        };
+        range("max_concurrent", self.max_concurrent.map(u64::from), 1, 100_000)?;
+        range("max_wall_ms", self.max_wall_ms, 1, 86_400_000)?;
+        range("max_output_bytes", self.max_output_bytes, 1, 1 << 30)?;
+        range("steps_per_day", self.steps_per_day, 1, 1 << 40)?;
+        range("cpu_s_per_day", self.cpu_s_per_day, 1, 1 << 40)?;
+        range("memory_bytes", self.memory_bytes, 16 << 20, 1 << 44)?;
+        range("pids", self.pids, 1, 65_536)?;
+        range("disk_bytes", self.disk_bytes, 1, 1 << 50)?;
+        Ok(())
+    }
+
+    /// `self` with `over`'s keys on top.
+    pub fn overlaid(&self, over: &Limits) -> Limits {
+        Limits {
+            max_concurrent: over.max_concurrent.or(self.max_concurrent),
+            requests_per_s: over.requests_per_s.or(self.requests_per_s),
+            exec_per_s: over.exec_per_s.or(self.exec_per_s),
+            max_wall_ms: over.max_wall_ms.or(self.max_wall_ms),
+            max_output_bytes: over.max_output_bytes.or(self.max_output_bytes),
+            steps_per_day: over.steps_per_day.or(self.steps_per_day),
+            cpu_s_per_day: over.cpu_s_per_day.or(self.cpu_s_per_day),
+            memory_bytes: over.memory_bytes.or(self.memory_bytes),
+            pids: over.pids.or(self.pids),
+            disk_bytes: over.disk_bytes.or(self.disk_bytes),
+        }
+    }
+
+    /// Applies a JSON object of changes: known keys only; `null` unsets a key.
+    pub fn apply_patch(&self, patch: &serde_json::Map<String, serde_json::Value>) -> Result<Limits, String> {
+        let mut current = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        let obj = current.as_object_mut().ok_or("limits are not an object")?;
+        for (k, v) in patch {
+            if v.is_null() {
+                obj.remove(k);
+            } else {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let next: Limits = serde_json::from_value(current).map_err(|e| format!("invalid limits: {e}"))?;
+        next.validate()?;
+        Ok(next)
+    }
+}
+
+/// A token bucket: `rate` tokens per second, bursts up to one second's worth (at least 1).
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Rate limiters and concurrency counters, keyed by tenant and actor.
+#[derive(Debug, Default)]
+pub struct Meters {
+    buckets: Mutex<HashMap<String, Bucket>>,
+    running: Mutex<HashMap<String, std::sync::Arc<AtomicU32>>>,
+}
+
+/// A refusal with the time after which a retry may succeed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Throttled {
+    /// What was exceeded.
+    pub limit: &'static str,
+    /// Retry after this long.
+    pub retry_after: Duration,
+}
+
+impl Meters {
+    /// Takes one token from the bucket `key` at `rate` per second, or says how long to wait.
+    pub fn take(&self, key: &str, rate: f64, limit: &'static str) -> Result<(), Throttled> {
+        let burst = rate.max(1.0);
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let b = buckets.entry(key.to_string()).or_insert(Bucket { tokens: burst, at: now });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - b.tokens) / rate;
+            Err(Throttled { limit, retry_after: Duration::from_secs_f64(wait.max(0.001)) })
+        }
+    }
+
+    /// Claims one of `max` concurrent slots of `tenant`; the slot is freed when the guard
+    /// drops. Claiming is one atomic compare-and-swap: no check-then-act window.
+    pub fn claim(&self, tenant: &str, max: u32) -> Result<Slot, Throttled> {
+        let counter = self.running.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone();
+        let mut cur = counter.load(Ordering::SeqCst);
+        loop {
+            if cur >= max {
+                return Err(Throttled { limit: "max_concurrent", retry_after: Duration::from_secs(1) });
+            }
+            match counter.compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Ok(Slot(counter)),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// One claimed concurrency slot.
+#[derive(Debug)]
+pub struct Slot(std::sync::Arc<AtomicU32>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_and_patches() {
+        assert!(Limits { pids: Some(0), ..Default::default() }.validate().is_err());
+        assert!(Limits { requests_per_s: Some(f64::NAN), ..Default::default() }.validate().is_err());
+        assert!(Limits { requests_per_s: Some(-1.0), ..Default::default() }.validate().is_err());
+        let base = Limits { pids: Some(10), ..Default::default() };
+        let patch: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r#"{"pids": null, "max_concurrent": 2}"#).unwrap();
+        let next = base.apply_patch(&patch).unwrap();
+        assert_eq!((next.pids, next.max_concurrent), (None, Some(2)));
+        for bad in [r#"{"bogus": 1}"#, r#"{"pids": -1}"#, r#"{"pids": 1e30}"#, r#"{"max_concurrent": "many"}"#, r#"{"memory_bytes": 5}"#] {
+            let patch: serde_json::Map<String, serde_json::Value> = serde_json::from_str(bad).unwrap();
+            assert!(base.apply_patch(&patch).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn concurrency_slots_never_overshoot() {
+        let m = std::sync::Arc::new(Meters::default());
+        let held = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..200)
+            .map(|_| {
+                let (m, held) = (m.clone(), held.clone());
+                std::thread::spawn(move || {
+                    if let Ok(slot) = m.claim("t", 7) {
+                        held.lock().unwrap().push(slot);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(held.lock().unwrap().len(), 7);
+        held.lock().unwrap().clear();
+        assert!(m.claim("t", 7).is_ok());
+    }
+
+    #[test]
+    fn buckets_refill_at_their_rate() {
+        let m = Meters::default();
+        assert!(m.take("k", 2.0, "x").is_ok());
+        assert!(m.take("k", 2.0, "x").is_ok());
+        let e = m.take("k", 2.0, "x").unwrap_err();
+        assert!(e.retry_after <= Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(520));
+        assert!(m.take("k", 2.0, "x").is_ok());
+    }
+}
