@@ -121,7 +121,15 @@ async fn kill_switch_stops_one_tenant_or_everything() {
         let r = exec(&d.tenant(t), &["true"]).await;
         assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (503, Some("halted")));
     }
-    assert_eq!(d.admin().request(Method::GET, "/admin/status", vec![]).await.unwrap().json()["halted"], true);
+    let status = d.admin().request(Method::GET, "/admin/status", vec![]).await.unwrap().json();
+    assert_eq!(status["halted"], true);
+    // How limits are enforced is reported: cgroup v2 found and delegated, or why not.
+    assert_eq!(status["limits_enforced_by"], "rlimits");
+    match status["cgroups"]["state"].as_str() {
+        Some("delegated") => assert!(status["cgroups"]["path"].is_string(), "{status}"),
+        Some("unavailable") => assert!(!status["cgroups"]["reason"].as_str().unwrap().is_empty(), "{status}"),
+        other => panic!("{other:?}: {status}"),
+    }
     let out = std::process::Command::new(bin()).args(["resume", "--state-dir"]).arg(&d.state).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(exec(&d.tenant(&b), &["true"]).await.status, 200);

@@ -76,7 +76,8 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                     "uptime_s": app.started.elapsed().as_secs(),
                     "host_ids": if app.root { "per-tenant" } else { "daemon user" },
                     "halted": app.is_halted(),
-                    "cgroups": "not used yet: limits are rlimits",
+                    "cgroups": app.cgroups,
+                    "limits_enforced_by": "rlimits",
                 }),
                 &t,
             ))

@@ -352,6 +352,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             halted: std::sync::atomic::AtomicBool::new(halted),
             tenant_limits: std::sync::Mutex::new(limits),
             meters: Default::default(),
+            cgroups: crate::policy::cgroups::detect(),
         });
         app.audit.record(Event { actor: "daemon".into(), action: "daemon.start".into(), outcome: "ok".into(), ..Default::default() }).await.map_err(start_err)?;
         let tenant_limit = Arc::new(Semaphore::new(app.config.server.max_connections));
@@ -360,7 +361,11 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let t = tokio::spawn(accept_loop(app.clone(), tenant_listener, Side::Tenant, tenant_limit, graceful.clone(), stop_rx.clone()));
         let a = tokio::spawn(accept_loop(app.clone(), admin_listener, Side::Admin, admin_limit, graceful.clone(), stop_rx));
-        tracing::info!(tenant = %paths.tenant_socket().display(), admin = %paths.admin_socket().display(), state = %paths.state_dir.display(), host_ids = if root { "per-tenant" } else { "daemon user" }, cgroups = "not used: limits are rlimits", "bulkhead serving");
+        match &app.cgroups {
+            crate::policy::cgroups::Cgroups::Delegated { path } => tracing::info!(%path, "cgroup v2 subtree delegated; limits are still rlimits in this release"),
+            crate::policy::cgroups::Cgroups::Unavailable { reason } => tracing::info!(%reason, "cgroup v2 limits unavailable; limits are rlimits"),
+        }
+        tracing::info!(tenant = %paths.tenant_socket().display(), admin = %paths.admin_socket().display(), state = %paths.state_dir.display(), host_ids = if root { "per-tenant" } else { "daemon user" }, "bulkhead serving");
         sd_notify("READY=1");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(start_err)?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(start_err)?;

@@ -6,6 +6,7 @@
 //! halt; limits, budgets and fair scheduling build on the same entry point.
 #![forbid(unsafe_code)]
 
+pub mod cgroups;
 pub mod limits;
 
 use crate::auth::{Boundary, Role};
