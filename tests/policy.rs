@@ -217,3 +217,30 @@ async fn start_sleep_with(d: &Daemon, token: &str, secs: &str) -> (String, tokio
     }
     (needle, h)
 }
+
+#[tokio::test]
+async fn usage_is_counted_per_tenant_and_steps_per_day_holds() {
+    let d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    assert_eq!(d.admin().json(Method::PUT, "/admin/tenants/acme/limits", &serde_json::json!({"steps_per_day": 3})).await.unwrap().status, 200);
+    for _ in 0..2 {
+        assert_eq!(exec(&d.tenant(&a), &["true"]).await.status, 200);
+    }
+    assert_eq!(d.tenant(&a).request(Method::GET, "/v1/files/", vec![]).await.unwrap().status, 200);
+    // The fourth tool call of the day is refused; beta is not affected.
+    let r = exec(&d.tenant(&a), &["true"]).await;
+    assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (429, Some("rate_limited")), "{:?}", r.json());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("steps_per_day"));
+    for _ in 0..5 {
+        assert_eq!(exec(&d.tenant(&b), &["true"]).await.status, 200);
+    }
+    // Each tenant sees its own counters and limits; the admin sees the same.
+    let mine = d.tenant(&a).request(Method::GET, "/v1/usage", vec![]).await.unwrap().json();
+    assert_eq!((mine["tenant"].as_str(), mine["usage"]["execs"].as_u64(), mine["usage"]["steps_today"].as_u64()), (Some("acme"), Some(2), Some(3)), "{mine}");
+    assert_eq!(mine["limits"]["steps_per_day"], 3);
+    let theirs = d.tenant(&b).request(Method::GET, "/v1/usage", vec![]).await.unwrap().json();
+    assert_eq!((theirs["tenant"].as_str(), theirs["usage"]["execs"].as_u64()), (Some("beta"), Some(5)), "{theirs}");
+    let admin_view = d.admin().request(Method::GET, "/admin/tenants/acme/usage", vec![]).await.unwrap().json();
+    assert_eq!(admin_view["usage"]["execs"], 2);
+}

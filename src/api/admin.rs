@@ -112,6 +112,7 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                     let r = frozen.and(blocking(move || Ok(app2.registry.delete(&t2)?)).await);
                     app.overlays.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant.as_str());
                     app.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant.as_str());
+                    app.meters.forget(tenant.as_str());
                     r
                 }
                 Err(e) => Err(e),
@@ -170,6 +171,10 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
             let target = r.as_ref().ok().map(|i| i.id.to_string());
             let issued = audited(&app, &s, "token.create", Some(&name_s), target, r).await?;
             Ok(json_response(StatusCode::CREATED, &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}), &t))
+        }
+        (Method::GET, ["", "admin", "tenants", name, "usage"]) => {
+            let tenant = existing(&app, name)?;
+            Ok(super::usage_response(&app, &tenant, &t))
         }
         (Method::GET, ["", "admin", "tenants", name, "limits"]) => {
             let tenant = existing(&app, name)?;

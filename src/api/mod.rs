@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 pub use app::{AdminRecord, App};
 pub use error::ApiError;
-pub use tenant::ExecRequest;
+pub use tenant::{ExecRequest, usage_response};
 
 use crate::audit::{AuditLog, Event};
 use crate::config::AdminConfig;

@@ -57,6 +57,11 @@ pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, go
             app.meters.take(&key, rate, "requests_per_s").map_err(ApiError::RateLimited)?;
         }
     }
+    let step = action_of(&method, &path).is_some();
+    app.meters.count(boundary.tenant().as_str(), step, limits.steps_per_day).map_err(ApiError::RateLimited)?;
+    if (&method, path.as_str()) == (&Method::GET, "/v1/usage") {
+        return Ok(usage_response(&app, boundary.tenant(), boundary.trace_id()));
+    }
     if path == "/v1/exec" {
         if method != Method::POST {
             return Err(ApiError::Method);
@@ -90,6 +95,18 @@ pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, go
         };
     }
     Err(ApiError::NotFound(format!("no route {method} {path}")))
+}
+
+/// The tenant's counters, limits and running sandboxes (also served to the admin).
+pub fn usage_response(app: &App, tenant: &crate::auth::TenantName, trace_id: &str) -> Response<Full<Bytes>> {
+    let running = app.running.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).map_or(0, |m| m.len());
+    let body = serde_json::json!({
+        "tenant": tenant,
+        "usage": app.meters.usage(tenant.as_str()),
+        "running_sandboxes": running,
+        "limits": app.limits(tenant),
+    });
+    json_response(StatusCode::OK, &body, trace_id)
 }
 
 /// The policy action a route performs (`None`: no such route; the router says so).
@@ -318,6 +335,7 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest, mut gone: tokio::s
         Err(_) => (None, None, false, 0),
     };
     ev.exec = Some(ExecDetails { program, argv_sha256, exit_code, signal, duration_ms });
+    app.meters.record_exec(b.tenant().as_str(), duration_ms);
     app.audit.record(ev).await?;
     tracing::debug!(started_us = t_started.as_micros() as u64, exited_us = t_exited.as_micros() as u64, audited_us = t0.elapsed().as_micros() as u64, "exec phases");
     exit?;

@@ -25,7 +25,7 @@ pub struct Limits {
     /// Bytes kept of each output stream of one run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_bytes: Option<u64>,
-    /// Tool calls per day (stored; enforcement arrives with usage accounting).
+    /// Tool calls per day (counted since the daemon started, until the usage store lands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps_per_day: Option<u64>,
     /// CPU seconds per day (stored; enforcement arrives with usage accounting).
@@ -103,6 +103,24 @@ impl Limits {
     }
 }
 
+/// A tenant's counters since the daemon started (the durable usage store arrives with
+/// accounting; until then a restart resets them).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Usage {
+    /// Requests that passed authentication and scopes.
+    pub requests: u64,
+    /// Tool calls (exec, file writes and reads, config) in all.
+    pub steps: u64,
+    /// Tool calls on the current UTC day.
+    pub steps_today: u64,
+    /// The UTC day `steps_today` counts (days since the epoch).
+    pub day: u64,
+    /// Sandboxes run.
+    pub execs: u64,
+    /// Their wall time, in milliseconds.
+    pub exec_wall_ms: u64,
+}
+
 /// A token bucket: `rate` tokens per second, bursts up to one second's worth (at least 1).
 #[derive(Debug)]
 struct Bucket {
@@ -115,6 +133,11 @@ struct Bucket {
 pub struct Meters {
     buckets: Mutex<HashMap<String, Bucket>>,
     running: Mutex<HashMap<String, std::sync::Arc<AtomicU32>>>,
+    usage: Mutex<HashMap<String, Usage>>,
+}
+
+fn today() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86_400).unwrap_or(0)
 }
 
 /// A refusal with the time after which a retry may succeed.
@@ -127,6 +150,47 @@ pub struct Throttled {
 }
 
 impl Meters {
+    /// Counts one request, and one step when it is a tool call, refusing the step when it
+    /// would exceed `steps_per_day` (check and count under one lock: no race).
+    pub fn count(&self, tenant: &str, step: bool, steps_per_day: Option<u64>) -> Result<(), Throttled> {
+        let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let u = all.entry(tenant.to_string()).or_default();
+        let day = today();
+        if u.day != day {
+            u.day = day;
+            u.steps_today = 0;
+        }
+        if step && steps_per_day.is_some_and(|max| u.steps_today >= max) {
+            let into_day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() % 86_400).unwrap_or(0);
+            return Err(Throttled { limit: "steps_per_day", retry_after: Duration::from_secs(86_400 - into_day) });
+        }
+        u.requests += 1;
+        if step {
+            u.steps += 1;
+            u.steps_today += 1;
+        }
+        Ok(())
+    }
+
+    /// Records a finished sandbox run.
+    pub fn record_exec(&self, tenant: &str, wall_ms: u64) {
+        let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let u = all.entry(tenant.to_string()).or_default();
+        u.execs += 1;
+        u.exec_wall_ms += wall_ms;
+    }
+
+    /// The tenant's counters.
+    pub fn usage(&self, tenant: &str) -> Usage {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).cloned().unwrap_or_default()
+    }
+
+    /// Forgets a deleted tenant.
+    pub fn forget(&self, tenant: &str) {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+    }
+
     /// Takes one token from the bucket `key` at `rate` per second, or says how long to wait.
     pub fn take(&self, key: &str, rate: f64, limit: &'static str) -> Result<(), Throttled> {
         let burst = rate.max(1.0);
