@@ -244,3 +244,65 @@ async fn usage_is_counted_per_tenant_and_steps_per_day_holds() {
     let admin_view = d.admin().request(Method::GET, "/admin/tenants/acme/usage", vec![]).await.unwrap().json();
     assert_eq!(admin_view["usage"]["execs"], 2);
 }
+
+async fn keyed(sock: &std::path::Path, token: &str, key: &str, method: Method, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyperlocal::UnixClientExt;
+    let client: Client<hyperlocal::UnixConnector, Full<bytes::Bytes>> = Client::unix();
+    let uri: hyper::Uri = hyperlocal::Uri::new(sock, path).into();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("authorization", format!("Bearer {token}"))
+        .header("idempotency-key", key)
+        .body(Full::new(bytes::Bytes::copy_from_slice(body)))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+}
+
+#[tokio::test]
+async fn idempotent_requests_run_once_and_replay_byte_identical() {
+    let mut d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    let body = br#"{"argv":["sh","-c","echo run >> /work/count; echo $$"]}"#.to_vec();
+    // 20 concurrent repeats: one run, 20 identical answers.
+    let sock = d.state.join("bulkhead.sock");
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (sock, token, body) = (sock.clone(), a.clone(), body.clone());
+        tasks.push(tokio::spawn(async move { keyed(&sock, &token, "run-1", Method::POST, "/v1/exec", &body).await }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    assert!(answers.iter().all(|a| a == &answers[0]), "answers differ");
+    assert_eq!(answers[0].0, 200);
+    let counter = d.state.join("tenants/acme/work/count");
+    let count = || std::fs::read_to_string(&counter).unwrap_or_default().lines().count();
+    assert_eq!(count(), 1, "the command ran more than once");
+    // The same key with another request: 409, nothing runs.
+    let (status, reply) = keyed(&sock, &a, "run-1", Method::POST, "/v1/exec", br#"{"argv":["true"]}"#).await;
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&reply));
+    assert!(String::from_utf8_lossy(&reply).contains("idempotency_conflict"));
+    // Another tenant's identical key is its own.
+    let (status, _) = keyed(&sock, &b, "run-1", Method::POST, "/v1/exec", &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(std::fs::read_to_string(d.state.join("tenants/beta/work/count")).unwrap().lines().count(), 1);
+    // File writes too, and the record survives a restart.
+    let (s1, r1) = keyed(&sock, &a, "put-1", Method::PUT, "/v1/files/f.txt", b"first").await;
+    assert_eq!(s1, 200);
+    d.kill9();
+    d.spawn();
+    let (s2, r2) = keyed(&sock, &a, "put-1", Method::PUT, "/v1/files/f.txt", b"first").await;
+    assert_eq!((s2, &r2), (s1, &r1));
+    assert_eq!(keyed(&sock, &a, "run-1", Method::POST, "/v1/exec", &body).await, answers[0]);
+    assert_eq!(count(), 1);
+    // Malformed keys are refused.
+    let (status, _) = keyed(&sock, &a, "bad key with spaces", Method::POST, "/v1/exec", &body).await;
+    assert_eq!(status, 400);
+}

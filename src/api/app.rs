@@ -51,6 +51,8 @@ pub struct App {
     pub tenant_limits: Mutex<HashMap<String, crate::policy::limits::Limits>>,
     /// Rate buckets and concurrency counters.
     pub meters: crate::policy::limits::Meters,
+    /// Idempotency keys in flight.
+    pub idempotency: super::idempotency::Keys,
     /// Whether cgroup v2 limits could be used (detected at start).
     pub cgroups: crate::policy::cgroups::Cgroups,
 }

@@ -65,6 +65,9 @@ pub enum ApiError {
     /// The policy refused the action.
     #[error("{0}")]
     Policy(#[from] crate::policy::Denial),
+    /// An idempotency key reused for a different request.
+    #[error("{0}")]
+    IdempotencyConflict(String),
     /// A rate or concurrency limit was hit.
     #[error("limit {} reached; retry after {} ms", .0.limit, .0.retry_after.as_millis())]
     RateLimited(crate::policy::limits::Throttled),
@@ -95,6 +98,7 @@ impl ApiError {
             ApiError::Policy(crate::policy::Denial::Halted) => (StatusCode::SERVICE_UNAVAILABLE, "halted"),
             ApiError::Policy(crate::policy::Denial::Scope { .. }) => (StatusCode::FORBIDDEN, "policy_denied"),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
         }
     }
 

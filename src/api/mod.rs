@@ -9,6 +9,7 @@ mod admin;
 mod app;
 mod error;
 mod http;
+mod idempotency;
 mod tenant;
 
 use std::path::{Path, PathBuf};
@@ -353,6 +354,16 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             tenant_limits: std::sync::Mutex::new(limits),
             meters: Default::default(),
             cgroups: crate::policy::cgroups::detect(),
+            idempotency: Default::default(),
+        });
+        // Expired idempotency records go at start and then hourly.
+        let tenants_dir = paths.state_dir.join("tenants");
+        tokio::spawn(async move {
+            loop {
+                let dir = tenants_dir.clone();
+                let _swept = tokio::task::spawn_blocking(move || idempotency::sweep(&dir)).await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
         });
         app.audit.record(Event { actor: "daemon".into(), action: "daemon.start".into(), outcome: "ok".into(), ..Default::default() }).await.map_err(start_err)?;
         let tenant_limit = Arc::new(Semaphore::new(app.config.server.max_connections));

@@ -62,11 +62,36 @@ pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, go
     if (&method, path.as_str()) == (&Method::GET, "/v1/usage") {
         return Ok(usage_response(&app, boundary.tenant(), boundary.trace_id()));
     }
+    let key = match req.headers().get("idempotency-key").map(|v| v.to_str().map(str::to_string)) {
+        None => None,
+        Some(Ok(k)) if super::idempotency::valid_key(&k) => Some(k),
+        Some(_) => return Err(ApiError::BadRequest("Idempotency-Key must be 1..=128 of [A-Za-z0-9._:-]".into())),
+    };
+    let max = if path == "/v1/config" { 64 * 1024 } else { app.config.server.max_body_bytes };
+    let (body, _budget) = if matches!(method, Method::POST | Method::PUT) {
+        let (b, permit) = read_body(&app, req.into_body(), max).await?;
+        (b, Some(permit))
+    } else {
+        (Bytes::new(), None)
+    };
+    let mutating = matches!(action_of(&method, &path), Some(crate::policy::Action::Exec | crate::policy::Action::FilesWrite));
+    match key.filter(|_| mutating) {
+        Some(key) => {
+            let digest = super::idempotency::request_digest(method.as_str(), &path, &body);
+            let dir = app.registry.tenant_dir(boundary.tenant());
+            let work = dispatch(&app, &boundary, &method, &path, body, gone);
+            app.idempotency.once(&dir, &key, digest, boundary.trace_id(), work).await
+        }
+        None => dispatch(&app, &boundary, &method, &path, body, gone).await,
+    }
+}
+
+async fn dispatch(app: &Arc<App>, boundary: &Boundary, method: &Method, path: &str, body: Bytes, gone: tokio::sync::oneshot::Receiver<()>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (app, boundary, method) = (app.clone(), boundary.clone(), method.clone());
     if path == "/v1/exec" {
         if method != Method::POST {
             return Err(ApiError::Method);
         }
-        let (body, _budget) = read_body(&app, req.into_body(), app.config.server.max_body_bytes).await?;
         return exec(&app, &boundary, parse_json(&body)?, gone).await;
     }
     if path == "/v1/config" {
@@ -75,10 +100,7 @@ pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, go
                 let s = app.settings(boundary.tenant());
                 Ok(json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default(), boundary.trace_id()))
             }
-            Method::PUT => {
-                let (body, _budget) = read_body(&app, req.into_body(), 64 * 1024).await?;
-                put_config(&app, &boundary, &body).await
-            }
+            Method::PUT => put_config(&app, &boundary, &body).await,
             _ => Err(ApiError::Method),
         };
     }
@@ -86,10 +108,7 @@ pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, go
         let rel = clean_path(&percent_decode(rest)?)?;
         return match method {
             Method::GET => get_file(&app, &boundary, rel).await,
-            Method::PUT => {
-                let (body, _budget) = read_body(&app, req.into_body(), app.config.server.max_body_bytes).await?;
-                put_file(&app, &boundary, rel, body).await
-            }
+            Method::PUT => put_file(&app, &boundary, rel, body).await,
             Method::DELETE => delete_file(&app, &boundary, rel).await,
             _ => Err(ApiError::Method),
         };
