@@ -306,3 +306,45 @@ async fn idempotent_requests_run_once_and_replay_byte_identical() {
     let (status, _) = keyed(&sock, &a, "bad key with spaces", Method::POST, "/v1/exec", &body).await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_hold_under_200_parallel_requests() {
+    let d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    assert_eq!(d.admin().json(Method::PUT, "/admin/tenants/acme/limits", &serde_json::json!({"steps_per_day": 50})).await.unwrap().status, 200);
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let c = d.tenant(&a);
+        tasks.push(tokio::spawn(async move { c.request(Method::GET, "/v1/files/", vec![]).await.unwrap().status.as_u16() }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            429 => {}
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!(ok, 50, "the daily step counter went past its limit");
+    // Concurrency: 60 parallel runs under max_concurrent = 3 never overlap more than 3.
+    let b = d.create("beta").await;
+    assert_eq!(d.admin().json(Method::PUT, "/admin/tenants/beta/limits", &serde_json::json!({"max_concurrent": 3})).await.unwrap().status, 200);
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        let c = d.tenant(&b);
+        tasks.push(tokio::spawn(async move { c.json(Method::POST, "/v1/exec", &serde_json::json!({"argv": ["sh", "-c", "date +%s%N; sleep 0.2; date +%s%N"]})).await.unwrap() }));
+    }
+    let mut spans = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        if r.status == 200 {
+            let out: Vec<u128> = r.json()["stdout"].as_str().unwrap().lines().map(|l| l.parse().unwrap()).collect();
+            spans.push((out[0], out[1]));
+        } else {
+            assert_eq!(r.reason_code().as_deref(), Some("rate_limited"));
+        }
+    }
+    assert!(!spans.is_empty());
+    let max_overlap = spans.iter().map(|(s, _)| spans.iter().filter(|(s2, e2)| s2 <= s && s < e2).count()).max().unwrap();
+    assert!(max_overlap <= 3, "{max_overlap} runs overlapped");
+}
