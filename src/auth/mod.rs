@@ -12,7 +12,7 @@
 //! ```compile_fail
 //! // ...nor can a Boundary be assembled by hand.
 //! fn forge(t: bulkhead::auth::TenantName) -> bulkhead::auth::Boundary {
-//!     bulkhead::auth::Boundary { tenant: t, ..todo!() }
+//!     bulkhead::auth::Boundary { tenant: t }
 //! }
 //! ```
 #![forbid(unsafe_code)]
@@ -23,8 +23,11 @@ mod token;
 
 pub use boundary::{AdminSession, Boundary, Role};
 pub use names::{TenantName, scan_tenant_dirs};
-pub use token::{AdminKey, Credential, IssuedToken, TokenDigest, TokenId, TokenParts, admin_key_digest, admin_session, issue_admin_key, issue_token, parse_bearer};
 pub(crate) use token::trace_id;
+pub use token::{
+    AdminKey, Credential, IssuedToken, TokenDigest, TokenId, TokenParts, admin_key_digest,
+    admin_session, issue_admin_key, issue_token, parse_bearer,
+};
 
 /// Why a credential was refused. Every variant maps to `401 invalid_token` (or, for an
 /// admin name, `400 bad_request`) at the API edge.
