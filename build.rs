@@ -19,10 +19,18 @@ fn main() {
         other => panic!("bulkhead has no seccomp policy for {other}"),
     };
     let json = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{file}: {e}"));
-    let program = seccomp_tree::compile_policy(&json, target).unwrap_or_else(|e| panic!("{file}: {e}"));
-    let mut src = format!("/// Built from `{file}` by build.rs.\npub static NATIVE_PROGRAM: [libc::sock_filter; {}] = [\n", program.len());
+    let program =
+        seccomp_tree::compile_policy(&json, target).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let mut src = format!(
+        "/// Built from `{file}` by build.rs.\npub static NATIVE_PROGRAM: [libc::sock_filter; {}] = [\n",
+        program.len()
+    );
     for i in &program {
-        let _ = writeln!(src, "    libc::sock_filter {{ code: {:#06x}, jt: {}, jf: {}, k: {:#010x} }},", i.code, i.jt, i.jf, i.k);
+        let _ = writeln!(
+            src,
+            "    libc::sock_filter {{ code: {:#06x}, jt: {}, jf: {}, k: {:#010x} }},",
+            i.code, i.jt, i.jf, i.k
+        );
     }
     src.push_str("];\n");
     let out_dir = std::env::var("OUT_DIR").unwrap_or_else(|e| panic!("OUT_DIR: {e}"));

@@ -10,8 +10,15 @@ use std::process::ExitCode;
 use bulkhead::bench::{ColdstartArgs, coldstart, print_table, target_lines};
 
 fn main() -> ExitCode {
-    let runs = std::env::var("BULKHEAD_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
-    let args = ColdstartArgs { runs, json: false, as_uid: 65534 };
+    let runs = std::env::var("BULKHEAD_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500);
+    let args = ColdstartArgs {
+        runs,
+        json: false,
+        as_uid: 65534,
+    };
     match coldstart(&args, Path::new(env!("CARGO_BIN_EXE_bulkhead"))) {
         Ok(report) => {
             print_table(&report);

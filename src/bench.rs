@@ -62,7 +62,12 @@ fn percentile(sorted: &[Duration], p: f64) -> u64 {
 
 fn stats(mut v: Vec<Duration>) -> Stats {
     v.sort();
-    Stats { p50_us: percentile(&v, 0.5), p90_us: percentile(&v, 0.9), p99_us: percentile(&v, 0.99), runs: v.len() }
+    Stats {
+        p50_us: percentile(&v, 0.5),
+        p90_us: percentile(&v, 0.9),
+        p99_us: percentile(&v, 0.99),
+        runs: v.len(),
+    }
 }
 
 /// The bubblewrap command line equivalent to bulkhead's sandbox for `/bin/true`: every
@@ -70,8 +75,18 @@ fn stats(mut v: Vec<Duration>) -> Stats {
 /// binds and `/etc` files, the work dir, a tmpfs `/tmp`, its own `/proc` and a `/dev`.
 pub fn bwrap_command(bwrap: &Path, work: &Path) -> Command {
     let mut c = Command::new(bwrap);
-    c.args(["--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox"]);
-    for dir in ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"] {
+    c.args([
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        "sandbox",
+    ]);
+    for dir in [
+        "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+    ] {
         match std::fs::symlink_metadata(dir) {
             Ok(m) if m.file_type().is_symlink() => {
                 if let Ok(t) = std::fs::read_link(dir) {
@@ -84,24 +99,48 @@ pub fn bwrap_command(bwrap: &Path, work: &Path) -> Command {
             _ => {}
         }
     }
-    for f in ["/etc/ld.so.cache", "/etc/ssl/certs", "/etc/pki", "/etc/alternatives", "/etc/localtime"] {
+    for f in [
+        "/etc/ld.so.cache",
+        "/etc/ssl/certs",
+        "/etc/pki",
+        "/etc/alternatives",
+        "/etc/localtime",
+    ] {
         if Path::new(f).exists() {
             c.args(["--ro-bind", f, f]);
         }
     }
     c.arg("--bind").arg(work).arg("/work");
-    c.args(["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "--chdir", "/work", "/bin/true"]);
+    c.args([
+        "--tmpfs",
+        "/tmp",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--chdir",
+        "/work",
+        "/bin/true",
+    ]);
     c
 }
 
 fn find_bwrap() -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("bwrap")).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("bwrap"))
+        .find(|p| p.is_file())
 }
 
 fn time_command(mut c: Command) -> Result<Duration, String> {
-    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let t = Instant::now();
-    let status = c.status().map_err(|e| format!("spawn {:?}: {e}", c.get_program()))?;
+    let status = c
+        .status()
+        .map_err(|e| format!("spawn {:?}: {e}", c.get_program()))?;
     let d = t.elapsed();
     if !status.success() {
         return Err(format!("{:?} failed: {status}", c.get_program()));
@@ -120,7 +159,8 @@ fn prepare(args: &ColdstartArgs) -> Result<(PathBuf, u32), String> {
         let id = nix::unistd::Uid::from_raw(args.as_uid);
         let gid = nix::unistd::Gid::from_raw(args.as_uid);
         for p in [&base, &work] {
-            nix::unistd::chown(p.as_path(), Some(id), Some(gid)).map_err(|e| format!("chown: {e}"))?;
+            nix::unistd::chown(p.as_path(), Some(id), Some(gid))
+                .map_err(|e| format!("chown: {e}"))?;
         }
         nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
         nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
@@ -141,10 +181,17 @@ pub fn coldstart(args: &ColdstartArgs, bulkhead_exe: &Path) -> Result<Report, St
         let _removed = std::fs::remove_dir_all(base);
     }
     let (variants, ratios) = result?;
-    Ok(Report { uid, variants, ratios_to_bwrap: ratios })
+    Ok(Report {
+        uid,
+        variants,
+        ratios_to_bwrap: ratios,
+    })
 }
 
-type Measured = (std::collections::BTreeMap<String, Stats>, std::collections::BTreeMap<String, (f64, f64)>);
+type Measured = (
+    std::collections::BTreeMap<String, Stats>,
+    std::collections::BTreeMap<String, (f64, f64)>,
+);
 
 fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Measured, String> {
     let bwrap = find_bwrap();
@@ -162,12 +209,18 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
     };
     let process = || {
         let mut c = Command::new(bulkhead_exe);
-        c.arg("sandbox").arg("--work").arg(work).args(["--", "/bin/true"]);
+        c.arg("sandbox")
+            .arg("--work")
+            .arg(work)
+            .args(["--", "/bin/true"]);
         time_command(c)
     };
     let plain = || time_command(Command::new("/bin/true"));
     let bw = |b: &Path| time_command(bwrap_command(b, work));
-    let daemon_dir = work.parent().map(|p| p.join("daemon")).ok_or("no temp dir")?;
+    let daemon_dir = work
+        .parent()
+        .map(|p| p.join("daemon"))
+        .ok_or("no temp dir")?;
     let daemon = BenchDaemon::start(bulkhead_exe, &daemon_dir, 1)?;
 
     // Warm-up: page cache, the policy compile and the host layout of the library path.
@@ -180,8 +233,16 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
             bw(b)?;
         }
     }
-    let names = ["bwrap", "bulkhead_process", "bulkhead_library", "plain_spawn", "bulkhead_daemon_exec"];
-    let mut samples: Vec<Vec<Duration>> = (0..names.len()).map(|_| Vec::with_capacity(args.runs)).collect();
+    let names = [
+        "bwrap",
+        "bulkhead_process",
+        "bulkhead_library",
+        "plain_spawn",
+        "bulkhead_daemon_exec",
+    ];
+    let mut samples: Vec<Vec<Duration>> = (0..names.len())
+        .map(|_| Vec::with_capacity(args.runs))
+        .collect();
     for i in 0..args.runs {
         // Rotate the order each round so no variant always runs right after another.
         for k in 0..names.len() {
@@ -208,9 +269,20 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
     }
     let mut ratios = std::collections::BTreeMap::new();
     if let Some(b) = variants.get("bwrap").cloned() {
-        for name in ["bulkhead_process", "bulkhead_library", "plain_spawn", "bulkhead_daemon_exec"] {
+        for name in [
+            "bulkhead_process",
+            "bulkhead_library",
+            "plain_spawn",
+            "bulkhead_daemon_exec",
+        ] {
             if let Some(s) = variants.get(name) {
-                ratios.insert(name.to_string(), (s.p50_us as f64 / b.p50_us.max(1) as f64, s.p99_us as f64 / b.p99_us.max(1) as f64));
+                ratios.insert(
+                    name.to_string(),
+                    (
+                        s.p50_us as f64 / b.p50_us.max(1) as f64,
+                        s.p99_us as f64 / b.p99_us.max(1) as f64,
+                    ),
+                );
             }
         }
     }
@@ -219,15 +291,24 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
 
 /// Prints `report` as a table.
 pub fn print_table(report: &Report) {
-    println!("cold start of /bin/true, uid {}, interleaved; microseconds", report.uid);
-    println!("{:<18} {:>8} {:>8} {:>8} {:>12} {:>12}", "variant", "p50", "p90", "p99", "p50/bwrap", "p99/bwrap");
+    println!(
+        "cold start of /bin/true, uid {}, interleaved; microseconds",
+        report.uid
+    );
+    println!(
+        "{:<18} {:>8} {:>8} {:>8} {:>12} {:>12}",
+        "variant", "p50", "p90", "p99", "p50/bwrap", "p99/bwrap"
+    );
     for (name, s) in &report.variants {
         let (r50, r99) = report
             .ratios_to_bwrap
             .get(name)
             .map(|(a, b)| (format!("{a:.2}x"), format!("{b:.2}x")))
             .unwrap_or_else(|| ("-".into(), "-".into()));
-        println!("{:<18} {:>8} {:>8} {:>8} {:>12} {:>12}", name, s.p50_us, s.p90_us, s.p99_us, r50, r99);
+        println!(
+            "{:<18} {:>8} {:>8} {:>8} {:>12} {:>12}",
+            name, s.p50_us, s.p90_us, s.p99_us, r50, r99
+        );
     }
     if !report.variants.contains_key("bwrap") {
         println!("(bubblewrap not found on PATH: no comparison row)");
@@ -248,7 +329,12 @@ pub fn target_lines(report: &Report) -> Vec<String> {
         }
     };
     vec![
-        check("bulkhead_daemon_exec", 50, 0.60, "POST /v1/exec through the daemon (audit line durable)"),
+        check(
+            "bulkhead_daemon_exec",
+            50,
+            0.60,
+            "POST /v1/exec through the daemon (audit line durable)",
+        ),
         check("bulkhead_process", 50, 0.80, "bulkhead sandbox (process)"),
         check("bulkhead_library", 50, 0.45, "library in-process"),
         check("bulkhead_library", 99, 0.75, "library in-process"),
@@ -260,7 +346,10 @@ pub fn coldstart_cli(args: &ColdstartArgs) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let report = coldstart(args, &exe)?;
     if args.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
     } else {
         print_table(&report);
         for line in target_lines(&report) {
@@ -295,8 +384,16 @@ impl BenchDaemon {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("start daemon: {e}"))?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-        let mut d = BenchDaemon { child, rt, clients: Vec::new(), state };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut d = BenchDaemon {
+            child,
+            rt,
+            clients: Vec::new(),
+            state,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         let up = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
         while !(up(&d.state.join("admin.sock")) && up(&d.state.join("bulkhead.sock"))) {
@@ -310,10 +407,15 @@ impl BenchDaemon {
         // One connection pool for all tenants' tokens, as one agent platform process has.
         let pool = crate::client::SocketClient::new(&d.state.join("bulkhead.sock"), "");
         for i in 0..tenants {
-            let r = d
-                .rt
-                .block_on(admin.json(hyper::Method::POST, "/admin/tenants", &serde_json::json!({"name": format!("bench-{i}")})))?;
-            let token = r.json()["token"].as_str().ok_or(format!("create tenant: {:?}", r.json()))?.to_string();
+            let r = d.rt.block_on(admin.json(
+                hyper::Method::POST,
+                "/admin/tenants",
+                &serde_json::json!({"name": format!("bench-{i}")}),
+            ))?;
+            let token = r.json()["token"]
+                .as_str()
+                .ok_or(format!("create tenant: {:?}", r.json()))?
+                .to_string();
             d.clients.push(pool.with_bearer(&token));
         }
         Ok(d)
@@ -323,7 +425,11 @@ impl BenchDaemon {
     pub fn exec(&self, i: usize) -> Result<Duration, String> {
         let c = self.clients.get(i).ok_or("no such tenant")?;
         let t = Instant::now();
-        let r = self.rt.block_on(c.json(hyper::Method::POST, "/v1/exec", &serde_json::json!({"argv": ["/bin/true"]})))?;
+        let r = self.rt.block_on(c.json(
+            hyper::Method::POST,
+            "/v1/exec",
+            &serde_json::json!({"argv": ["/bin/true"]}),
+        ))?;
         let d = t.elapsed();
         if r.json()["exit_code"] != 0 {
             return Err(format!("daemon exec: {:?}", r.json()));
@@ -335,7 +441,9 @@ impl BenchDaemon {
     pub fn get_config(&self, i: usize) -> Result<Duration, String> {
         let c = self.clients.get(i).ok_or("no such tenant")?;
         let t = Instant::now();
-        let r = self.rt.block_on(c.request(hyper::Method::GET, "/v1/config", Vec::new()))?;
+        let r = self
+            .rt
+            .block_on(c.request(hyper::Method::GET, "/v1/config", Vec::new()))?;
         let d = t.elapsed();
         if !r.status.is_success() {
             return Err(format!("get config: {}", r.status));
@@ -346,7 +454,13 @@ impl BenchDaemon {
     /// The daemon's peak resident set (VmHWM), in KiB.
     pub fn peak_rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 }
 
@@ -394,12 +508,25 @@ pub struct FilesReport {
 
 /// Many concurrent `GET /v1/files` against a daemon holding many tenants.
 pub fn files(args: &FilesArgs, exe: &Path) -> Result<FilesReport, String> {
-    let (work, _uid) = prepare(&ColdstartArgs { runs: 0, json: false, as_uid: args.as_uid })?;
-    let dir = work.parent().map(|p| p.join("daemon")).ok_or("no temp dir")?;
+    let (work, _uid) = prepare(&ColdstartArgs {
+        runs: 0,
+        json: false,
+        as_uid: args.as_uid,
+    })?;
+    let dir = work
+        .parent()
+        .map(|p| p.join("daemon"))
+        .ok_or("no temp dir")?;
     let d = BenchDaemon::start(exe, &dir, args.tenants)?;
     let result = d.rt.block_on(async {
         for (i, c) in d.clients.iter().enumerate() {
-            let r = c.request(hyper::Method::PUT, "/v1/files/doc.txt", format!("tenant {i} document\n").repeat(64).into_bytes()).await?;
+            let r = c
+                .request(
+                    hyper::Method::PUT,
+                    "/v1/files/doc.txt",
+                    format!("tenant {i} document\n").repeat(64).into_bytes(),
+                )
+                .await?;
             if !r.status.is_success() {
                 return Err(format!("put: {:?}", r.json()));
             }
@@ -408,12 +535,16 @@ pub fn files(args: &FilesArgs, exe: &Path) -> Result<FilesReport, String> {
         let t = Instant::now();
         let mut tasks = Vec::new();
         for k in 0..args.clients {
-            let mine: Vec<crate::client::SocketClient> = (0..per).map(|j| d.clients[(k * per + j) % d.clients.len()].clone()).collect();
+            let mine: Vec<crate::client::SocketClient> = (0..per)
+                .map(|j| d.clients[(k * per + j) % d.clients.len()].clone())
+                .collect();
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::with_capacity(mine.len());
                 for c in mine {
                     let s = Instant::now();
-                    let r = c.request(hyper::Method::GET, "/v1/files/doc.txt", Vec::new()).await?;
+                    let r = c
+                        .request(hyper::Method::GET, "/v1/files/doc.txt", Vec::new())
+                        .await?;
                     if !r.status.is_success() {
                         return Err(format!("get: {}", r.status));
                     }

@@ -26,7 +26,9 @@ impl Reply {
 
     /// The error's reason code, if this is an error response.
     pub fn reason_code(&self) -> Option<String> {
-        self.json()["error"]["reason_code"].as_str().map(String::from)
+        self.json()["error"]["reason_code"]
+            .as_str()
+            .map(String::from)
     }
 }
 
@@ -41,32 +43,67 @@ pub struct SocketClient {
 impl SocketClient {
     /// A client for `socket` sending `Authorization: Bearer <bearer>`.
     pub fn new(socket: &Path, bearer: &str) -> SocketClient {
-        SocketClient { socket: socket.to_path_buf(), bearer: bearer.trim().to_string(), client: Client::unix() }
+        SocketClient {
+            socket: socket.to_path_buf(),
+            bearer: bearer.trim().to_string(),
+            client: Client::unix(),
+        }
     }
 
     /// Another credential over the same connection pool (one process, many tokens).
     pub fn with_bearer(&self, bearer: &str) -> SocketClient {
-        SocketClient { socket: self.socket.clone(), bearer: bearer.trim().to_string(), client: self.client.clone() }
+        SocketClient {
+            socket: self.socket.clone(),
+            bearer: bearer.trim().to_string(),
+            client: self.client.clone(),
+        }
     }
 
     /// Sends one request.
-    pub async fn request(&self, method: Method, path: &str, body: Vec<u8>) -> Result<Reply, String> {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<Reply, String> {
         let uri: hyper::Uri = Uri::new(&self.socket, path).into();
         let req = Request::builder()
             .method(method)
             .uri(uri)
-            .header(hyper::header::AUTHORIZATION, format!("Bearer {}", self.bearer))
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.bearer),
+            )
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        let resp = self.client.request(req).await.map_err(|e| format!("{}: {e}", self.socket.display()))?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| format!("{}: {e}", self.socket.display()))?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         Ok(Reply { status, body })
     }
 
     /// Sends a JSON request.
-    pub async fn json(&self, method: Method, path: &str, body: &serde_json::Value) -> Result<Reply, String> {
-        self.request(method, path, serde_json::to_vec(body).map_err(|e| e.to_string())?).await
+    pub async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Reply, String> {
+        self.request(
+            method,
+            path,
+            serde_json::to_vec(body).map_err(|e| e.to_string())?,
+        )
+        .await
     }
 }

@@ -108,7 +108,12 @@ struct StateArgs {
 
 impl StateArgs {
     fn paths(&self) -> bulkhead::api::Paths {
-        bulkhead::api::Paths::for_client(self.state_dir.clone().unwrap_or_else(|| PathBuf::from(".bulkhead")), self.socket_dir.clone())
+        bulkhead::api::Paths::for_client(
+            self.state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(".bulkhead")),
+            self.socket_dir.clone(),
+        )
     }
 }
 
@@ -228,14 +233,22 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Spawner { fd, parent } => match bulkhead::sandbox::channel::adopt_inherited_socket(fd) {
-            Ok(sock) => ExitCode::from(bulkhead::spawner::run_spawner(sock, parent).clamp(0, 255) as u8),
-            Err(e) => {
-                eprintln!("bulkhead __spawner: fd {fd}: {e}");
-                ExitCode::from(1)
+        Command::Spawner { fd, parent } => {
+            match bulkhead::sandbox::channel::adopt_inherited_socket(fd) {
+                Ok(sock) => {
+                    ExitCode::from(bulkhead::spawner::run_spawner(sock, parent).clamp(0, 255) as u8)
+                }
+                Err(e) => {
+                    eprintln!("bulkhead __spawner: fd {fd}: {e}");
+                    ExitCode::from(1)
+                }
             }
-        },
-        Command::Serve { state_dir, config, log_format } => {
+        }
+        Command::Serve {
+            state_dir,
+            config,
+            log_format,
+        } => {
             init_logging(log_format == "json");
             let paths = bulkhead::api::Paths::resolve(state_dir, config);
             match bulkhead::api::prepare(paths).and_then(bulkhead::api::serve) {
@@ -249,12 +262,24 @@ fn main() -> ExitCode {
         Command::Tenants { at, op } => client_main(tenants(at, op)),
         Command::Halt { at } => client_main(switch(at, "halt")),
         Command::Resume { at } => client_main(switch(at, "resume")),
-        Command::Exec { at, token, timeout_ms, cwd, env, cmd } => client_main(exec(at, token, timeout_ms, cwd, env, cmd)),
-        Command::Audit { op: AuditOp::Verify { file, at } } => {
+        Command::Exec {
+            at,
+            token,
+            timeout_ms,
+            cwd,
+            env,
+            cmd,
+        } => client_main(exec(at, token, timeout_ms, cwd, env, cmd)),
+        Command::Audit {
+            op: AuditOp::Verify { file, at },
+        } => {
             let file = file.unwrap_or_else(|| at.paths().state_dir.join("audit.jsonl"));
             match bulkhead::audit::verify_file(&file) {
                 Ok(r) => {
-                    println!("ok: {} lines, chain intact (last hash {})", r.lines, r.last_hash);
+                    println!(
+                        "ok: {} lines, chain intact (last hash {})",
+                        r.lines, r.last_hash
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -264,7 +289,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Sandbox(args) => run_sandbox(args),
-        Command::Bench { which: BenchCommand::Files { args, json } } => {
+        Command::Bench {
+            which: BenchCommand::Files { args, json },
+        } => {
             let exe = match std::env::current_exe() {
                 Ok(e) => e,
                 Err(e) => {
@@ -278,7 +305,16 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok(r) => {
-                    println!("{} GET /v1/files from {} clients over {} tenants: {:.0} requests/s, p50 {} us, p99 {} us; daemon peak RSS {:.1} MiB (target < 50 MiB with 100 tenants)", r.requests, args.clients, r.tenants, r.requests_per_s, r.p50_us, r.p99_us, r.peak_rss_mib);
+                    println!(
+                        "{} GET /v1/files from {} clients over {} tenants: {:.0} requests/s, p50 {} us, p99 {} us; daemon peak RSS {:.1} MiB (target < 50 MiB with 100 tenants)",
+                        r.requests,
+                        args.clients,
+                        r.tenants,
+                        r.requests_per_s,
+                        r.p50_us,
+                        r.p99_us,
+                        r.peak_rss_mib
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -287,7 +323,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Bench { which: BenchCommand::Coldstart(args) } => match bulkhead::bench::coldstart_cli(&args) {
+        Command::Bench {
+            which: BenchCommand::Coldstart(args),
+        } => match bulkhead::bench::coldstart_cli(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("bulkhead: bench: {e}");
@@ -308,9 +346,14 @@ fn run_sandbox(args: SandboxArgs) -> ExitCode {
 }
 
 /// Opens a directory path refusing symlinks and magic links anywhere in it.
-fn open_no_symlinks(path: &std::path::Path, flags: nix::fcntl::OFlag) -> nix::Result<std::os::fd::OwnedFd> {
+fn open_no_symlinks(
+    path: &std::path::Path,
+    flags: nix::fcntl::OFlag,
+) -> nix::Result<std::os::fd::OwnedFd> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
-    let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how)
 }
 
@@ -322,7 +365,10 @@ fn create_work_dir(work: &std::path::Path, host: Option<HostIds>) -> Result<(), 
     use nix::fcntl::OFlag;
     use nix::sys::stat::Mode;
     let fail = |what: String| (125, format!("work dir {}: {what}", work.display()));
-    if work.components().any(|c| c == std::path::Component::ParentDir) {
+    if work
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
         return Err(fail("'..' components are refused".into()));
     }
     let abs = std::path::absolute(work).map_err(|e| fail(e.to_string()))?;
@@ -339,20 +385,25 @@ fn create_work_dir(work: &std::path::Path, host: Option<HostIds>) -> Result<(), 
     }
     let root = nix::unistd::geteuid().is_root();
     if root && host.is_none() {
-        return Err(fail("does not exist; as root, name its owner with --host-uid/--host-gid".into()));
+        return Err(fail(
+            "does not exist; as root, name its owner with --host-uid/--host-gid".into(),
+        ));
     }
-    nix::sys::stat::mkdirat(&parent_fd, name, Mode::from_bits_truncate(0o700)).map_err(|e| fail(format!("mkdir: {e}")))?;
+    nix::sys::stat::mkdirat(&parent_fd, name, Mode::from_bits_truncate(0o700))
+        .map_err(|e| fail(format!("mkdir: {e}")))?;
     if let (true, Some(ids)) = (root, host) {
         use nix::fcntl::{OpenHow, ResolveFlag};
         let how = OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-        let dir = nix::fcntl::openat2(&parent_fd, name, how).map_err(|e| fail(format!("open after mkdir: {e}")))?;
+        let dir = nix::fcntl::openat2(&parent_fd, name, how)
+            .map_err(|e| fail(format!("open after mkdir: {e}")))?;
         let st = nix::sys::stat::fstat(&dir).map_err(|e| fail(format!("fstat: {e}")))?;
         if st.st_uid != 0 {
             return Err(fail("was replaced while being created".into()));
         }
-        nix::unistd::fchown(&dir, Some(ids.uid.into()), Some(ids.gid.into())).map_err(|e| fail(format!("chown: {e}")))?;
+        nix::unistd::fchown(&dir, Some(ids.uid.into()), Some(ids.gid.into()))
+            .map_err(|e| fail(format!("chown: {e}")))?;
     }
     Ok(())
 }
@@ -366,20 +417,34 @@ fn open_stdin(path: &std::path::Path) -> Result<std::os::fd::OwnedFd, (u8, Strin
     use std::os::fd::AsFd;
     let fail = |what: String| (2, format!("--stdin {}: {what}", path.display()));
     if path.as_os_str() == "-" {
-        return std::io::stdin().as_fd().try_clone_to_owned().map_err(|e| fail(e.to_string()));
+        return std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| fail(e.to_string()));
     }
-    let fd = open_no_symlinks(path, OFlag::O_RDONLY | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW).map_err(|e| match e {
+    let fd = open_no_symlinks(
+        path,
+        OFlag::O_RDONLY | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW,
+    )
+    .map_err(|e| match e {
         nix::errno::Errno::ELOOP => fail("a path component is a symlink (refused)".into()),
         e => fail(e.desc().into()),
     })?;
     let st = nix::sys::stat::fstat(&fd).map_err(|e| fail(e.to_string()))?;
-    if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT != nix::sys::stat::SFlag::S_IFREG {
-        return Err(fail("not a regular file (use - to pass your own stdin)".into()));
+    if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+        != nix::sys::stat::SFlag::S_IFREG
+    {
+        return Err(fail(
+            "not a regular file (use - to pass your own stdin)".into(),
+        ));
     }
     if nix::unistd::geteuid().is_root() && st.st_nlink > 1 {
-        return Err(fail("has several hard links; refused when running as root".into()));
+        return Err(fail(
+            "has several hard links; refused when running as root".into(),
+        ));
     }
-    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty())).map_err(|e| fail(e.to_string()))?;
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()))
+        .map_err(|e| fail(e.to_string()))?;
     Ok(fd)
 }
 
@@ -387,7 +452,9 @@ fn open_stdin(path: &std::path::Path) -> Result<std::os::fd::OwnedFd, (u8, Strin
 /// else is passed through as is.
 fn output_mode(fd: std::os::fd::BorrowedFd<'_>) -> Result<OutputMode, (u8, String)> {
     if nix::unistd::isatty(fd).unwrap_or(false) {
-        let dup = fd.try_clone_to_owned().map_err(|e| (125, format!("dup: {e}")))?;
+        let dup = fd
+            .try_clone_to_owned()
+            .map_err(|e| (125, format!("dup: {e}")))?;
         Ok(OutputMode::Relay(dup))
     } else {
         Ok(OutputMode::Inherit)
@@ -397,13 +464,18 @@ fn output_mode(fd: std::os::fd::BorrowedFd<'_>) -> Result<OutputMode, (u8, Strin
 fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
     let host_ids = match (args.host_uid, args.host_gid) {
         (None, None) => None,
-        (Some(uid), gid) => Some(HostIds { uid, gid: gid.unwrap_or(uid) }),
+        (Some(uid), gid) => Some(HostIds {
+            uid,
+            gid: gid.unwrap_or(uid),
+        }),
         (None, Some(_)) => return Err((2, "--host-gid needs --host-uid".into())),
     };
     create_work_dir(&args.work, host_ids)?;
     let mut spec = SandboxSpec::new(args.work, args.cmd);
     for kv in args.env {
-        let (k, v) = kv.split_once('=').ok_or((2, format!("--env {kv:?}: expected K=V")))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or((2, format!("--env {kv:?}: expected K=V")))?;
         spec.env.push((k.to_string(), v.to_string()));
     }
     spec.cwd = args.cwd;
@@ -416,7 +488,9 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
     }
     spec.allow_degraded_landlock = args.allow_degraded_landlock;
     if let (true, Err(e)) = (args.allow_degraded_landlock, sandbox::landlock::abi()) {
-        eprintln!("bulkhead: WARNING: Landlock is unavailable ({e:?}); running a DEGRADED sandbox as --allow-degraded-landlock asked");
+        eprintln!(
+            "bulkhead: WARNING: Landlock is unavailable ({e:?}); running a DEGRADED sandbox as --allow-degraded-landlock asked"
+        );
     }
     spec.host_ids = host_ids;
     {
@@ -429,15 +503,25 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
     }
     // Termination signals to us end the sandbox (its pid 1 ignores most signals).
     let mut mask = nix::sys::signal::SigSet::empty();
-    for s in [nix::sys::signal::SIGINT, nix::sys::signal::SIGTERM, nix::sys::signal::SIGHUP, nix::sys::signal::SIGQUIT] {
+    for s in [
+        nix::sys::signal::SIGINT,
+        nix::sys::signal::SIGTERM,
+        nix::sys::signal::SIGHUP,
+        nix::sys::signal::SIGQUIT,
+    ] {
         mask.add(s);
     }
-    mask.thread_block().map_err(|e| (125, format!("sigprocmask: {e}")))?;
-    let sigfd = nix::sys::signalfd::SignalFd::new(&mask).map_err(|e| (125, format!("signalfd: {e}")))?;
+    mask.thread_block()
+        .map_err(|e| (125, format!("sigprocmask: {e}")))?;
+    let sigfd =
+        nix::sys::signalfd::SignalFd::new(&mask).map_err(|e| (125, format!("signalfd: {e}")))?;
     let running = sandbox::spawn(spec).map_err(|e| {
         let code = match &e {
             e if e.is_exec_failure() => match e {
-                sandbox::SandboxError::Setup { errno: nix::errno::Errno::ENOENT, .. } => 127,
+                sandbox::SandboxError::Setup {
+                    errno: nix::errno::Errno::ENOENT,
+                    ..
+                } => 127,
                 _ => 126,
             },
             _ => 125,
@@ -446,10 +530,17 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
     })?;
     let outcome = {
         use std::os::fd::AsFd;
-        running.wait_cancellable(Some(sigfd.as_fd())).map_err(|e| (125, e.to_string()))?
+        running
+            .wait_cancellable(Some(sigfd.as_fd()))
+            .map_err(|e| (125, e.to_string()))?
     };
     if outcome.cancelled {
-        let sig = sigfd.read_signal().ok().flatten().map(|s| s.ssi_signo as i32).unwrap_or(libc::SIGTERM);
+        let sig = sigfd
+            .read_signal()
+            .ok()
+            .flatten()
+            .map(|s| s.ssi_signo as i32)
+            .unwrap_or(libc::SIGTERM);
         return Ok((128 + sig) as u8);
     }
     if outcome.timed_out {
@@ -459,9 +550,12 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -471,7 +565,10 @@ fn init_logging(json: bool) {
 
 /// Runs a client future; `Ok(code)` is the exit status, `Err` a message (exit 1).
 fn client_main(fut: impl std::future::Future<Output = Result<u8, String>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bulkhead: {e}");
@@ -489,8 +586,12 @@ fn client_main(fut: impl std::future::Future<Output = Result<u8, String>>) -> Ex
 
 fn admin_client(at: &StateArgs) -> Result<bulkhead::client::SocketClient, String> {
     let paths = at.paths();
-    let key = std::fs::read_to_string(paths.admin_key()).map_err(|e| format!("admin key {}: {e}", paths.admin_key().display()))?;
-    Ok(bulkhead::client::SocketClient::new(&paths.admin_socket(), &key))
+    let key = std::fs::read_to_string(paths.admin_key())
+        .map_err(|e| format!("admin key {}: {e}", paths.admin_key().display()))?;
+    Ok(bulkhead::client::SocketClient::new(
+        &paths.admin_socket(),
+        &key,
+    ))
 }
 
 fn check(reply: bulkhead::client::Reply) -> Result<serde_json::Value, String> {
@@ -498,7 +599,12 @@ fn check(reply: bulkhead::client::Reply) -> Result<serde_json::Value, String> {
         return Ok(reply.json());
     }
     let v = reply.json();
-    Err(format!("{} {}: {}", reply.status.as_u16(), v["error"]["reason_code"].as_str().unwrap_or("error"), v["error"]["message"].as_str().unwrap_or("")))
+    Err(format!(
+        "{} {}: {}",
+        reply.status.as_u16(),
+        v["error"]["reason_code"].as_str().unwrap_or("error"),
+        v["error"]["message"].as_str().unwrap_or("")
+    ))
 }
 
 async fn tenants(at: StateArgs, op: TenantOp) -> Result<u8, String> {
@@ -506,57 +612,168 @@ async fn tenants(at: StateArgs, op: TenantOp) -> Result<u8, String> {
     let c = admin_client(&at)?;
     match op {
         TenantOp::Create { name } => {
-            let v = check(c.json(Method::POST, "/admin/tenants", &serde_json::json!({"name": name})).await?)?;
+            let v = check(
+                c.json(
+                    Method::POST,
+                    "/admin/tenants",
+                    &serde_json::json!({"name": name}),
+                )
+                .await?,
+            )?;
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
         TenantOp::List => {
             let v = check(c.request(Method::GET, "/admin/tenants", Vec::new()).await?)?;
             for t in v["tenants"].as_array().cloned().unwrap_or_default() {
-                let tokens: Vec<String> = t["tokens"].as_array().cloned().unwrap_or_default().iter().map(|k| format!("{}({})", k["id"].as_str().unwrap_or(""), k["role"].as_str().unwrap_or(""))).collect();
-                println!("{}\t{}\tuid={}\t{}", t["name"].as_str().unwrap_or(""), if t["frozen"].as_bool().unwrap_or(false) { "frozen" } else { "active" }, t["host_uid"], tokens.join(","));
+                let tokens: Vec<String> = t["tokens"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|k| {
+                        format!(
+                            "{}({})",
+                            k["id"].as_str().unwrap_or(""),
+                            k["role"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{}\t{}\tuid={}\t{}",
+                    t["name"].as_str().unwrap_or(""),
+                    if t["frozen"].as_bool().unwrap_or(false) {
+                        "frozen"
+                    } else {
+                        "active"
+                    },
+                    t["host_uid"],
+                    tokens.join(",")
+                );
             }
         }
         TenantOp::Delete { name } => {
-            check(c.request(Method::DELETE, &format!("/admin/tenants/{name}"), Vec::new()).await?)?;
+            check(
+                c.request(
+                    Method::DELETE,
+                    &format!("/admin/tenants/{name}"),
+                    Vec::new(),
+                )
+                .await?,
+            )?;
         }
         TenantOp::Freeze { name } => {
-            check(c.request(Method::POST, &format!("/admin/tenants/{name}/freeze"), Vec::new()).await?)?;
+            check(
+                c.request(
+                    Method::POST,
+                    &format!("/admin/tenants/{name}/freeze"),
+                    Vec::new(),
+                )
+                .await?,
+            )?;
         }
         TenantOp::Unfreeze { name } => {
-            check(c.request(Method::POST, &format!("/admin/tenants/{name}/unfreeze"), Vec::new()).await?)?;
+            check(
+                c.request(
+                    Method::POST,
+                    &format!("/admin/tenants/{name}/unfreeze"),
+                    Vec::new(),
+                )
+                .await?,
+            )?;
         }
         TenantOp::Limits { name, pairs } => {
             if pairs.is_empty() {
-                let v = check(c.request(Method::GET, &format!("/admin/tenants/{name}/limits"), Vec::new()).await?)?;
-                println!("{}", serde_json::to_string_pretty(&v["effective"]).unwrap_or_default());
+                let v = check(
+                    c.request(
+                        Method::GET,
+                        &format!("/admin/tenants/{name}/limits"),
+                        Vec::new(),
+                    )
+                    .await?,
+                )?;
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v["effective"]).unwrap_or_default()
+                );
             } else {
                 let mut patch = serde_json::Map::new();
                 for kv in pairs {
-                    let (k, v) = kv.split_once('=').ok_or(format!("{kv:?}: expected KEY=VALUE"))?;
-                    let value = if v == "none" { serde_json::Value::Null } else { serde_json::from_str::<serde_json::Number>(v).map(serde_json::Value::Number).map_err(|_| format!("{k}: {v:?} is not a number"))? };
+                    let (k, v) = kv
+                        .split_once('=')
+                        .ok_or(format!("{kv:?}: expected KEY=VALUE"))?;
+                    let value = if v == "none" {
+                        serde_json::Value::Null
+                    } else {
+                        serde_json::from_str::<serde_json::Number>(v)
+                            .map(serde_json::Value::Number)
+                            .map_err(|_| format!("{k}: {v:?} is not a number"))?
+                    };
                     patch.insert(k.to_string(), value);
                 }
-                let v = check(c.json(Method::PUT, &format!("/admin/tenants/{name}/limits"), &serde_json::Value::Object(patch)).await?)?;
+                let v = check(
+                    c.json(
+                        Method::PUT,
+                        &format!("/admin/tenants/{name}/limits"),
+                        &serde_json::Value::Object(patch),
+                    )
+                    .await?,
+                )?;
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             }
         }
         TenantOp::Stop { name } => {
-            check(c.request(Method::POST, &format!("/admin/tenants/{name}/stop"), Vec::new()).await?)?;
+            check(
+                c.request(
+                    Method::POST,
+                    &format!("/admin/tenants/{name}/stop"),
+                    Vec::new(),
+                )
+                .await?,
+            )?;
         }
-        TenantOp::Token { op: TokenOp::Rotate { name } } => {
-            let v = check(c.request(Method::POST, &format!("/admin/tenants/{name}/tokens/rotate"), Vec::new()).await?)?;
+        TenantOp::Token {
+            op: TokenOp::Rotate { name },
+        } => {
+            let v = check(
+                c.request(
+                    Method::POST,
+                    &format!("/admin/tenants/{name}/tokens/rotate"),
+                    Vec::new(),
+                )
+                .await?,
+            )?;
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
-        TenantOp::Token { op: TokenOp::Create { name, workspace, role, tools } } => {
+        TenantOp::Token {
+            op:
+                TokenOp::Create {
+                    name,
+                    workspace,
+                    role,
+                    tools,
+                },
+        } => {
             let mut body = serde_json::json!({"workspace": workspace, "role": role});
             if let Some(t) = tools {
                 body["tools"] = t.into();
             }
-            let v = check(c.json(Method::POST, &format!("/admin/tenants/{name}/tokens"), &body).await?)?;
+            let v = check(
+                c.json(
+                    Method::POST,
+                    &format!("/admin/tenants/{name}/tokens"),
+                    &body,
+                )
+                .await?,
+            )?;
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
-        TenantOp::Token { op: TokenOp::Revoke { id } } => {
-            check(c.request(Method::DELETE, &format!("/admin/tokens/{id}"), Vec::new()).await?)?;
+        TenantOp::Token {
+            op: TokenOp::Revoke { id },
+        } => {
+            check(
+                c.request(Method::DELETE, &format!("/admin/tokens/{id}"), Vec::new())
+                    .await?,
+            )?;
         }
     }
     Ok(0)
@@ -564,16 +781,30 @@ async fn tenants(at: StateArgs, op: TenantOp) -> Result<u8, String> {
 
 async fn switch(at: StateArgs, action: &str) -> Result<u8, String> {
     let c = admin_client(&at)?;
-    check(c.request(hyper::Method::POST, &format!("/admin/{action}"), Vec::new()).await?)?;
+    check(
+        c.request(hyper::Method::POST, &format!("/admin/{action}"), Vec::new())
+            .await?,
+    )?;
     Ok(0)
 }
 
-async fn exec(at: StateArgs, token: Option<String>, timeout_ms: Option<u64>, cwd: Option<String>, env: Vec<String>, cmd: Vec<String>) -> Result<u8, String> {
+async fn exec(
+    at: StateArgs,
+    token: Option<String>,
+    timeout_ms: Option<u64>,
+    cwd: Option<String>,
+    env: Vec<String>,
+    cmd: Vec<String>,
+) -> Result<u8, String> {
     use std::io::Write;
-    let token = token.or_else(|| std::env::var("BULKHEAD_TOKEN").ok()).ok_or("no token: pass --token or set BULKHEAD_TOKEN")?;
+    let token = token
+        .or_else(|| std::env::var("BULKHEAD_TOKEN").ok())
+        .ok_or("no token: pass --token or set BULKHEAD_TOKEN")?;
     let mut envs = serde_json::Map::new();
     for kv in env {
-        let (k, v) = kv.split_once('=').ok_or(format!("--env {kv:?}: expected K=V"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or(format!("--env {kv:?}: expected K=V"))?;
         envs.insert(k.into(), v.into());
     }
     let mut body = serde_json::json!({"argv": cmd, "env": envs});
@@ -588,13 +819,22 @@ async fn exec(at: StateArgs, token: Option<String>, timeout_ms: Option<u64>, cwd
     let v = reply.json();
     if !reply.status.is_success() {
         let code = v["error"]["reason_code"].as_str().unwrap_or("error");
-        eprintln!("bulkhead: {} {code}: {}", reply.status.as_u16(), v["error"]["message"].as_str().unwrap_or(""));
+        eprintln!(
+            "bulkhead: {} {code}: {}",
+            reply.status.as_u16(),
+            v["error"]["message"].as_str().unwrap_or("")
+        );
         return Ok(if code == "exec_failed" { 127 } else { 125 });
     }
     let _out = std::io::stdout().write_all(v["stdout"].as_str().unwrap_or_default().as_bytes());
     let _err = std::io::stderr().write_all(v["stderr"].as_str().unwrap_or_default().as_bytes());
-    if v["stdout_truncated"].as_bool() == Some(true) || v["stderr_truncated"].as_bool() == Some(true) {
-        eprintln!("bulkhead: output truncated at {} bytes", v["output_cap_bytes"]);
+    if v["stdout_truncated"].as_bool() == Some(true)
+        || v["stderr_truncated"].as_bool() == Some(true)
+    {
+        eprintln!(
+            "bulkhead: output truncated at {} bytes",
+            v["output_cap_bytes"]
+        );
     }
     if v["timed_out"].as_bool() == Some(true) {
         eprintln!("bulkhead: timed out; sandbox killed");

@@ -7,22 +7,45 @@ use std::process::Command;
 
 #[test]
 fn coldstart_json_reports_each_variant() {
-    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead")).args(["bench", "coldstart", "--runs", "5", "--json"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["bench", "coldstart", "--runs", "5", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let variants = v["variants"].as_object().unwrap();
-    for name in ["bulkhead_process", "bulkhead_library", "plain_spawn", "bulkhead_daemon_exec"] {
+    for name in [
+        "bulkhead_process",
+        "bulkhead_library",
+        "plain_spawn",
+        "bulkhead_daemon_exec",
+    ] {
         let s = &variants[name];
         assert_eq!(s["runs"], 5, "{v}");
-        let (p50, p90, p99) = (s["p50_us"].as_u64().unwrap(), s["p90_us"].as_u64().unwrap(), s["p99_us"].as_u64().unwrap());
+        let (p50, p90, p99) = (
+            s["p50_us"].as_u64().unwrap(),
+            s["p90_us"].as_u64().unwrap(),
+            s["p99_us"].as_u64().unwrap(),
+        );
         assert!(p50 > 0 && p50 <= p90 && p90 <= p99, "{v}");
     }
-    let has_bwrap = Command::new("sh").args(["-c", "command -v bwrap"]).output().unwrap().status.success();
+    let has_bwrap = Command::new("sh")
+        .args(["-c", "command -v bwrap"])
+        .output()
+        .unwrap()
+        .status
+        .success();
     assert_eq!(variants.contains_key("bwrap"), has_bwrap, "{v}");
     if has_bwrap {
         assert!(v["ratios_to_bwrap"]["bulkhead_library"].is_array(), "{v}");
     } else {
-        eprintln!("NOTE: bubblewrap is not installed; the comparison row is absent (.ci/run installs it)");
+        eprintln!(
+            "NOTE: bubblewrap is not installed; the comparison row is absent (.ci/run installs it)"
+        );
     }
     // The benchmark ran unprivileged even though the test runs as root.
     assert_eq!(v["uid"], 65534, "{v}");
@@ -31,14 +54,31 @@ fn coldstart_json_reports_each_variant() {
 #[test]
 fn files_benchmark_reports_throughput_latency_and_rss() {
     let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
-        .args(["bench", "files", "--tenants", "5", "--clients", "5", "--requests", "50", "--json"])
+        .args([
+            "bench",
+            "files",
+            "--tenants",
+            "5",
+            "--clients",
+            "5",
+            "--requests",
+            "50",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["requests"], 50, "{v}");
     assert_eq!(v["tenants"], 5, "{v}");
     assert!(v["requests_per_s"].as_f64().unwrap() > 0.0, "{v}");
-    assert!(v["p50_us"].as_u64().unwrap() <= v["p99_us"].as_u64().unwrap(), "{v}");
+    assert!(
+        v["p50_us"].as_u64().unwrap() <= v["p99_us"].as_u64().unwrap(),
+        "{v}"
+    );
     assert!(v["peak_rss_mib"].as_f64().unwrap() > 0.0, "{v}");
 }

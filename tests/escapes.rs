@@ -46,7 +46,13 @@ fn other_tenant_dir_is_unreachable_by_path() {
     ];
     for who in BOTH {
         for p in &attempts {
-            let r = py(who, &fx.work, &format!("import os\ntry:\n  print(open({p:?}).read())\nexcept OSError as e: print('errno', e.errno)"));
+            let r = py(
+                who,
+                &fx.work,
+                &format!(
+                    "import os\ntry:\n  print(open({p:?}).read())\nexcept OSError as e: print('errno', e.errno)"
+                ),
+            );
             // ENOENT: the path does not exist in the sandbox's root at all.
             assert_eq!(r.stdout, "errno 2\n", "{who:?} {p}: {r:?}");
         }
@@ -98,7 +104,12 @@ open("/work/ok", "w").write("ok"); open("/tmp/ok", "w").write("ok"); print("work
 "#,
         );
         for line in r.stdout.lines().filter(|l| !l.ends_with("ok")) {
-            let errno: i32 = line.rsplit(' ').next().unwrap().parse().unwrap_or_else(|_| panic!("{who:?}: {r:?}"));
+            let errno: i32 = line
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("{who:?}: {r:?}"));
             // EROFS (30) from the read-only mounts, or EACCES (13) from Landlock.
             assert!(errno == 30 || errno == 13, "{who:?}: {line}: {r:?}");
         }
@@ -111,7 +122,11 @@ fn landlock_stops_reads_the_mounts_would_allow() {
     let fx = Fixture::new();
     // The root tmpfs is world-readable, but Landlock grants nothing on "/" itself: if a
     // mount bug ever put a foreign directory there, Landlock would still refuse it.
-    let r = py(As::Nobody, &fx.work, "import os\ntry:\n  os.listdir('/')\nexcept OSError as e: print(e.errno)\nprint(len(os.listdir('/usr')) > 0)");
+    let r = py(
+        As::Nobody,
+        &fx.work,
+        "import os\ntry:\n  os.listdir('/')\nexcept OSError as e: print(e.errno)\nprint(len(os.listdir('/usr')) > 0)",
+    );
     assert_eq!(r.stdout, "13\nTrue\n", "{r:?}");
 }
 
@@ -124,13 +139,18 @@ fn tcp_to_the_hosts_loopback_is_refused() {
         let r = py(
             who,
             &fx.work,
-            &format!("import socket\nfor fam, host in ((socket.AF_INET, '127.0.0.1'), (socket.AF_INET6, '::1')):\n  s = socket.socket(fam)\n  try:\n    s.connect((host, {port})); print('connected')\n  except OSError as e: print(e.errno)\ns = socket.socket()\ntry:\n  s.bind(('127.0.0.1', 0)); print('bound')\nexcept OSError as e: print(e.errno)"),
+            &format!(
+                "import socket\nfor fam, host in ((socket.AF_INET, '127.0.0.1'), (socket.AF_INET6, '::1')):\n  s = socket.socket(fam)\n  try:\n    s.connect((host, {port})); print('connected')\n  except OSError as e: print(e.errno)\ns = socket.socket()\ntry:\n  s.bind(('127.0.0.1', 0)); print('bound')\nexcept OSError as e: print(e.errno)"
+            ),
         );
         // EACCES from Landlock's TCP rules (connect and bind), before any routing.
         assert_eq!(r.stdout, "13\n13\n13\n", "{who:?}: {r:?}");
     }
     listener.set_nonblocking(true).unwrap();
-    assert!(listener.accept().is_err(), "nothing reached the host listener");
+    assert!(
+        listener.accept().is_err(),
+        "nothing reached the host listener"
+    );
 }
 
 #[test]
@@ -138,12 +158,22 @@ fn udp_never_reaches_the_host() {
     let fx = Fixture::new();
     let host = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = host.local_addr().unwrap().port();
-    let r = py(As::Nobody, &fx.work, &format!("import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint(s.sendto(b'leak', ('127.0.0.1', {port})))"));
+    let r = py(
+        As::Nobody,
+        &fx.work,
+        &format!(
+            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nprint(s.sendto(b'leak', ('127.0.0.1', {port})))"
+        ),
+    );
     // The datagram goes to the sandbox's own loopback, where nobody listens.
     assert_eq!(r.stdout, "4\n", "{r:?}");
-    host.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    host.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let mut buf = [0u8; 16];
-    assert!(host.recv_from(&mut buf).is_err(), "datagram crossed into the host namespace");
+    assert!(
+        host.recv_from(&mut buf).is_err(),
+        "datagram crossed into the host namespace"
+    );
 }
 
 #[test]
@@ -156,7 +186,9 @@ fn host_abstract_unix_socket_is_unreachable() {
         let r = py(
             who,
             &fx.work,
-            &format!("import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n  s.connect('\\0{name}'); print('connected')\nexcept OSError as e: print(e.errno)"),
+            &format!(
+                "import socket\ns = socket.socket(socket.AF_UNIX)\ntry:\n  s.connect('\\0{name}'); print('connected')\nexcept OSError as e: print(e.errno)"
+            ),
         );
         // ECONNREFUSED: abstract names live in the network namespace, and the sandbox has
         // its own (Landlock's abstract-socket scope would refuse with EPERM as well).
@@ -256,11 +288,26 @@ fn setuid_binary_gains_nothing() {
     let suid = fx.work.join("suid-id");
     std::fs::copy("/usr/bin/id", &suid).unwrap();
     std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
-    assert_eq!(std::fs::metadata(&suid).unwrap().permissions().mode() & 0o4000, 0o4000);
+    assert_eq!(
+        std::fs::metadata(&suid).unwrap().permissions().mode() & 0o4000,
+        0o4000
+    );
     for who in BOTH {
-        let r = sh(who, &fx.work, "/work/suid-id -u; /work/suid-id -ru; /usr/bin/passwd -S root 2>&1; echo rc=$?");
-        assert_eq!(r.stdout.lines().take(2).collect::<Vec<_>>(), ["1000", "1000"], "{who:?}: {r:?}");
-        assert!(r.stdout.contains("You may not view or modify password information for root"), "{who:?}: {r:?}");
+        let r = sh(
+            who,
+            &fx.work,
+            "/work/suid-id -u; /work/suid-id -ru; /usr/bin/passwd -S root 2>&1; echo rc=$?",
+        );
+        assert_eq!(
+            r.stdout.lines().take(2).collect::<Vec<_>>(),
+            ["1000", "1000"],
+            "{who:?}: {r:?}"
+        );
+        assert!(
+            r.stdout
+                .contains("You may not view or modify password information for root"),
+            "{who:?}: {r:?}"
+        );
         assert!(!r.stdout.contains("rc=0"), "{who:?}: {r:?}");
     }
 }
@@ -281,14 +328,22 @@ except OSError as e:
 "#;
     for who in BOTH {
         let t = Instant::now();
-        let r = output(sandbox_cmd(who, &fx.work, &["--pids", "24", "--timeout-ms", "20000"], &["python3", "-c", program]));
+        let r = output(sandbox_cmd(
+            who,
+            &fx.work,
+            &["--pids", "24", "--timeout-ms", "20000"],
+            &["python3", "-c", program],
+        ));
         let fields: Vec<&str> = r.stdout.split_whitespace().collect();
         assert_eq!(fields.len(), 2, "{who:?}: {r:?}");
         let forked: u32 = fields[0].parse().unwrap();
         // EAGAIN (11) from RLIMIT_NPROC; python itself is one of the 24.
         assert_eq!(fields[1], "11", "{who:?}: {r:?}");
         assert!(forked < 24, "{who:?}: {r:?}");
-        assert!(t.elapsed() < Duration::from_secs(15), "{who:?}: the children died with pid 1");
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{who:?}: the children died with pid 1"
+        );
     }
 }
 
@@ -299,7 +354,11 @@ fn memory_hog_is_stopped_by_the_limit() {
         As::Nobody,
         &fx.work,
         &["--memory-bytes", "268435456"],
-        &["python3", "-c", "x = bytearray(1 << 30); print('allocated', len(x))"],
+        &[
+            "python3",
+            "-c",
+            "x = bytearray(1 << 30); print('allocated', len(x))",
+        ],
     ));
     assert_ne!(r.code, 0, "{r:?}");
     assert!(!r.stdout.contains("allocated"), "{r:?}");
@@ -313,12 +372,23 @@ fn sleeping_forever_is_killed_at_the_timeout_with_nothing_left() {
     let t2 = tag();
     for who in BOTH {
         let start = Instant::now();
-        let r = sh_with(who, &fx.work, &["--timeout-ms", "400"], &format!("sleep {t1} & sleep {t2}"));
+        let r = sh_with(
+            who,
+            &fx.work,
+            &["--timeout-ms", "400"],
+            &format!("sleep {t1} & sleep {t2}"),
+        );
         assert_eq!(r.code, 137, "{who:?}: {r:?}");
         assert!(start.elapsed() < Duration::from_secs(5), "{who:?}");
         assert!(r.stderr.contains("timed out"), "{who:?}: {r:?}");
-        assert!(pids_with_cmdline(&format!("sleep {t1}")).is_empty(), "{who:?}: background sleep survived");
-        assert!(pids_with_cmdline(&format!("sleep {t2}")).is_empty(), "{who:?}: sleep survived");
+        assert!(
+            pids_with_cmdline(&format!("sleep {t1}")).is_empty(),
+            "{who:?}: background sleep survived"
+        );
+        assert!(
+            pids_with_cmdline(&format!("sleep {t2}")).is_empty(),
+            "{who:?}: sleep survived"
+        );
     }
 }
 
@@ -329,10 +399,16 @@ fn killing_the_spawner_kills_the_sandbox() {
         let t1 = tag();
         let t2 = tag();
         // pid 1 first tries to clear its parent-death signal (refused by seccomp).
-        let script = format!("import ctypes, subprocess\nctypes.CDLL(None).prctl(1, 0, 0, 0, 0)\nsubprocess.Popen(['sleep', '{t1}'])\nsubprocess.run(['sleep', '{t2}'])");
-        let mut child = sandbox_cmd(who, &fx.work, &[], &["python3", "-c", &script]).spawn().unwrap();
+        let script = format!(
+            "import ctypes, subprocess\nctypes.CDLL(None).prctl(1, 0, 0, 0, 0)\nsubprocess.Popen(['sleep', '{t1}'])\nsubprocess.run(['sleep', '{t2}'])"
+        );
+        let mut child = sandbox_cmd(who, &fx.work, &[], &["python3", "-c", &script])
+            .spawn()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while pids_with_cmdline(&format!("sleep {t1}")).is_empty() || pids_with_cmdline(&format!("sleep {t2}")).is_empty() {
+        while pids_with_cmdline(&format!("sleep {t1}")).is_empty()
+            || pids_with_cmdline(&format!("sleep {t2}")).is_empty()
+        {
             assert!(Instant::now() < deadline, "{who:?}: sandbox never started");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -340,11 +416,18 @@ fn killing_the_spawner_kills_the_sandbox() {
         child.wait().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let left = [pids_with_cmdline(&format!("sleep {t1}")), pids_with_cmdline(&format!("sleep {t2}"))].concat();
+            let left = [
+                pids_with_cmdline(&format!("sleep {t1}")),
+                pids_with_cmdline(&format!("sleep {t2}")),
+            ]
+            .concat();
             if left.is_empty() {
                 break;
             }
-            assert!(Instant::now() < deadline, "{who:?}: sandbox processes {left:?} outlived the spawner");
+            assert!(
+                Instant::now() < deadline,
+                "{who:?}: sandbox processes {left:?} outlived the spawner"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -353,9 +436,18 @@ fn killing_the_spawner_kills_the_sandbox() {
 #[test]
 fn signals_cannot_reach_outside_processes() {
     let fx = Fixture::new();
-    let mut victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    let mut victim = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
     let pid = victim.id();
-    let r = py(As::Nobody, &fx.work, &format!("import os\ntry:\n  os.kill({pid}, 9); print('sent')\nexcept OSError as e: print(e.errno)"));
+    let r = py(
+        As::Nobody,
+        &fx.work,
+        &format!(
+            "import os\ntry:\n  os.kill({pid}, 9); print('sent')\nexcept OSError as e: print(e.errno)"
+        ),
+    );
     // ESRCH: the host pid does not exist in the sandbox's pid namespace.
     assert_eq!(r.stdout, "3\n", "{r:?}");
     assert!(victim.try_wait().unwrap().is_none(), "victim died");
@@ -371,33 +463,65 @@ fn stdin_file_must_be_a_plain_regular_file() {
     std::fs::write(&root_only, "root-only-content\n").unwrap();
     std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink(&root_only, fx.work.join("input.txt")).unwrap();
-    let r = sh_with(As::Root, &fx.work, &["--stdin", fx.work.join("input.txt").to_str().unwrap()], "cat");
+    let r = sh_with(
+        As::Root,
+        &fx.work,
+        &["--stdin", fx.work.join("input.txt").to_str().unwrap()],
+        "cat",
+    );
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("symlink"), "{r:?}");
     assert!(!r.stdout.contains("root-only"), "{r:?}");
     // A hard link made by the tenant's uid (where the kernel allows it) is refused as root.
     let hard = fx.work.join("hard.txt");
     if std::fs::hard_link(&root_only, &hard).is_ok() {
-        let r = sh_with(As::Root, &fx.work, &["--stdin", hard.to_str().unwrap()], "cat");
+        let r = sh_with(
+            As::Root,
+            &fx.work,
+            &["--stdin", hard.to_str().unwrap()],
+            "cat",
+        );
         assert_eq!(r.code, 2, "{r:?}");
         assert!(!r.stdout.contains("root-only"), "{r:?}");
     }
     // A FIFO would block the caller forever; a directory would hand over a host dir fd.
     let fifo = fx.work.join("fifo");
-    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     for p in [fifo.clone(), fx.other_work.clone()] {
         let t = Instant::now();
-        let r = sh_with(As::Nobody, &fx.work, &["--stdin", p.to_str().unwrap()], "cat");
+        let r = sh_with(
+            As::Nobody,
+            &fx.work,
+            &["--stdin", p.to_str().unwrap()],
+            "cat",
+        );
         assert_eq!(r.code, 2, "{p:?}: {r:?}");
         assert!(r.stderr.contains("not a regular file"), "{r:?}");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
     // `-` passes the caller's own stdin.
-    let mut c = sandbox_cmd(As::Nobody, &fx.work, &["--stdin", "-"], &["tr", "a-z", "A-Z"]);
-    c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut c = sandbox_cmd(
+        As::Nobody,
+        &fx.work,
+        &["--stdin", "-"],
+        &["tr", "a-z", "A-Z"],
+    );
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"piped in\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped in\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "PIPED IN\n");
 }
@@ -412,7 +536,11 @@ fn a_terminal_is_relayed_never_handed_to_the_sandbox() {
         bin(),
         fx.work.display()
     );
-    let out = std::process::Command::new("script").args(["-qec", &inner, "/dev/null"]).stdin(std::process::Stdio::null()).output().unwrap();
+    let out = std::process::Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("tty False False"), "{text}");
     // EBADF: fd 1 is the write end of a pipe.
@@ -431,18 +559,41 @@ fn created_work_dirs_never_follow_links() {
     assert_eq!(r.code, 125, "{r:?}");
     // A symlinked parent is not followed either.
     std::os::unix::fs::symlink(&fx.base, fx.work.join("up")).unwrap();
-    let r = sh_with(As::Root, &fx.work.join("up/created-through-link"), &["--host-uid", "65534"], "true");
+    let r = sh_with(
+        As::Root,
+        &fx.work.join("up/created-through-link"),
+        &["--host-uid", "65534"],
+        "true",
+    );
     assert_eq!(r.code, 125, "{r:?}");
     assert!(!fx.base.join("created-through-link").exists());
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0, "the link target was chowned");
+    assert_eq!(
+        std::fs::metadata(&victim).unwrap().uid(),
+        0,
+        "the link target was chowned"
+    );
 }
 
 #[test]
 fn pseudo_filesystems_and_system_dirs_are_not_work_dirs() {
-    let victim = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-    for work in [format!("/proc/{}", victim.id()), "/sys/kernel".into(), "/".into(), "/usr".into(), "/etc".into()] {
-        let r = sh_with(As::Root, std::path::Path::new(&work), &["--host-uid", "65534"], "ls /work");
+    let victim = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    for work in [
+        format!("/proc/{}", victim.id()),
+        "/sys/kernel".into(),
+        "/".into(),
+        "/usr".into(),
+        "/etc".into(),
+    ] {
+        let r = sh_with(
+            As::Root,
+            std::path::Path::new(&work),
+            &["--host-uid", "65534"],
+            "ls /work",
+        );
         assert_eq!(r.code, 125, "{work}: {r:?}");
         assert!(r.stderr.contains("work dir"), "{work}: {r:?}");
     }

@@ -11,7 +11,11 @@ use common::*;
 fn shell_pipeline_and_coreutils() {
     let fx = Fixture::new();
     for who in BOTH {
-        let r = sh(who, &fx.work, "echo hello sandbox world | tr a-z A-Z | sed 's/ /_/g' | wc -c; printf '3\\n1\\n2\\n' | sort -n | tr -d '\\n'; echo; seq 1 5 | awk '{s+=$1} END {print s}'; echo abc | sha256sum | cut -c1-8");
+        let r = sh(
+            who,
+            &fx.work,
+            "echo hello sandbox world | tr a-z A-Z | sed 's/ /_/g' | wc -c; printf '3\\n1\\n2\\n' | sort -n | tr -d '\\n'; echo; seq 1 5 | awk '{s+=$1} END {print s}'; echo abc | sha256sum | cut -c1-8",
+        );
         assert_eq!(r.code, 0, "{who:?}: {r:?}");
         assert_eq!(r.stdout, "20\n123\n15\nedeaaff3\n", "{who:?}: {r:?}");
     }
@@ -40,15 +44,32 @@ print(sum(out), r.stdout.strip(), r.returncode)
 fn work_persists_and_tmp_does_not() {
     let fx = Fixture::new();
     for who in BOTH {
-        let r = sh(who, &fx.work, "echo kept > /work/kept.txt && echo gone > /tmp/gone.txt && cat /tmp/gone.txt");
+        let r = sh(
+            who,
+            &fx.work,
+            "echo kept > /work/kept.txt && echo gone > /tmp/gone.txt && cat /tmp/gone.txt",
+        );
         assert_eq!((r.code, r.stdout.as_str()), (0, "gone\n"), "{who:?}: {r:?}");
-        assert_eq!(std::fs::read_to_string(fx.work.join("kept.txt")).unwrap(), "kept\n");
-        let r = sh(who, &fx.work, "cat /work/kept.txt; ls -A /tmp | wc -l; cat /tmp/gone.txt");
+        assert_eq!(
+            std::fs::read_to_string(fx.work.join("kept.txt")).unwrap(),
+            "kept\n"
+        );
+        let r = sh(
+            who,
+            &fx.work,
+            "cat /work/kept.txt; ls -A /tmp | wc -l; cat /tmp/gone.txt",
+        );
         assert_eq!(r.stdout, "kept\n0\n", "{who:?}: {r:?}");
-        assert!(r.stderr.contains("No such file or directory"), "{who:?}: {r:?}");
+        assert!(
+            r.stderr.contains("No such file or directory"),
+            "{who:?}: {r:?}"
+        );
         // Files the sandbox makes belong to the mapped unprivileged host uid.
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(std::fs::metadata(fx.work.join("kept.txt")).unwrap().uid(), NOBODY);
+        assert_eq!(
+            std::fs::metadata(fx.work.join("kept.txt")).unwrap().uid(),
+            NOBODY
+        );
         std::fs::remove_file(fx.work.join("kept.txt")).unwrap();
     }
 }
@@ -64,7 +85,11 @@ fn identity_hostname_network_and_hardening_state() {
         );
         assert_eq!(r.code, 0, "{who:?}: {r:?}");
         let lines: Vec<&str> = r.stdout.lines().collect();
-        assert_eq!(&lines[..6], ["1000", "1000", "sandbox", "sandbox", "/work", "/work"], "{who:?}: {r:?}");
+        assert_eq!(
+            &lines[..6],
+            ["1000", "1000", "sandbox", "sandbox", "/work", "/work"],
+            "{who:?}: {r:?}"
+        );
         for want in [
             "CapInh: 0000000000000000",
             "CapPrm: 0000000000000000",
@@ -110,7 +135,11 @@ fn filesystem_view_is_minimal() {
 #[test]
 fn mounts_are_nosuid_nodev_and_system_paths_read_only() {
     let fx = Fixture::new();
-    let r = sh(As::Nobody, &fx.work, "awk '{print $5, $6}' /proc/self/mountinfo");
+    let r = sh(
+        As::Nobody,
+        &fx.work,
+        "awk '{print $5, $6}' /proc/self/mountinfo",
+    );
     assert_eq!(r.code, 0, "{r:?}");
     for line in r.stdout.lines() {
         let (point, opts) = line.split_once(' ').unwrap();
@@ -119,7 +148,8 @@ fn mounts_are_nosuid_nodev_and_system_paths_read_only() {
         if !point.starts_with("/dev/") {
             assert!(opts.contains(&"nodev"), "{line}");
         }
-        if point == "/" || point.starts_with("/usr") || point.starts_with("/etc") || point == "/dev" {
+        if point == "/" || point.starts_with("/usr") || point.starts_with("/etc") || point == "/dev"
+        {
             assert!(opts.contains(&"ro"), "{line}");
         }
         if point == "/work" || point == "/tmp" {
@@ -136,11 +166,29 @@ fn exit_status_env_cwd_and_stdin_pass_through() {
     let input = fx.base.join("input.txt");
     std::fs::write(&input, "line-from-stdin\n").unwrap();
     for who in BOTH {
-        let r = sh_with(who, &fx.work, &["--env", "GREETING=hi there", "--cwd", "sub", "--stdin", input.to_str().unwrap()], "echo \"$GREETING\"; pwd; cat; exit 42");
+        let r = sh_with(
+            who,
+            &fx.work,
+            &[
+                "--env",
+                "GREETING=hi there",
+                "--cwd",
+                "sub",
+                "--stdin",
+                input.to_str().unwrap(),
+            ],
+            "echo \"$GREETING\"; pwd; cat; exit 42",
+        );
         assert_eq!(r.code, 42, "{who:?}: {r:?}");
-        assert_eq!(r.stdout, "hi there\n/work/sub\nline-from-stdin\n", "{who:?}: {r:?}");
+        assert_eq!(
+            r.stdout, "hi there\n/work/sub\nline-from-stdin\n",
+            "{who:?}: {r:?}"
+        );
         let r = sh(who, &fx.work, "env | sort | cut -d= -f1 | tr '\\n' ' '");
-        assert_eq!(r.stdout, "HOME LANG PATH PWD ", "{who:?}: the environment is cleared: {r:?}");
+        assert_eq!(
+            r.stdout, "HOME LANG PATH PWD ",
+            "{who:?}: the environment is cleared: {r:?}"
+        );
     }
 }
 
@@ -149,10 +197,22 @@ fn setup_failures_name_the_step_and_errno() {
     let fx = Fixture::new();
     let r = sh_with(As::Nobody, &fx.work, &["--cwd", "does/not/exist"], "true");
     assert_eq!(r.code, 125, "{r:?}");
-    assert!(r.stderr.contains("chdir(cwd) (/work/does/not/exist): ENOENT"), "{r:?}");
-    let r = output(sandbox_cmd(As::Nobody, &fx.work, &[], &["no-such-command-xyz"]));
+    assert!(
+        r.stderr
+            .contains("chdir(cwd) (/work/does/not/exist): ENOENT"),
+        "{r:?}"
+    );
+    let r = output(sandbox_cmd(
+        As::Nobody,
+        &fx.work,
+        &[],
+        &["no-such-command-xyz"],
+    ));
     assert_eq!(r.code, 127, "{r:?}");
-    assert!(r.stderr.contains("execve (no-such-command-xyz): ENOENT"), "{r:?}");
+    assert!(
+        r.stderr.contains("execve (no-such-command-xyz): ENOENT"),
+        "{r:?}"
+    );
     let r = output(sandbox_cmd(As::Nobody, &fx.work, &[], &["/etc/passwd"]));
     assert_eq!(r.code, 126, "{r:?}");
     assert!(r.stderr.contains("execve (/etc/passwd): EACCES"), "{r:?}");
@@ -184,9 +244,17 @@ fn root_never_runs_the_sandbox_as_root() {
     assert!(r.stderr.contains("--host-uid"), "{r:?}");
     let r = sh_with(As::Root, &root_owned, &["--host-uid", "0"], "id");
     assert_eq!(r.code, 125, "{r:?}");
-    assert!(r.stderr.contains("must not map to host uid or gid 0"), "{r:?}");
+    assert!(
+        r.stderr.contains("must not map to host uid or gid 0"),
+        "{r:?}"
+    );
     // With an explicit unprivileged id, the sandbox's processes hold that host uid.
-    let r = sh_with(As::Root, &root_owned, &["--host-uid", "65533", "--host-gid", "65533"], "cat /proc/self/uid_map /proc/self/gid_map | tr -s ' '");
+    let r = sh_with(
+        As::Root,
+        &root_owned,
+        &["--host-uid", "65533", "--host-gid", "65533"],
+        "cat /proc/self/uid_map /proc/self/gid_map | tr -s ' '",
+    );
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, " 1000 65533 1\n 1000 65533 1\n", "{r:?}");
     // An unprivileged caller cannot pick someone else's uid.
@@ -200,10 +268,18 @@ fn missing_work_dir_is_created_for_the_sandbox_identity() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let fx = Fixture::new();
     let fresh = fx.base.join("tenants/acme/fresh-root");
-    let r = sh_with(As::Root, &fresh, &["--host-uid", "65534"], "echo ok > /work/f && cat /work/f");
+    let r = sh_with(
+        As::Root,
+        &fresh,
+        &["--host-uid", "65534"],
+        "echo ok > /work/f && cat /work/f",
+    );
     assert_eq!((r.code, r.stdout.as_str()), (0, "ok\n"), "{r:?}");
     let m = std::fs::metadata(&fresh).unwrap();
-    assert_eq!((m.uid(), m.gid(), m.permissions().mode() & 0o777), (NOBODY, NOBODY, 0o700));
+    assert_eq!(
+        (m.uid(), m.gid(), m.permissions().mode() & 0o777),
+        (NOBODY, NOBODY, 0o700)
+    );
     // As root without an owner there is nothing safe to create it as.
     let r = sh(As::Root, &fx.base.join("tenants/acme/fresh-2"), "true");
     assert_eq!(r.code, 125, "{r:?}");
@@ -215,7 +291,10 @@ fn missing_work_dir_is_created_for_the_sandbox_identity() {
     std::os::unix::fs::chown(&parent, Some(NOBODY), Some(NOBODY)).unwrap();
     let r = sh(As::Nobody, &parent.join("work"), "id -u");
     assert_eq!((r.code, r.stdout.as_str()), (0, "1000\n"), "{r:?}");
-    assert_eq!(std::fs::metadata(parent.join("work")).unwrap().uid(), NOBODY);
+    assert_eq!(
+        std::fs::metadata(parent.join("work")).unwrap().uid(),
+        NOBODY
+    );
 }
 
 #[test]

@@ -18,12 +18,22 @@ fn spec(fx: &Fixture, argv: &[&str]) -> SandboxSpec {
 #[test]
 fn captures_output_feeds_stdin_and_reports_status() {
     let fx = Fixture::new();
-    let mut s = spec(&fx, &["/bin/sh", "-c", "tr a-z A-Z; echo err >&2; cat /proc/self/uid_map | tr -s ' '; exit 7"]);
+    let mut s = spec(
+        &fx,
+        &[
+            "/bin/sh",
+            "-c",
+            "tr a-z A-Z; echo err >&2; cat /proc/self/uid_map | tr -s ' '; exit 7",
+        ],
+    );
     s.stdin = StdinSource::Bytes(b"from stdin\n".to_vec());
     let out = sandbox::run(s).unwrap();
     assert_eq!(out.exit_code, Some(7));
     assert_eq!(out.signal, None);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "FROM STDIN\n 1000 65534 1\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "FROM STDIN\n 1000 65534 1\n"
+    );
     assert_eq!(out.stderr, b"err\n");
     assert!(!out.stdout_truncated && !out.stderr_truncated && !out.timed_out && !out.cancelled);
     assert!(out.duration > Duration::ZERO);
@@ -42,10 +52,21 @@ fn large_stdin_is_streamed() {
 #[test]
 fn output_flood_is_truncated_at_the_cap() {
     let fx = Fixture::new();
-    let mut s = spec(&fx, &["/bin/sh", "-c", "head -c 50000000 /dev/zero; head -c 300000 /dev/zero >&2; echo done >&2"]);
+    let mut s = spec(
+        &fx,
+        &[
+            "/bin/sh",
+            "-c",
+            "head -c 50000000 /dev/zero; head -c 300000 /dev/zero >&2; echo done >&2",
+        ],
+    );
     s.limits.max_output_bytes = 64 * 1024;
     let out = sandbox::run(s).unwrap();
-    assert_eq!(out.exit_code, Some(0), "the command ran to completion: the rest was drained");
+    assert_eq!(
+        out.exit_code,
+        Some(0),
+        "the command ran to completion: the rest was drained"
+    );
     assert_eq!(out.stdout.len(), 64 * 1024);
     assert!(out.stdout_truncated);
     assert_eq!(out.stderr.len(), 64 * 1024);
@@ -70,12 +91,18 @@ fn endless_output_is_truncated_and_timed_out() {
 fn timeout_kills_the_whole_pid_namespace() {
     let fx = Fixture::new();
     let t = tag();
-    let mut s = spec(&fx, &["/bin/sh", "-c", &format!("(sleep {t} &) ; sleep {t}")]);
+    let mut s = spec(
+        &fx,
+        &["/bin/sh", "-c", &format!("(sleep {t} &) ; sleep {t}")],
+    );
     s.limits.wall_timeout = Some(Duration::from_millis(300));
     let out = sandbox::run(s).unwrap();
     assert!(out.timed_out);
     assert_eq!(out.shell_status(), 137);
-    assert!(pids_with_cmdline(&format!("sleep {t}")).is_empty(), "a detached sleep survived the timeout");
+    assert!(
+        pids_with_cmdline(&format!("sleep {t}")).is_empty(),
+        "a detached sleep survived the timeout"
+    );
 }
 
 #[test]
@@ -84,7 +111,11 @@ fn setup_failure_is_the_step_and_errno() {
     let mut s = spec(&fx, &["true"]);
     s.cwd = Some("missing".into());
     match sandbox::run(s) {
-        Err(SandboxError::Setup { step: Step::ChdirCwd, errno, .. }) => assert_eq!(errno, nix::errno::Errno::ENOENT),
+        Err(SandboxError::Setup {
+            step: Step::ChdirCwd,
+            errno,
+            ..
+        }) => assert_eq!(errno, nix::errno::Errno::ENOENT),
         other => panic!("{other:?}"),
     }
     let e = sandbox::run(spec(&fx, &["definitely-not-a-command"])).unwrap_err();
@@ -113,7 +144,12 @@ fn bad_specs_are_refused_before_anything_runs() {
         mutate(&mut s);
         let e = sandbox::run(s).unwrap_err();
         assert!(
-            matches!(e, SandboxError::InvalidSpec(_) | SandboxError::HostIdentity(_) | SandboxError::WorkDir { .. }),
+            matches!(
+                e,
+                SandboxError::InvalidSpec(_)
+                    | SandboxError::HostIdentity(_)
+                    | SandboxError::WorkDir { .. }
+            ),
             "case {i}: {e:?}"
         );
         assert!(!marker.exists(), "case {i} ran the command");
@@ -129,7 +165,10 @@ fn concurrent_spawns_from_many_threads() {
             let work = work.clone();
             std::thread::spawn(move || {
                 for i in 0..5 {
-                    let mut s = SandboxSpec::new(&work, vec!["/bin/sh".into(), "-c".into(), format!("echo {t}-{i}")]);
+                    let mut s = SandboxSpec::new(
+                        &work,
+                        vec!["/bin/sh".into(), "-c".into(), format!("echo {t}-{i}")],
+                    );
                     s.stderr = OutputMode::Null;
                     let out = sandbox::run(s).unwrap();
                     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{t}-{i}\n"));
@@ -146,11 +185,27 @@ fn concurrent_spawns_from_many_threads() {
 fn each_run_gets_fresh_namespaces() {
     let fx = Fixture::new();
     let ns = || {
-        let out = sandbox::run(spec(&fx, &["/bin/sh", "-c", "readlink /proc/self/ns/user /proc/self/ns/net /proc/self/ns/mnt /proc/self/ns/pid"])).unwrap();
+        let out = sandbox::run(spec(
+            &fx,
+            &[
+                "/bin/sh",
+                "-c",
+                "readlink /proc/self/ns/user /proc/self/ns/net /proc/self/ns/mnt /proc/self/ns/pid",
+            ],
+        ))
+        .unwrap();
         String::from_utf8(out.stdout).unwrap()
     };
     let (a, b) = (ns(), ns());
-    let host: Vec<String> = ["user", "net", "mnt", "pid"].iter().map(|n| std::fs::read_link(format!("/proc/self/ns/{n}")).unwrap().display().to_string()).collect();
+    let host: Vec<String> = ["user", "net", "mnt", "pid"]
+        .iter()
+        .map(|n| {
+            std::fs::read_link(format!("/proc/self/ns/{n}"))
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
     for line in a.lines().chain(b.lines()) {
         assert!(!host.contains(&line.to_string()), "{line} is the host's");
     }
@@ -187,9 +242,14 @@ print("returned", f())
     fn i386_syscalls_kill_the_process() {
         let fx = Fixture::new();
         // Outside the sandbox first: without IA-32 emulation there is nothing to test.
-        let host = std::process::Command::new("python3").args(["-c", &program(I386_GETPID)]).output().unwrap();
+        let host = std::process::Command::new("python3")
+            .args(["-c", &program(I386_GETPID)])
+            .output()
+            .unwrap();
         if !String::from_utf8_lossy(&host.stdout).starts_with("returned") {
-            eprintln!("SKIP: this kernel has no IA-32 emulation (int 0x80 fails outside the sandbox too)");
+            eprintln!(
+                "SKIP: this kernel has no IA-32 emulation (int 0x80 fails outside the sandbox too)"
+            );
             return;
         }
         let out = sandbox::run(spec(&fx, &["python3", "-c", &program(I386_GETPID)])).unwrap();
@@ -237,7 +297,13 @@ print(opened, leaks)
     let race = |name: &str, work: &mut dyn FnMut()| -> (u64, u64) {
         let stop = fx.base.join(name);
         let child = std::process::Command::new("/usr/bin/python3")
-            .args(["-c", attacker, &addr.to_string(), &secret, stop.to_str().unwrap()])
+            .args([
+                "-c",
+                attacker,
+                &addr.to_string(),
+                &secret,
+                stop.to_str().unwrap(),
+            ])
             .uid(NOBODY)
             .gid(NOBODY)
             .stdout(std::process::Stdio::piped())
@@ -248,17 +314,28 @@ print(opened, leaks)
         std::fs::write(&stop, "").unwrap();
         let out = child.wait_with_output().unwrap();
         let report = String::from_utf8_lossy(&out.stdout).to_string();
-        let n: Vec<u64> = report.split_whitespace().filter_map(|s| s.parse().ok()).collect();
+        let n: Vec<u64> = report
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
         assert_eq!(n.len(), 2, "attacker report: {report:?}");
         (n[0], n[1])
     };
     // Calibration: short-lived processes of the attacker's own uid can be opened.
     let (opened, _) = race("stop-1", &mut || {
         for _ in 0..60 {
-            let _ = std::process::Command::new("sleep").arg("0.01").uid(NOBODY).gid(NOBODY).status().unwrap();
+            let _ = std::process::Command::new("sleep")
+                .arg("0.01")
+                .uid(NOBODY)
+                .gid(NOBODY)
+                .status()
+                .unwrap();
         }
     });
-    assert!(opened > 0, "the attacker never opened a process of its own uid; the test would prove nothing");
+    assert!(
+        opened > 0,
+        "the attacker never opened a process of its own uid; the test would prove nothing"
+    );
     let (_, leaks) = race("stop-2", &mut || {
         for _ in 0..150 {
             let out = sandbox::run(spec(&fx, &["/bin/true"])).unwrap();

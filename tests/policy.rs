@@ -23,7 +23,13 @@ fn probe(tool: &str) -> (Method, &'static str, Vec<u8>) {
     }
 }
 
-const TOOLS: [&str; 5] = ["exec", "files.read", "files.write", "config.read", "config.write"];
+const TOOLS: [&str; 5] = [
+    "exec",
+    "files.read",
+    "files.write",
+    "config.read",
+    "config.write",
+];
 
 #[tokio::test]
 async fn scopes_deny_exactly_what_they_should() {
@@ -38,8 +44,16 @@ async fn scopes_deny_exactly_what_they_should() {
         ("member", None, TOOLS.to_vec()),
         ("viewer", None, vec!["files.read", "config.read"]),
         ("member", Some(vec!["exec"]), vec!["exec"]),
-        ("member", Some(vec!["files.read", "files.write"]), vec!["files.read", "files.write"]),
-        ("viewer", Some(vec!["exec", "files.read"]), vec!["files.read"]),
+        (
+            "member",
+            Some(vec!["files.read", "files.write"]),
+            vec!["files.read", "files.write"],
+        ),
+        (
+            "viewer",
+            Some(vec!["exec", "files.read"]),
+            vec!["files.read"],
+        ),
         ("owner", Some(vec![]), vec![]),
     ];
     for (role, tools, allowed) in table {
@@ -47,34 +61,95 @@ async fn scopes_deny_exactly_what_they_should() {
         if let Some(t) = &tools {
             body["tools"] = serde_json::json!(t);
         }
-        let r = d.admin().json(Method::POST, "/admin/tenants/acme/tokens", &body).await.unwrap();
+        let r = d
+            .admin()
+            .json(Method::POST, "/admin/tenants/acme/tokens", &body)
+            .await
+            .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
         let token = r.json()["token"].as_str().unwrap().to_string();
         for tool in TOOLS {
             let (m, p, b) = probe(tool);
             let r = d.tenant(&token).request(m, p, b).await.unwrap();
             if allowed.contains(&tool) {
-                assert!(r.status.is_success(), "{role} {tools:?} {tool}: {} {:?}", r.status, r.json());
+                assert!(
+                    r.status.is_success(),
+                    "{role} {tools:?} {tool}: {} {:?}",
+                    r.status,
+                    r.json()
+                );
             } else {
-                assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (403, Some("policy_denied")), "{role} {tools:?} {tool}");
-                assert!(r.json()["error"]["message"].as_str().unwrap().contains(tool), "the denial names the scope");
+                assert_eq!(
+                    (r.status.as_u16(), r.reason_code().as_deref()),
+                    (403, Some("policy_denied")),
+                    "{role} {tools:?} {tool}"
+                );
+                assert!(
+                    r.json()["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains(tool),
+                    "the denial names the scope"
+                );
             }
         }
     }
     // The other tenant's owner token was never affected.
     for tool in TOOLS {
         let (m, p, b) = probe(tool);
-        assert!(d.tenant(&other).request(m, p, b).await.unwrap().status.is_success(), "beta {tool}");
+        assert!(
+            d.tenant(&other)
+                .request(m, p, b)
+                .await
+                .unwrap()
+                .status
+                .is_success(),
+            "beta {tool}"
+        );
     }
     // Denials are audited; unknown tool names are refused and change nothing.
     let audit = std::fs::read_to_string(d.state.join("audit.jsonl")).unwrap();
-    assert!(audit.contains("\"outcome\":\"denied\"") && audit.contains("\"reason_code\":\"policy_denied\""));
-    let before = d.admin().request(Method::GET, "/admin/tenants", vec![]).await.unwrap().json();
-    let r = d.admin().json(Method::POST, "/admin/tenants/acme/tokens", &serde_json::json!({"tools": ["exec", "rm -rf"]})).await.unwrap();
-    assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (400, Some("bad_request")));
-    let r = d.admin().json(Method::POST, "/admin/tenants/acme/tokens", &serde_json::json!({"role": "superuser"})).await.unwrap();
+    assert!(
+        audit.contains("\"outcome\":\"denied\"")
+            && audit.contains("\"reason_code\":\"policy_denied\"")
+    );
+    let before = d
+        .admin()
+        .request(Method::GET, "/admin/tenants", vec![])
+        .await
+        .unwrap()
+        .json();
+    let r = d
+        .admin()
+        .json(
+            Method::POST,
+            "/admin/tenants/acme/tokens",
+            &serde_json::json!({"tools": ["exec", "rm -rf"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (400, Some("bad_request"))
+    );
+    let r = d
+        .admin()
+        .json(
+            Method::POST,
+            "/admin/tenants/acme/tokens",
+            &serde_json::json!({"role": "superuser"}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
-    assert_eq!(d.admin().request(Method::GET, "/admin/tenants", vec![]).await.unwrap().json(), before);
+    assert_eq!(
+        d.admin()
+            .request(Method::GET, "/admin/tenants", vec![])
+            .await
+            .unwrap()
+            .json(),
+        before
+    );
 }
 
 async fn wait_gone(needle: &str) {
@@ -85,7 +160,10 @@ async fn wait_gone(needle: &str) {
     }
 }
 
-async fn start_sleep(d: &Daemon, token: &str) -> (String, tokio::task::JoinHandle<bulkhead::client::Reply>) {
+async fn start_sleep(
+    d: &Daemon,
+    token: &str,
+) -> (String, tokio::task::JoinHandle<bulkhead::client::Reply>) {
     let t = tag();
     let c = d.tenant(token);
     let arg = t.clone();
@@ -106,37 +184,64 @@ async fn kill_switch_stops_one_tenant_or_everything() {
     // `tenants stop` kills acme's runs now; beta's keep running; acme stays usable.
     let (sa, ha) = start_sleep(&d, &a).await;
     let (sb, hb) = start_sleep(&d, &b).await;
-    let out = std::process::Command::new(bin()).args(["tenants", "--state-dir"]).arg(&d.state).args(["stop", "acme"]).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["tenants", "--state-dir"])
+        .arg(&d.state)
+        .args(["stop", "acme"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     wait_gone(&sa).await;
     assert_eq!(ha.await.unwrap().json()["signal"], 9);
     assert!(!pids_with_cmdline(&sb).is_empty(), "beta's run was touched");
     assert_eq!(exec(&d.tenant(&a), &["true"]).await.status, 200);
     // `halt`: every run stops, all new work gets 503 halted, until `resume`.
-    let out = std::process::Command::new(bin()).args(["halt", "--state-dir"]).arg(&d.state).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["halt", "--state-dir"])
+        .arg(&d.state)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     wait_gone(&sb).await;
     assert_eq!(hb.await.unwrap().json()["signal"], 9);
     for t in [&a, &b] {
         let r = exec(&d.tenant(t), &["true"]).await;
-        assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (503, Some("halted")));
+        assert_eq!(
+            (r.status.as_u16(), r.reason_code().as_deref()),
+            (503, Some("halted"))
+        );
     }
-    let status = d.admin().request(Method::GET, "/admin/status", vec![]).await.unwrap().json();
+    let status = d
+        .admin()
+        .request(Method::GET, "/admin/status", vec![])
+        .await
+        .unwrap()
+        .json();
     assert_eq!(status["halted"], true);
     // How limits are enforced is reported: cgroup v2 found and delegated, or why not.
     assert_eq!(status["limits_enforced_by"], "rlimits");
     match status["cgroups"]["state"].as_str() {
         Some("delegated") => assert!(status["cgroups"]["path"].is_string(), "{status}"),
-        Some("unavailable") => assert!(!status["cgroups"]["reason"].as_str().unwrap().is_empty(), "{status}"),
+        Some("unavailable") => assert!(
+            !status["cgroups"]["reason"].as_str().unwrap().is_empty(),
+            "{status}"
+        ),
         other => panic!("{other:?}: {status}"),
     }
-    let out = std::process::Command::new(bin()).args(["resume", "--state-dir"]).arg(&d.state).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["resume", "--state-dir"])
+        .arg(&d.state)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(exec(&d.tenant(&b), &["true"]).await.status, 200);
     // Audited with the admin actor.
     let audit = std::fs::read_to_string(d.state.join("audit.jsonl")).unwrap();
     for action in ["tenant.stop", "daemon.halt", "daemon.resume"] {
-        let line = audit.lines().find(|l| l.contains(&format!("\"action\":\"{action}\""))).unwrap_or_else(|| panic!("{action} not audited"));
+        let line = audit
+            .lines()
+            .find(|l| l.contains(&format!("\"action\":\"{action}\"")))
+            .unwrap_or_else(|| panic!("{action} not audited"));
         assert!(line.contains("\"actor\":\"ak_"), "{line}");
     }
 }
@@ -145,11 +250,31 @@ async fn kill_switch_stops_one_tenant_or_everything() {
 async fn halt_survives_a_restart() {
     let mut d = Daemon::start(As::Nobody);
     let a = d.create("acme").await;
-    assert_eq!(d.admin().request(Method::POST, "/admin/halt", vec![]).await.unwrap().status, 204);
+    assert_eq!(
+        d.admin()
+            .request(Method::POST, "/admin/halt", vec![])
+            .await
+            .unwrap()
+            .status,
+        204
+    );
     d.kill9();
     d.spawn();
-    assert_eq!(exec(&d.tenant(&a), &["true"]).await.reason_code().as_deref(), Some("halted"));
-    assert_eq!(d.admin().request(Method::POST, "/admin/resume", vec![]).await.unwrap().status, 204);
+    assert_eq!(
+        exec(&d.tenant(&a), &["true"])
+            .await
+            .reason_code()
+            .as_deref(),
+        Some("halted")
+    );
+    assert_eq!(
+        d.admin()
+            .request(Method::POST, "/admin/resume", vec![])
+            .await
+            .unwrap()
+            .status,
+        204
+    );
     assert_eq!(exec(&d.tenant(&a), &["true"]).await.status, 200);
 }
 
@@ -159,53 +284,174 @@ async fn limits_hold_for_one_tenant_and_leave_the_other_alone() {
     let a = d.create("acme").await;
     let b = d.create("beta").await;
     // Set with the CLI; read back on the admin API.
-    let out = std::process::Command::new(bin()).args(["tenants", "--state-dir"]).arg(&d.state).args(["limits", "acme", "max_concurrent=1", "max_wall_ms=2000", "max_output_bytes=10"]).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["tenants", "--state-dir"])
+        .arg(&d.state)
+        .args([
+            "limits",
+            "acme",
+            "max_concurrent=1",
+            "max_wall_ms=2000",
+            "max_output_bytes=10",
+        ])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let v = d.admin().request(Method::GET, "/admin/tenants/acme/limits", vec![]).await.unwrap().json();
-    assert_eq!((v["effective"]["max_concurrent"].as_u64(), v["effective"]["max_wall_ms"].as_u64()), (Some(1), Some(2000)), "{v}");
+    let v = d
+        .admin()
+        .request(Method::GET, "/admin/tenants/acme/limits", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(
+        (
+            v["effective"]["max_concurrent"].as_u64(),
+            v["effective"]["max_wall_ms"].as_u64()
+        ),
+        (Some(1), Some(2000)),
+        "{v}"
+    );
     // max_concurrent: with one run going, a second gets 429 with Retry-After; beta runs.
     let (needle, first) = start_sleep_with(&d, &a, "1.5").await;
-    let r = d.tenant(&a).json(Method::POST, "/v1/exec", &serde_json::json!({"argv": ["true"]})).await.unwrap();
-    assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (429, Some("rate_limited")), "{:?}", r.json());
+    let r = d
+        .tenant(&a)
+        .json(
+            Method::POST,
+            "/v1/exec",
+            &serde_json::json!({"argv": ["true"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (429, Some("rate_limited")),
+        "{:?}",
+        r.json()
+    );
     for _ in 0..3 {
-        assert_eq!(exec(&d.tenant(&b), &["true"]).await.status, 200, "beta is untouched");
+        assert_eq!(
+            exec(&d.tenant(&b), &["true"]).await.status,
+            200,
+            "beta is untouched"
+        );
     }
     first.await.unwrap();
     wait_gone(&needle).await;
     // max_wall_ms and max_output_bytes.
-    let r = d.tenant(&a).json(Method::POST, "/v1/exec", &serde_json::json!({"argv": ["true"], "timeout_ms": 5000})).await.unwrap();
+    let r = d
+        .tenant(&a)
+        .json(
+            Method::POST,
+            "/v1/exec",
+            &serde_json::json!({"argv": ["true"], "timeout_ms": 5000}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.reason_code().as_deref(), Some("bad_request"));
     let r = exec(&d.tenant(&a), &["echo", "0123456789abcdef"]).await;
-    assert_eq!((r.json()["stdout"].as_str(), r.json()["stdout_truncated"].as_bool()), (Some("0123456789"), Some(true)));
+    assert_eq!(
+        (
+            r.json()["stdout"].as_str(),
+            r.json()["stdout_truncated"].as_bool()
+        ),
+        (Some("0123456789"), Some(true))
+    );
     let r = exec(&d.tenant(&b), &["echo", "0123456789abcdef"]).await;
     assert_eq!(r.json()["stdout"], "0123456789abcdef\n");
     // requests_per_s: a burst is cut with 429 + Retry-After; beta is not.
-    let r = d.admin().json(Method::PUT, "/admin/tenants/acme/limits", &serde_json::json!({"requests_per_s": 2})).await.unwrap();
+    let r = d
+        .admin()
+        .json(
+            Method::PUT,
+            "/admin/tenants/acme/limits",
+            &serde_json::json!({"requests_per_s": 2}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     let mut limited = 0;
     for _ in 0..6 {
-        let r = d.tenant(&a).request(Method::GET, "/v1/files/", vec![]).await.unwrap();
+        let r = d
+            .tenant(&a)
+            .request(Method::GET, "/v1/files/", vec![])
+            .await
+            .unwrap();
         if r.status == 429 {
             limited += 1;
             assert!(r.reason_code().as_deref() == Some("rate_limited"));
         }
-        assert_eq!(d.tenant(&b).request(Method::GET, "/v1/files/", vec![]).await.unwrap().status, 200);
+        assert_eq!(
+            d.tenant(&b)
+                .request(Method::GET, "/v1/files/", vec![])
+                .await
+                .unwrap()
+                .status,
+            200
+        );
     }
     assert!(limited >= 3, "{limited} of 6 limited");
     // Bad limits: clear errors, nothing changed.
-    let before = d.admin().request(Method::GET, "/admin/tenants/acme/limits", vec![]).await.unwrap().json();
-    for bad in [r#"{"pids": -1}"#, r#"{"pids": 0}"#, r#"{"bogus": 1}"#, r#"{"requests_per_s": 1e400}"#, r#"{"max_concurrent": 99999999999}"#, r#"{"memory_bytes": "lots"}"#] {
-        let r = d.admin().request(Method::PUT, "/admin/tenants/acme/limits", bad.as_bytes().to_vec()).await.unwrap();
-        assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (400, Some("bad_request")), "{bad}: {:?}", r.json());
+    let before = d
+        .admin()
+        .request(Method::GET, "/admin/tenants/acme/limits", vec![])
+        .await
+        .unwrap()
+        .json();
+    for bad in [
+        r#"{"pids": -1}"#,
+        r#"{"pids": 0}"#,
+        r#"{"bogus": 1}"#,
+        r#"{"requests_per_s": 1e400}"#,
+        r#"{"max_concurrent": 99999999999}"#,
+        r#"{"memory_bytes": "lots"}"#,
+    ] {
+        let r = d
+            .admin()
+            .request(
+                Method::PUT,
+                "/admin/tenants/acme/limits",
+                bad.as_bytes().to_vec(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.reason_code().as_deref()),
+            (400, Some("bad_request")),
+            "{bad}: {:?}",
+            r.json()
+        );
     }
-    assert_eq!(d.admin().request(Method::GET, "/admin/tenants/acme/limits", vec![]).await.unwrap().json(), before);
+    assert_eq!(
+        d.admin()
+            .request(Method::GET, "/admin/tenants/acme/limits", vec![])
+            .await
+            .unwrap()
+            .json(),
+        before
+    );
     // Changes are audited; a tenant overlay can never set limits.
-    assert!(std::fs::read_to_string(d.state.join("audit.jsonl")).unwrap().contains("\"action\":\"limits.set\""));
-    let r = d.tenant(&b).json(Method::PUT, "/v1/config", &serde_json::json!({"limits": {"pids": 1}})).await.unwrap();
+    assert!(
+        std::fs::read_to_string(d.state.join("audit.jsonl"))
+            .unwrap()
+            .contains("\"action\":\"limits.set\"")
+    );
+    let r = d
+        .tenant(&b)
+        .json(
+            Method::PUT,
+            "/v1/config",
+            &serde_json::json!({"limits": {"pids": 1}}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.reason_code().as_deref(), Some("admin_only_key"));
 }
 
-async fn start_sleep_with(d: &Daemon, token: &str, secs: &str) -> (String, tokio::task::JoinHandle<bulkhead::client::Reply>) {
+async fn start_sleep_with(
+    d: &Daemon,
+    token: &str,
+    secs: &str,
+) -> (String, tokio::task::JoinHandle<bulkhead::client::Reply>) {
     let c = d.tenant(token);
     let arg = format!("{secs}{}", tag().split('.').nth(1).unwrap_or("1"));
     let needle = format!("sleep {arg}");
@@ -223,29 +469,91 @@ async fn usage_is_counted_per_tenant_and_steps_per_day_holds() {
     let d = Daemon::start(As::Nobody);
     let a = d.create("acme").await;
     let b = d.create("beta").await;
-    assert_eq!(d.admin().json(Method::PUT, "/admin/tenants/acme/limits", &serde_json::json!({"steps_per_day": 3})).await.unwrap().status, 200);
+    assert_eq!(
+        d.admin()
+            .json(
+                Method::PUT,
+                "/admin/tenants/acme/limits",
+                &serde_json::json!({"steps_per_day": 3})
+            )
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     for _ in 0..2 {
         assert_eq!(exec(&d.tenant(&a), &["true"]).await.status, 200);
     }
-    assert_eq!(d.tenant(&a).request(Method::GET, "/v1/files/", vec![]).await.unwrap().status, 200);
+    assert_eq!(
+        d.tenant(&a)
+            .request(Method::GET, "/v1/files/", vec![])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     // The fourth tool call of the day is refused; beta is not affected.
     let r = exec(&d.tenant(&a), &["true"]).await;
-    assert_eq!((r.status.as_u16(), r.reason_code().as_deref()), (429, Some("rate_limited")), "{:?}", r.json());
-    assert!(r.json()["error"]["message"].as_str().unwrap().contains("steps_per_day"));
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (429, Some("rate_limited")),
+        "{:?}",
+        r.json()
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("steps_per_day")
+    );
     for _ in 0..5 {
         assert_eq!(exec(&d.tenant(&b), &["true"]).await.status, 200);
     }
     // Each tenant sees its own counters and limits; the admin sees the same.
-    let mine = d.tenant(&a).request(Method::GET, "/v1/usage", vec![]).await.unwrap().json();
-    assert_eq!((mine["tenant"].as_str(), mine["usage"]["execs"].as_u64(), mine["usage"]["steps_today"].as_u64()), (Some("acme"), Some(2), Some(3)), "{mine}");
+    let mine = d
+        .tenant(&a)
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(
+        (
+            mine["tenant"].as_str(),
+            mine["usage"]["execs"].as_u64(),
+            mine["usage"]["steps_today"].as_u64()
+        ),
+        (Some("acme"), Some(2), Some(3)),
+        "{mine}"
+    );
     assert_eq!(mine["limits"]["steps_per_day"], 3);
-    let theirs = d.tenant(&b).request(Method::GET, "/v1/usage", vec![]).await.unwrap().json();
-    assert_eq!((theirs["tenant"].as_str(), theirs["usage"]["execs"].as_u64()), (Some("beta"), Some(5)), "{theirs}");
-    let admin_view = d.admin().request(Method::GET, "/admin/tenants/acme/usage", vec![]).await.unwrap().json();
+    let theirs = d
+        .tenant(&b)
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(
+        (theirs["tenant"].as_str(), theirs["usage"]["execs"].as_u64()),
+        (Some("beta"), Some(5)),
+        "{theirs}"
+    );
+    let admin_view = d
+        .admin()
+        .request(Method::GET, "/admin/tenants/acme/usage", vec![])
+        .await
+        .unwrap()
+        .json();
     assert_eq!(admin_view["usage"]["execs"], 2);
 }
 
-async fn keyed(sock: &std::path::Path, token: &str, key: &str, method: Method, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+async fn keyed(
+    sock: &std::path::Path,
+    token: &str,
+    key: &str,
+    method: Method,
+    path: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;
     use hyperlocal::UnixClientExt;
@@ -260,7 +568,15 @@ async fn keyed(sock: &std::path::Path, token: &str, key: &str, method: Method, p
         .unwrap();
     let resp = client.request(req).await.unwrap();
     let status = resp.status().as_u16();
-    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+    (
+        status,
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
 }
 
 #[tokio::test]
@@ -274,7 +590,9 @@ async fn idempotent_requests_run_once_and_replay_byte_identical() {
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let (sock, token, body) = (sock.clone(), a.clone(), body.clone());
-        tasks.push(tokio::spawn(async move { keyed(&sock, &token, "run-1", Method::POST, "/v1/exec", &body).await }));
+        tasks.push(tokio::spawn(async move {
+            keyed(&sock, &token, "run-1", Method::POST, "/v1/exec", &body).await
+        }));
     }
     let mut answers = Vec::new();
     for t in tasks {
@@ -283,16 +601,35 @@ async fn idempotent_requests_run_once_and_replay_byte_identical() {
     assert!(answers.iter().all(|a| a == &answers[0]), "answers differ");
     assert_eq!(answers[0].0, 200);
     let counter = d.state.join("tenants/acme/work/count");
-    let count = || std::fs::read_to_string(&counter).unwrap_or_default().lines().count();
+    let count = || {
+        std::fs::read_to_string(&counter)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
     assert_eq!(count(), 1, "the command ran more than once");
     // The same key with another request: 409, nothing runs.
-    let (status, reply) = keyed(&sock, &a, "run-1", Method::POST, "/v1/exec", br#"{"argv":["true"]}"#).await;
+    let (status, reply) = keyed(
+        &sock,
+        &a,
+        "run-1",
+        Method::POST,
+        "/v1/exec",
+        br#"{"argv":["true"]}"#,
+    )
+    .await;
     assert_eq!(status, 409, "{}", String::from_utf8_lossy(&reply));
     assert!(String::from_utf8_lossy(&reply).contains("idempotency_conflict"));
     // Another tenant's identical key is its own.
     let (status, _) = keyed(&sock, &b, "run-1", Method::POST, "/v1/exec", &body).await;
     assert_eq!(status, 200);
-    assert_eq!(std::fs::read_to_string(d.state.join("tenants/beta/work/count")).unwrap().lines().count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(d.state.join("tenants/beta/work/count"))
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
     // File writes too, and the record survives a restart.
     let (s1, r1) = keyed(&sock, &a, "put-1", Method::PUT, "/v1/files/f.txt", b"first").await;
     assert_eq!(s1, 200);
@@ -300,10 +637,21 @@ async fn idempotent_requests_run_once_and_replay_byte_identical() {
     d.spawn();
     let (s2, r2) = keyed(&sock, &a, "put-1", Method::PUT, "/v1/files/f.txt", b"first").await;
     assert_eq!((s2, &r2), (s1, &r1));
-    assert_eq!(keyed(&sock, &a, "run-1", Method::POST, "/v1/exec", &body).await, answers[0]);
+    assert_eq!(
+        keyed(&sock, &a, "run-1", Method::POST, "/v1/exec", &body).await,
+        answers[0]
+    );
     assert_eq!(count(), 1);
     // Malformed keys are refused.
-    let (status, _) = keyed(&sock, &a, "bad key with spaces", Method::POST, "/v1/exec", &body).await;
+    let (status, _) = keyed(
+        &sock,
+        &a,
+        "bad key with spaces",
+        Method::POST,
+        "/v1/exec",
+        &body,
+    )
+    .await;
     assert_eq!(status, 400);
 }
 
@@ -311,11 +659,28 @@ async fn idempotent_requests_run_once_and_replay_byte_identical() {
 async fn limits_hold_under_200_parallel_requests() {
     let d = Daemon::start(As::Nobody);
     let a = d.create("acme").await;
-    assert_eq!(d.admin().json(Method::PUT, "/admin/tenants/acme/limits", &serde_json::json!({"steps_per_day": 50})).await.unwrap().status, 200);
+    assert_eq!(
+        d.admin()
+            .json(
+                Method::PUT,
+                "/admin/tenants/acme/limits",
+                &serde_json::json!({"steps_per_day": 50})
+            )
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let c = d.tenant(&a);
-        tasks.push(tokio::spawn(async move { c.request(Method::GET, "/v1/files/", vec![]).await.unwrap().status.as_u16() }));
+        tasks.push(tokio::spawn(async move {
+            c.request(Method::GET, "/v1/files/", vec![])
+                .await
+                .unwrap()
+                .status
+                .as_u16()
+        }));
     }
     let mut ok = 0;
     for t in tasks {
@@ -328,23 +693,51 @@ async fn limits_hold_under_200_parallel_requests() {
     assert_eq!(ok, 50, "the daily step counter went past its limit");
     // Concurrency: 60 parallel runs under max_concurrent = 3 never overlap more than 3.
     let b = d.create("beta").await;
-    assert_eq!(d.admin().json(Method::PUT, "/admin/tenants/beta/limits", &serde_json::json!({"max_concurrent": 3})).await.unwrap().status, 200);
+    assert_eq!(
+        d.admin()
+            .json(
+                Method::PUT,
+                "/admin/tenants/beta/limits",
+                &serde_json::json!({"max_concurrent": 3})
+            )
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let mut tasks = Vec::new();
     for _ in 0..60 {
         let c = d.tenant(&b);
-        tasks.push(tokio::spawn(async move { c.json(Method::POST, "/v1/exec", &serde_json::json!({"argv": ["sh", "-c", "date +%s%N; sleep 0.2; date +%s%N"]})).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            c.json(
+                Method::POST,
+                "/v1/exec",
+                &serde_json::json!({"argv": ["sh", "-c", "date +%s%N; sleep 0.2; date +%s%N"]}),
+            )
+            .await
+            .unwrap()
+        }));
     }
     let mut spans = Vec::new();
     for t in tasks {
         let r = t.await.unwrap();
         if r.status == 200 {
-            let out: Vec<u128> = r.json()["stdout"].as_str().unwrap().lines().map(|l| l.parse().unwrap()).collect();
+            let out: Vec<u128> = r.json()["stdout"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .map(|l| l.parse().unwrap())
+                .collect();
             spans.push((out[0], out[1]));
         } else {
             assert_eq!(r.reason_code().as_deref(), Some("rate_limited"));
         }
     }
     assert!(!spans.is_empty());
-    let max_overlap = spans.iter().map(|(s, _)| spans.iter().filter(|(s2, e2)| s2 <= s && s < e2).count()).max().unwrap();
+    let max_overlap = spans
+        .iter()
+        .map(|(s, _)| spans.iter().filter(|(s2, e2)| s2 <= s && s < e2).count())
+        .max()
+        .unwrap();
     assert!(max_overlap <= 3, "{max_overlap} runs overlapped");
 }

@@ -31,7 +31,14 @@ struct CreateToken {
     tools: Option<Vec<String>>,
 }
 
-fn event(s: &AdminSession, action: &str, tenant: Option<&str>, target: Option<String>, outcome: &str, reason: Option<&str>) -> Event {
+fn event(
+    s: &AdminSession,
+    action: &str,
+    tenant: Option<&str>,
+    target: Option<String>,
+    outcome: &str,
+    reason: Option<&str>,
+) -> Event {
     Event {
         actor: s.actor().to_string(),
         tenant: tenant.map(String::from),
@@ -45,28 +52,49 @@ fn event(s: &AdminSession, action: &str, tenant: Option<&str>, target: Option<St
 }
 
 /// Audits an admin action whatever its outcome, then passes the result on.
-async fn audited<T>(app: &App, s: &AdminSession, action: &str, tenant: Option<&str>, target: Option<String>, r: Result<T, ApiError>) -> Result<T, ApiError> {
+async fn audited<T>(
+    app: &App,
+    s: &AdminSession,
+    action: &str,
+    tenant: Option<&str>,
+    target: Option<String>,
+    r: Result<T, ApiError>,
+) -> Result<T, ApiError> {
     let (outcome, reason) = match &r {
         Ok(_) => ("ok", None),
         Err(e) => ("error", Some(e.status_and_code().1)),
     };
-    app.audit.record(event(s, action, tenant, target, outcome, reason)).await?;
+    app.audit
+        .record(event(s, action, tenant, target, outcome, reason))
+        .await?;
     r
 }
 
 fn existing(app: &App, name: &str) -> Result<TenantName, ApiError> {
-    app.registry.existing(name).ok_or_else(|| ApiError::TenantMissing(name.to_string()))
+    app.registry
+        .existing(name)
+        .ok_or_else(|| ApiError::TenantMissing(name.to_string()))
 }
 
 /// Routes an admin request.
-pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+pub async fn route(
+    app: Arc<App>,
+    s: AdminSession,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     let t = s.trace_id().to_string();
     match (method, &parts[..]) {
         (Method::GET, ["", "admin", "status"]) => {
-            let running: usize = app.running.lock().unwrap_or_else(|p| p.into_inner()).values().map(|m| m.len()).sum();
+            let running: usize = app
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|m| m.len())
+                .sum();
             Ok(json_response(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -82,7 +110,11 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                 &t,
             ))
         }
-        (Method::GET, ["", "admin", "tenants"]) => Ok(json_response(StatusCode::OK, &serde_json::json!({"tenants": app.registry.list()}), &t)),
+        (Method::GET, ["", "admin", "tenants"]) => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"tenants": app.registry.list()}),
+            &t,
+        )),
         (Method::POST, ["", "admin", "tenants"]) => {
             let (body, _budget) = read_body(&app, req.into_body(), 4096).await?;
             let create: CreateTenant = parse_json(&body)?;
@@ -95,8 +127,20 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                 }
                 Err(e) => Err(e),
             };
-            let issued = audited(&app, &s, "tenant.create", Some(&shown), Some(shown.clone()), r).await?;
-            Ok(json_response(StatusCode::CREATED, &serde_json::json!({"name": shown, "token": issued.token, "token_id": issued.id.to_string()}), &t))
+            let issued = audited(
+                &app,
+                &s,
+                "tenant.create",
+                Some(&shown),
+                Some(shown.clone()),
+                r,
+            )
+            .await?;
+            Ok(json_response(
+                StatusCode::CREATED,
+                &serde_json::json!({"name": shown, "token": issued.token, "token_id": issued.id.to_string()}),
+                &t,
+            ))
         }
         (Method::DELETE, ["", "admin", "tenants", name]) => {
             let name_s = name.to_string();
@@ -110,17 +154,45 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                     let app2 = app.clone();
                     let t2 = tenant.clone();
                     let r = frozen.and(blocking(move || Ok(app2.registry.delete(&t2)?)).await);
-                    app.overlays.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant.as_str());
-                    app.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant.as_str());
+                    app.overlays
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(tenant.as_str());
+                    app.tenant_limits
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(tenant.as_str());
                     app.meters.forget(tenant.as_str());
                     r
                 }
                 Err(e) => Err(e),
             };
-            audited(&app, &s, "tenant.delete", Some(&name_s), Some(name_s.clone()), r).await?;
-            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
+            audited(
+                &app,
+                &s,
+                "tenant.delete",
+                Some(&name_s),
+                Some(name_s.clone()),
+                r,
+            )
+            .await?;
+            Ok(response(
+                StatusCode::NO_CONTENT,
+                "application/json",
+                Vec::new(),
+                &t,
+            ))
         }
-        (Method::POST, ["", "admin", "tenants", name, action @ ("freeze" | "unfreeze")]) => {
+        (
+            Method::POST,
+            [
+                "",
+                "admin",
+                "tenants",
+                name,
+                action @ ("freeze" | "unfreeze"),
+            ],
+        ) => {
             let frozen = *action == "freeze";
             let name_s = name.to_string();
             let r = match existing(&app, name) {
@@ -135,8 +207,21 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                 }
                 Err(e) => Err(e),
             };
-            audited(&app, &s, &format!("tenant.{action}"), Some(&name_s), Some(name_s.clone()), r).await?;
-            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
+            audited(
+                &app,
+                &s,
+                &format!("tenant.{action}"),
+                Some(&name_s),
+                Some(name_s.clone()),
+                r,
+            )
+            .await?;
+            Ok(response(
+                StatusCode::NO_CONTENT,
+                "application/json",
+                Vec::new(),
+                &t,
+            ))
         }
         (Method::POST, ["", "admin", "tenants", name, "tokens", "rotate"]) => {
             let name_s = name.to_string();
@@ -149,7 +234,11 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
             };
             let target = r.as_ref().ok().map(|i| i.id.to_string());
             let issued = audited(&app, &s, "token.rotate", Some(&name_s), target, r).await?;
-            Ok(json_response(StatusCode::OK, &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}), &t))
+            Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}),
+                &t,
+            ))
         }
         (Method::POST, ["", "admin", "tenants", name, "tokens"]) => {
             let (body, _budget) = read_body(&app, req.into_body(), 4096).await?;
@@ -164,13 +253,18 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                     let ws = create.workspace.unwrap_or_else(|| "default".into());
                     let role = create.role.unwrap_or(Role::Member);
                     let tools = create.tools;
-                    blocking(move || Ok(app2.registry.create_token(&tenant, &ws, role, tools)?)).await
+                    blocking(move || Ok(app2.registry.create_token(&tenant, &ws, role, tools)?))
+                        .await
                 }
                 Err(e) => Err(e),
             };
             let target = r.as_ref().ok().map(|i| i.id.to_string());
             let issued = audited(&app, &s, "token.create", Some(&name_s), target, r).await?;
-            Ok(json_response(StatusCode::CREATED, &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}), &t))
+            Ok(json_response(
+                StatusCode::CREATED,
+                &serde_json::json!({"token": issued.token, "token_id": issued.id.to_string()}),
+                &t,
+            ))
         }
         (Method::GET, ["", "admin", "tenants", name, "usage"]) => {
             let tenant = existing(&app, name)?;
@@ -178,8 +272,18 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
         }
         (Method::GET, ["", "admin", "tenants", name, "limits"]) => {
             let tenant = existing(&app, name)?;
-            let own = app.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).cloned().unwrap_or_default();
-            Ok(json_response(StatusCode::OK, &serde_json::json!({"effective": app.limits(&tenant), "tenant": own, "defaults": app.config.limits}), &t))
+            let own = app
+                .tenant_limits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(tenant.as_str())
+                .cloned()
+                .unwrap_or_default();
+            Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({"effective": app.limits(&tenant), "tenant": own, "defaults": app.config.limits}),
+                &t,
+            ))
         }
         (Method::PUT, ["", "admin", "tenants", name, "limits"]) => {
             let (body, _budget) = read_body(&app, req.into_body(), 16 * 1024).await?;
@@ -187,14 +291,28 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
             let name_s = name.to_string();
             let r = match existing(&app, name) {
                 Ok(tenant) => {
-                    let own = app.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).cloned().unwrap_or_default();
+                    let own = app
+                        .tenant_limits
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(tenant.as_str())
+                        .cloned()
+                        .unwrap_or_default();
                     match own.apply_patch(&patch) {
                         Ok(next) => {
                             let dir = app.registry.tenant_dir(&tenant);
-                            let json = serde_json::to_vec_pretty(&next).map_err(|e| ApiError::Internal(e.to_string()))?;
-                            let written = blocking(move || crate::tenant::write_atomic(&dir, "limits.json", &json, 0o600).map_err(|e| ApiError::Internal(format!("limits.json: {e}")))).await;
+                            let json = serde_json::to_vec_pretty(&next)
+                                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                            let written = blocking(move || {
+                                crate::tenant::write_atomic(&dir, "limits.json", &json, 0o600)
+                                    .map_err(|e| ApiError::Internal(format!("limits.json: {e}")))
+                            })
+                            .await;
                             written.map(|()| {
-                                app.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), next);
+                                app.tenant_limits
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(tenant.to_string(), next);
                                 app.limits(&tenant)
                             })
                         }
@@ -204,8 +322,20 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                 Err(e) => Err(e),
             };
             let keys: Vec<&String> = patch.keys().collect();
-            let effective = audited(&app, &s, "limits.set", Some(&name_s), Some(format!("{keys:?}")), r).await?;
-            Ok(json_response(StatusCode::OK, &serde_json::to_value(effective).unwrap_or_default(), &t))
+            let effective = audited(
+                &app,
+                &s,
+                "limits.set",
+                Some(&name_s),
+                Some(format!("{keys:?}")),
+                r,
+            )
+            .await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &serde_json::to_value(effective).unwrap_or_default(),
+                &t,
+            ))
         }
         (Method::POST, ["", "admin", "tenants", name, "stop"]) => {
             let name_s = name.to_string();
@@ -216,15 +346,43 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                 }
                 Err(e) => Err(e),
             };
-            audited(&app, &s, "tenant.stop", Some(&name_s), Some(name_s.clone()), r).await?;
-            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
+            audited(
+                &app,
+                &s,
+                "tenant.stop",
+                Some(&name_s),
+                Some(name_s.clone()),
+                r,
+            )
+            .await?;
+            Ok(response(
+                StatusCode::NO_CONTENT,
+                "application/json",
+                Vec::new(),
+                &t,
+            ))
         }
         (Method::POST, ["", "admin", action @ ("halt" | "resume")]) => {
             let halt = *action == "halt";
             let marker = app.state_dir.join("halted");
             // Persisted first, so a restart keeps the switch where the admin left it.
             let r = blocking(move || {
-                let done = if halt { crate::tenant::write_atomic(marker.parent().unwrap_or(std::path::Path::new(".")), "halted", b"1\n", 0o600) } else { std::fs::remove_file(&marker).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) };
+                let done = if halt {
+                    crate::tenant::write_atomic(
+                        marker.parent().unwrap_or(std::path::Path::new(".")),
+                        "halted",
+                        b"1\n",
+                        0o600,
+                    )
+                } else {
+                    std::fs::remove_file(&marker).or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                };
                 done.map_err(|e| ApiError::Internal(format!("halted marker: {e}")))
             })
             .await;
@@ -235,17 +393,41 @@ pub async fn route(app: Arc<App>, s: AdminSession, req: Request<Incoming>) -> Re
                 }
             }
             audited(&app, &s, &format!("daemon.{action}"), None, None, r).await?;
-            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
+            Ok(response(
+                StatusCode::NO_CONTENT,
+                "application/json",
+                Vec::new(),
+                &t,
+            ))
         }
         (Method::DELETE, ["", "admin", "tokens", id]) => {
             let id_s = id.to_string();
             let app2 = app.clone();
             let r = blocking(move || Ok(app2.registry.revoke_token(&id_s)?)).await;
             let tenant = r.as_ref().ok().map(|t| t.to_string());
-            audited(&app, &s, "token.revoke", tenant.as_deref(), Some(id.to_string()), r).await?;
-            Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), &t))
+            audited(
+                &app,
+                &s,
+                "token.revoke",
+                tenant.as_deref(),
+                Some(id.to_string()),
+                r,
+            )
+            .await?;
+            Ok(response(
+                StatusCode::NO_CONTENT,
+                "application/json",
+                Vec::new(),
+                &t,
+            ))
         }
-        (m, _) if path.starts_with("/admin/") => Err(if matches!(m, Method::GET | Method::POST | Method::DELETE | Method::PUT) { ApiError::NotFound(format!("no route {path}")) } else { ApiError::Method }),
+        (m, _) if path.starts_with("/admin/") => Err(
+            if matches!(m, Method::GET | Method::POST | Method::DELETE | Method::PUT) {
+                ApiError::NotFound(format!("no route {path}"))
+            } else {
+                ApiError::Method
+            },
+        ),
         _ => Err(ApiError::NotFound(format!("no route {path}"))),
     }
 }

@@ -62,7 +62,9 @@ impl App {
     /// work dir, tracked here or not. Callers first mark the tenant frozen or gone, so a run
     /// that starts after this message sees that and kills itself (see `tenant::exec`).
     pub async fn kill_tenant_runs(&self, tenant: &TenantName) {
-        self.spawner.kill_tenant(&self.registry.work_dir(tenant)).await;
+        self.spawner
+            .kill_tenant(&self.registry.work_dir(tenant))
+            .await;
     }
 
     /// Whether `tenant` may still run: it exists, is not frozen, and the daemon is not
@@ -73,7 +75,13 @@ impl App {
 
     /// The tenant's effective limits: admin defaults with its own values on top.
     pub fn limits(&self, tenant: &TenantName) -> crate::policy::limits::Limits {
-        let own = self.tenant_limits.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).cloned().unwrap_or_default();
+        let own = self
+            .tenant_limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant.as_str())
+            .cloned()
+            .unwrap_or_default();
         self.config.limits.overlaid(&own)
     }
 
@@ -84,7 +92,12 @@ impl App {
 
     /// Registers a run of `tenant`.
     pub fn track(&self, tenant: &TenantName, id: u64, killer: Killer) {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().insert(id, killer);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.to_string())
+            .or_default()
+            .insert(id, killer);
     }
 
     /// Forgets a finished run.

@@ -78,7 +78,9 @@ impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::Auth(AuthError::InvalidTenantName(_) | AuthError::InvalidWorkspace(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Auth(AuthError::InvalidTenantName(_) | AuthError::InvalidWorkspace(_)) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
             ApiError::Auth(AuthError::Random(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Auth(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             ApiError::Frozen => (StatusCode::LOCKED, "tenant_frozen"),
@@ -95,8 +97,12 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
-            ApiError::Policy(crate::policy::Denial::Halted) => (StatusCode::SERVICE_UNAVAILABLE, "halted"),
-            ApiError::Policy(crate::policy::Denial::Scope { .. }) => (StatusCode::FORBIDDEN, "policy_denied"),
+            ApiError::Policy(crate::policy::Denial::Halted) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "halted")
+            }
+            ApiError::Policy(crate::policy::Denial::Scope { .. }) => {
+                (StatusCode::FORBIDDEN, "policy_denied")
+            }
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
         }
@@ -121,7 +127,9 @@ impl From<FilesError> for ApiError {
     fn from(e: FilesError) -> Self {
         match e {
             FilesError::PathEscape => ApiError::PathEscape(e.to_string()),
-            FilesError::BadPath(_) | FilesError::WrongType(_) => ApiError::BadRequest(e.to_string()),
+            FilesError::BadPath(_) | FilesError::WrongType(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
             FilesError::NotFound => ApiError::NotFound(e.to_string()),
             FilesError::NotEmpty => ApiError::Conflict(e.to_string()),
             FilesError::TooLarge(_) => ApiError::TooLarge(e.to_string()),
@@ -156,7 +164,9 @@ impl From<ConfigError> for ApiError {
 impl From<SpawnerError> for ApiError {
     fn from(e: SpawnerError) -> Self {
         match e {
-            SpawnerError::Failed { exec_failure: true, .. } => ApiError::ExecFailed(e.to_string()),
+            SpawnerError::Failed {
+                exec_failure: true, ..
+            } => ApiError::ExecFailed(e.to_string()),
             SpawnerError::Failed { invalid: true, .. } => ApiError::BadRequest(e.to_string()),
             other => ApiError::Sandbox(other.to_string()),
         }

@@ -36,7 +36,10 @@ pub struct Keys {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -45,7 +48,11 @@ fn hex(b: &[u8]) -> String {
 
 /// Checks a client's key: 1..=128 of `[A-Za-z0-9._:-]`.
 pub fn valid_key(key: &str) -> bool {
-    !key.is_empty() && key.len() <= 128 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+    !key.is_empty()
+        && key.len() <= 128
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }
 
 /// The digest that says whether a repeat is the same request.
@@ -60,49 +67,93 @@ pub fn request_digest(method: &str, path: &str, body: &[u8]) -> String {
 }
 
 fn replay(rec: &Record, trace_id: &str) -> Response<Full<Bytes>> {
-    let mut r = super::http::response(StatusCode::from_u16(rec.status).unwrap_or(StatusCode::OK), &rec.content_type, rec.body.clone().into_bytes(), trace_id);
-    r.headers_mut().insert("idempotent-replayed", hyper::header::HeaderValue::from_static("true"));
+    let mut r = super::http::response(
+        StatusCode::from_u16(rec.status).unwrap_or(StatusCode::OK),
+        &rec.content_type,
+        rec.body.clone().into_bytes(),
+        trace_id,
+    );
+    r.headers_mut().insert(
+        "idempotent-replayed",
+        hyper::header::HeaderValue::from_static("true"),
+    );
     r
 }
 
 impl Keys {
     /// Runs `work` at most once per (tenant dir, key) within the TTL.
-    pub async fn once<F>(&self, tenant_dir: &Path, key: &str, digest: String, trace_id: &str, work: F) -> Result<Response<Full<Bytes>>, ApiError>
+    pub async fn once<F>(
+        &self,
+        tenant_dir: &Path,
+        key: &str,
+        digest: String,
+        trace_id: &str,
+        work: F,
+    ) -> Result<Response<Full<Bytes>>, ApiError>
     where
         F: std::future::Future<Output = Result<Response<Full<Bytes>>, ApiError>>,
     {
         let dir = tenant_dir.join("idempotency");
         let file = dir.join(format!("{}.json", hex(&Sha256::digest(key.as_bytes()))));
-        let lock = self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(file.clone()).or_default().clone();
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(file.clone())
+            .or_default()
+            .clone();
         let result = {
             let _held = lock.lock().await;
-            let stored = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()).filter(|r| now().saturating_sub(r.created_unix) < TTL.as_secs());
+            let stored = std::fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+                .filter(|r| now().saturating_sub(r.created_unix) < TTL.as_secs());
             match stored {
                 Some(rec) if rec.request_sha256 == digest => Ok(replay(&rec, trace_id)),
-                Some(_) => Err(ApiError::IdempotencyConflict(format!("Idempotency-Key {key:?} was used for a different request"))),
+                Some(_) => Err(ApiError::IdempotencyConflict(format!(
+                    "Idempotency-Key {key:?} was used for a different request"
+                ))),
                 None => {
                     let response = match work.await {
                         Ok(r) => r,
                         Err(e) => e.response(trace_id),
                     };
                     let (parts, body) = response.into_parts();
-                    let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                    let bytes = body
+                        .collect()
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
                     // Server-side failures and rate limits are not final: a retry runs again.
                     let status = parts.status.as_u16();
-                    if let (true, Ok(text)) = (status < 500 && status != 429, std::str::from_utf8(&bytes)) {
+                    if let (true, Ok(text)) =
+                        (status < 500 && status != 429, std::str::from_utf8(&bytes))
+                    {
                         let rec = Record {
                             request_sha256: digest,
                             status,
-                            content_type: parts.headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string(),
+                            content_type: parts
+                                .headers
+                                .get(hyper::header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("application/json")
+                                .to_string(),
                             body: text.to_string(),
                             created_unix: now(),
                         };
-                        let json = serde_json::to_vec(&rec).map_err(|e| ApiError::Internal(e.to_string()))?;
-                        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("record.json").to_string();
+                        let json = serde_json::to_vec(&rec)
+                            .map_err(|e| ApiError::Internal(e.to_string()))?;
+                        let name = file
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .unwrap_or("record.json")
+                            .to_string();
                         let dir2 = dir.clone();
                         super::http::blocking(move || {
-                            std::fs::create_dir_all(&dir2).map_err(|e| ApiError::Internal(format!("idempotency dir: {e}")))?;
-                            crate::tenant::write_atomic(&dir2, &name, &json, 0o600).map_err(|e| ApiError::Internal(format!("idempotency record: {e}")))
+                            std::fs::create_dir_all(&dir2)
+                                .map_err(|e| ApiError::Internal(format!("idempotency dir: {e}")))?;
+                            crate::tenant::write_atomic(&dir2, &name, &json, 0o600)
+                                .map_err(|e| ApiError::Internal(format!("idempotency record: {e}")))
                         })
                         .await?;
                     }
@@ -120,11 +171,20 @@ impl Keys {
 
 /// Removes expired records of every tenant under `tenants_dir`.
 pub fn sweep(tenants_dir: &Path) {
-    let Ok(tenants) = std::fs::read_dir(tenants_dir) else { return };
+    let Ok(tenants) = std::fs::read_dir(tenants_dir) else {
+        return;
+    };
     for t in tenants.flatten() {
-        let Ok(records) = std::fs::read_dir(t.path().join("idempotency")) else { continue };
+        let Ok(records) = std::fs::read_dir(t.path().join("idempotency")) else {
+            continue;
+        };
         for r in records.flatten() {
-            let old = r.metadata().and_then(|m| m.modified()).ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > TTL);
+            let old = r
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age > TTL);
             if old {
                 // Best effort: a record that cannot be removed is retried at the next sweep.
                 let _removed = std::fs::remove_file(r.path());

@@ -49,13 +49,21 @@ impl Paths {
     /// `$RUNTIME_DIRECTORY` or the state dir.
     pub fn resolve(state_dir: Option<PathBuf>, config: Option<PathBuf>) -> Paths {
         let state_dir = state_dir
-            .or_else(|| std::env::var_os("STATE_DIRECTORY").map(|v| PathBuf::from(v.to_string_lossy().split(':').next().unwrap_or(".bulkhead"))))
+            .or_else(|| {
+                std::env::var_os("STATE_DIRECTORY").map(|v| {
+                    PathBuf::from(v.to_string_lossy().split(':').next().unwrap_or(".bulkhead"))
+                })
+            })
             .unwrap_or_else(|| PathBuf::from(".bulkhead"));
         let runtime_dir = std::env::var_os("RUNTIME_DIRECTORY")
             .map(|v| PathBuf::from(v.to_string_lossy().split(':').next().unwrap_or(".")))
             .unwrap_or_else(|| state_dir.clone());
         let config = config.unwrap_or_else(|| crate::config::default_path(&state_dir));
-        Paths { state_dir, runtime_dir, config }
+        Paths {
+            state_dir,
+            runtime_dir,
+            config,
+        }
     }
 
     /// The tenant socket.
@@ -90,11 +98,21 @@ fn start_err(e: impl std::fmt::Display) -> ServeError {
 fn admin_record(state_dir: &Path) -> Result<AdminRecord, ServeError> {
     let rec_path = state_dir.join("admin.json");
     if let Ok(text) = std::fs::read_to_string(&rec_path) {
-        return serde_json::from_str(&text).map_err(|e| ServeError::Start(format!("{}: {e}", rec_path.display())));
+        return serde_json::from_str(&text)
+            .map_err(|e| ServeError::Start(format!("{}: {e}", rec_path.display())));
     }
     let key = crate::auth::issue_admin_key().map_err(start_err)?;
-    crate::tenant::write_atomic(state_dir, "admin.key", format!("{}\n", key.key).as_bytes(), 0o600).map_err(start_err)?;
-    let rec = AdminRecord { id: key.id, digest: key.digest };
+    crate::tenant::write_atomic(
+        state_dir,
+        "admin.key",
+        format!("{}\n", key.key).as_bytes(),
+        0o600,
+    )
+    .map_err(start_err)?;
+    let rec = AdminRecord {
+        id: key.id,
+        digest: key.digest,
+    };
     let json = serde_json::to_vec_pretty(&rec).map_err(start_err)?;
     crate::tenant::write_atomic(state_dir, "admin.json", &json, 0o600).map_err(start_err)?;
     Ok(rec)
@@ -117,40 +135,72 @@ pub struct Prepared {
 /// the daemon here).
 pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
     let listen_fds = crate::sandbox::channel::take_listen_fds();
-    let exe = std::env::current_exe().map_err(|e| ServeError::Start(format!("current_exe: {e}")))?;
+    let exe =
+        std::env::current_exe().map_err(|e| ServeError::Start(format!("current_exe: {e}")))?;
     let (sock, child) = crate::spawner::start_process(&exe).map_err(start_err)?;
     let root = nix::unistd::geteuid().is_root();
     {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&paths.state_dir).map_err(|e| ServeError::Start(format!("{}: {e}", paths.state_dir.display())))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&paths.state_dir)
+            .map_err(|e| ServeError::Start(format!("{}: {e}", paths.state_dir.display())))?;
         // Sandboxes of per-tenant uids must traverse it to their work dirs, no more.
-        std::fs::set_permissions(&paths.state_dir, std::fs::Permissions::from_mode(0o711)).map_err(start_err)?;
-        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&paths.runtime_dir).map_err(start_err)?;
+        std::fs::set_permissions(&paths.state_dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(start_err)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&paths.runtime_dir)
+            .map_err(start_err)?;
     }
     let config = AdminConfig::load(&paths.config).map_err(start_err)?;
     let policy = if root {
-        HostIdPolicy::PerTenant { base: config.host_ids.base, count: config.host_ids.count }
+        HostIdPolicy::PerTenant {
+            base: config.host_ids.base,
+            count: config.host_ids.count,
+        }
     } else {
-        HostIdPolicy::Caller { uid: nix::unistd::geteuid().as_raw(), gid: nix::unistd::getegid().as_raw() }
+        HostIdPolicy::Caller {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        }
     };
     let registry = Registry::open(&paths.state_dir, policy).map_err(start_err)?;
     let mut overlays = std::collections::HashMap::new();
     let mut limits = std::collections::HashMap::new();
     for t in registry.list() {
         let dir = paths.state_dir.join("tenants").join(&t.name);
-        let o = crate::config::load_overlay(&t.name, &dir.join("config.toml")).map_err(start_err)?;
+        let o =
+            crate::config::load_overlay(&t.name, &dir.join("config.toml")).map_err(start_err)?;
         if let Ok(text) = std::fs::read_to_string(dir.join("limits.json")) {
-            let l: crate::policy::limits::Limits = serde_json::from_str(&text).map_err(|e| ServeError::Start(format!("tenant {}: limits.json: {e}", t.name)))?;
-            l.validate().map_err(|e| ServeError::Start(format!("tenant {}: limits.json: {e}", t.name)))?;
+            let l: crate::policy::limits::Limits = serde_json::from_str(&text)
+                .map_err(|e| ServeError::Start(format!("tenant {}: limits.json: {e}", t.name)))?;
+            l.validate()
+                .map_err(|e| ServeError::Start(format!("tenant {}: limits.json: {e}", t.name)))?;
             limits.insert(t.name.clone(), l);
         }
         overlays.insert(t.name, o);
     }
     let admin = admin_record(&paths.state_dir)?;
-    Ok(Prepared { paths, config, registry, overlays, limits, admin, spawner: (exe, sock, child), listen_fds })
+    Ok(Prepared {
+        paths,
+        config,
+        registry,
+        overlays,
+        limits,
+        admin,
+        spawner: (exe, sock, child),
+        listen_fds,
+    })
 }
 
-fn bind(path: &Path, mode: u32, activated: Option<std::os::fd::OwnedFd>) -> Result<UnixListener, ServeError> {
+fn bind(
+    path: &Path,
+    mode: u32,
+    activated: Option<std::os::fd::OwnedFd>,
+) -> Result<UnixListener, ServeError> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(fd) = activated {
         let std_listener = std::os::unix::net::UnixListener::from(fd);
@@ -164,7 +214,8 @@ fn bind(path: &Path, mode: u32, activated: Option<std::os::fd::OwnedFd>) -> Resu
             std::fs::remove_file(path).map_err(start_err)?;
         }
     }
-    let listener = UnixListener::bind(path).map_err(|e| ServeError::Start(format!("bind {}: {e}", path.display())))?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| ServeError::Start(format!("bind {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(start_err)?;
     Ok(listener)
 }
@@ -174,7 +225,13 @@ fn bind(path: &Path, mode: u32, activated: Option<std::os::fd::OwnedFd>) -> Resu
 fn write_socket_pointer(paths: &Paths) -> Result<(), ServeError> {
     let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let v = serde_json::json!({"tenant": abs(paths.tenant_socket()), "admin": abs(paths.admin_socket())});
-    crate::tenant::write_atomic(&paths.state_dir, "sockets.json", v.to_string().as_bytes(), 0o644).map_err(start_err)
+    crate::tenant::write_atomic(
+        &paths.state_dir,
+        "sockets.json",
+        v.to_string().as_bytes(),
+        0o644,
+    )
+    .map_err(start_err)
 }
 
 impl Paths {
@@ -186,8 +243,14 @@ impl Paths {
             p.runtime_dir = d;
             return p;
         }
-        let recorded = std::fs::read(p.state_dir.join("sockets.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-        if let Some(dir) = recorded.as_ref().and_then(|v| v["admin"].as_str()).and_then(|a| Path::new(a).parent()) {
+        let recorded = std::fs::read(p.state_dir.join("sockets.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        if let Some(dir) = recorded
+            .as_ref()
+            .and_then(|v| v["admin"].as_str())
+            .and_then(|a| Path::new(a).parent())
+        {
             p.runtime_dir = dir.to_path_buf();
         }
         p
@@ -195,7 +258,9 @@ impl Paths {
 }
 
 fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let sock = match std::os::unix::net::UnixDatagram::unbound() {
         Ok(s) => s,
         Err(_) => return,
@@ -203,7 +268,8 @@ fn sd_notify(state: &str) {
     let bytes = path.as_encoded_bytes();
     let sent = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
     } else {
         sock.send_to(state.as_bytes(), Path::new(&path))
     };
@@ -215,10 +281,16 @@ fn sd_notify(state: &str) {
 /// Runs a tenant request in its own task, so that a client hanging up cannot cancel it
 /// half-way (after the change, before its audit line). The task learns of the hang-up
 /// through `gone` (an exec then kills its run).
-async fn detached(app: Arc<App>, boundary: crate::auth::Boundary, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn detached(
+    app: Arc<App>,
+    boundary: crate::auth::Boundary,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let (connected, gone) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(tenant::route(app, boundary, req, gone));
-    let r = task.await.unwrap_or_else(|e| Err(ApiError::Internal(format!("handler: {e}"))));
+    let r = task
+        .await
+        .unwrap_or_else(|e| Err(ApiError::Internal(format!("handler: {e}"))));
     drop(connected);
     r
 }
@@ -235,29 +307,52 @@ async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<F
     let path = req.uri().path().to_string();
     let (result, trace_id, who) = match side {
         Side::Tenant => {
-            let auth = req.headers().get(hyper::header::AUTHORIZATION).or_else(|| req.headers().get("x-api-key")).map(|v| v.as_bytes().to_vec());
-            match crate::auth::parse_bearer(auth.as_deref()).and_then(|parts| app.registry.authenticate(parts)) {
+            let auth = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .or_else(|| req.headers().get("x-api-key"))
+                .map(|v| v.as_bytes().to_vec());
+            match crate::auth::parse_bearer(auth.as_deref())
+                .and_then(|parts| app.registry.authenticate(parts))
+            {
                 Ok((boundary, frozen)) => {
                     let trace = boundary.trace_id().to_string();
                     let who = boundary.actor().to_string();
-                    let r = if frozen { Err(ApiError::Frozen) } else { detached(app.clone(), boundary, req).await };
+                    let r = if frozen {
+                        Err(ApiError::Frozen)
+                    } else {
+                        detached(app.clone(), boundary, req).await
+                    };
                     (r, trace, who)
                 }
-                Err(e) => (Err(ApiError::from(e)), crate::auth::trace_id(), "anonymous".into()),
+                Err(e) => (
+                    Err(ApiError::from(e)),
+                    crate::auth::trace_id(),
+                    "anonymous".into(),
+                ),
             }
         }
         Side::Admin => {
-            let auth = req.headers().get(hyper::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec());
+            let auth = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .map(|v| v.as_bytes().to_vec());
             match crate::auth::admin_session(auth.as_deref(), &app.admin.id, &app.admin.digest) {
                 Ok(s) => {
                     let trace = s.trace_id().to_string();
                     let who = s.actor().to_string();
                     let app2 = app.clone();
                     let task = tokio::spawn(async move { admin::route(app2, s, req).await });
-                    let r = task.await.unwrap_or_else(|e| Err(ApiError::Internal(format!("handler: {e}"))));
+                    let r = task
+                        .await
+                        .unwrap_or_else(|e| Err(ApiError::Internal(format!("handler: {e}"))));
                     (r, trace, who)
                 }
-                Err(e) => (Err(ApiError::from(e)), crate::auth::trace_id(), "anonymous".into()),
+                Err(e) => (
+                    Err(ApiError::from(e)),
+                    crate::auth::trace_id(),
+                    "anonymous".into(),
+                ),
             }
         }
     };
@@ -269,7 +364,14 @@ async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<F
     response
 }
 
-async fn accept_loop(app: Arc<App>, listener: UnixListener, side: Side, limit: Arc<Semaphore>, graceful: Arc<hyper_util::server::graceful::GracefulShutdown>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn accept_loop(
+    app: Arc<App>,
+    listener: UnixListener,
+    side: Side,
+    limit: Arc<Semaphore>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -295,10 +397,13 @@ async fn accept_loop(app: Arc<App>, listener: UnixListener, side: Side, limit: A
             .max_buf_size(cfg.max_header_bytes.max(8192))
             .keep_alive(true);
         let app2 = app.clone();
-        let conn = builder.serve_connection(TokioIo::new(stream), hyper::service::service_fn(move |req| {
-            let app = app2.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(app, side, req).await) }
-        }));
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |req| {
+                let app = app2.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(app, side, req).await) }
+            }),
+        );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -312,10 +417,17 @@ async fn accept_loop(app: Arc<App>, listener: UnixListener, side: Side, limit: A
 /// Runs the daemon until SIGTERM/SIGINT, then lets running requests finish.
 pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
     let workers = match prepared.config.server.worker_threads {
-        0 => std::thread::available_parallelism().map(|n| n.get() / 2).unwrap_or(1).max(1),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get() / 2)
+            .unwrap_or(1)
+            .max(1),
         n => n,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build().map_err(start_err)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .map_err(start_err)?;
     rt.block_on(async move {
         let Prepared { paths, config, registry, overlays, limits, admin, spawner, mut listen_fds } = prepared;
         let (exe, sock, child) = spawner;

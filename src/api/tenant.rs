@@ -43,50 +43,96 @@ const MAX_ENV_BYTES: usize = 32 * 1024;
 
 /// Routes a tenant request; `boundary` came from the token. Runs detached from the
 /// connection (see `api::handle`): `gone` fires if the client goes away.
-pub async fn route(app: Arc<App>, boundary: Boundary, req: Request<Incoming>, gone: tokio::sync::oneshot::Receiver<()>) -> Result<Response<Full<Bytes>>, ApiError> {
+pub async fn route(
+    app: Arc<App>,
+    boundary: Boundary,
+    req: Request<Incoming>,
+    gone: tokio::sync::oneshot::Receiver<()>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    if let Some((action, Err(denial))) = action_of(&method, &path).map(|a| (a, crate::policy::check(&boundary, a, app.is_halted()))) {
+    if let Some((action, Err(denial))) =
+        action_of(&method, &path).map(|a| (a, crate::policy::check(&boundary, a, app.is_halted())))
+    {
         let e = ApiError::from(denial);
-        app.audit.record(event(&boundary, action.tool(), Some(path.clone()), "denied", Some(e.status_and_code().1))).await?;
+        app.audit
+            .record(event(
+                &boundary,
+                action.tool(),
+                Some(path.clone()),
+                "denied",
+                Some(e.status_and_code().1),
+            ))
+            .await?;
         return Err(e);
     }
     let limits = app.limits(boundary.tenant());
     if let Some(rate) = limits.requests_per_s {
-        for key in [format!("rq/{}", boundary.tenant()), format!("rq/{}", boundary.actor())] {
-            app.meters.take(&key, rate, "requests_per_s").map_err(ApiError::RateLimited)?;
+        for key in [
+            format!("rq/{}", boundary.tenant()),
+            format!("rq/{}", boundary.actor()),
+        ] {
+            app.meters
+                .take(&key, rate, "requests_per_s")
+                .map_err(ApiError::RateLimited)?;
         }
     }
     let step = action_of(&method, &path).is_some();
-    app.meters.count(boundary.tenant().as_str(), step, limits.steps_per_day).map_err(ApiError::RateLimited)?;
+    app.meters
+        .count(boundary.tenant().as_str(), step, limits.steps_per_day)
+        .map_err(ApiError::RateLimited)?;
     if (&method, path.as_str()) == (&Method::GET, "/v1/usage") {
         return Ok(usage_response(&app, boundary.tenant(), boundary.trace_id()));
     }
-    let key = match req.headers().get("idempotency-key").map(|v| v.to_str().map(str::to_string)) {
+    let key = match req
+        .headers()
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(str::to_string))
+    {
         None => None,
         Some(Ok(k)) if super::idempotency::valid_key(&k) => Some(k),
-        Some(_) => return Err(ApiError::BadRequest("Idempotency-Key must be 1..=128 of [A-Za-z0-9._:-]".into())),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "Idempotency-Key must be 1..=128 of [A-Za-z0-9._:-]".into(),
+            ));
+        }
     };
-    let max = if path == "/v1/config" { 64 * 1024 } else { app.config.server.max_body_bytes };
+    let max = if path == "/v1/config" {
+        64 * 1024
+    } else {
+        app.config.server.max_body_bytes
+    };
     let (body, _budget) = if matches!(method, Method::POST | Method::PUT) {
         let (b, permit) = read_body(&app, req.into_body(), max).await?;
         (b, Some(permit))
     } else {
         (Bytes::new(), None)
     };
-    let mutating = matches!(action_of(&method, &path), Some(crate::policy::Action::Exec | crate::policy::Action::FilesWrite));
+    let mutating = matches!(
+        action_of(&method, &path),
+        Some(crate::policy::Action::Exec | crate::policy::Action::FilesWrite)
+    );
     match key.filter(|_| mutating) {
         Some(key) => {
             let digest = super::idempotency::request_digest(method.as_str(), &path, &body);
             let dir = app.registry.tenant_dir(boundary.tenant());
             let work = dispatch(&app, &boundary, &method, &path, body, gone);
-            app.idempotency.once(&dir, &key, digest, boundary.trace_id(), work).await
+            app.idempotency
+                .once(&dir, &key, digest, boundary.trace_id(), work)
+                .await
         }
         None => dispatch(&app, &boundary, &method, &path, body, gone).await,
     }
 }
 
-async fn dispatch(app: &Arc<App>, boundary: &Boundary, method: &Method, path: &str, body: Bytes, gone: tokio::sync::oneshot::Receiver<()>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn dispatch(
+    app: &Arc<App>,
+    boundary: &Boundary,
+    method: &Method,
+    path: &str,
+    body: Bytes,
+    gone: tokio::sync::oneshot::Receiver<()>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let (app, boundary, method) = (app.clone(), boundary.clone(), method.clone());
     if path == "/v1/exec" {
         if method != Method::POST {
@@ -98,13 +144,20 @@ async fn dispatch(app: &Arc<App>, boundary: &Boundary, method: &Method, path: &s
         return match method {
             Method::GET => {
                 let s = app.settings(boundary.tenant());
-                Ok(json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default(), boundary.trace_id()))
+                Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(s).unwrap_or_default(),
+                    boundary.trace_id(),
+                ))
             }
             Method::PUT => put_config(&app, &boundary, &body).await,
             _ => Err(ApiError::Method),
         };
     }
-    if let Some(rest) = path.strip_prefix("/v1/files").filter(|r| r.is_empty() || r.starts_with('/')) {
+    if let Some(rest) = path
+        .strip_prefix("/v1/files")
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+    {
         let rel = clean_path(&percent_decode(rest)?)?;
         return match method {
             Method::GET => get_file(&app, &boundary, rel).await,
@@ -117,8 +170,17 @@ async fn dispatch(app: &Arc<App>, boundary: &Boundary, method: &Method, path: &s
 }
 
 /// The tenant's counters, limits and running sandboxes (also served to the admin).
-pub fn usage_response(app: &App, tenant: &crate::auth::TenantName, trace_id: &str) -> Response<Full<Bytes>> {
-    let running = app.running.lock().unwrap_or_else(|p| p.into_inner()).get(tenant.as_str()).map_or(0, |m| m.len());
+pub fn usage_response(
+    app: &App,
+    tenant: &crate::auth::TenantName,
+    trace_id: &str,
+) -> Response<Full<Bytes>> {
+    let running = app
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(tenant.as_str())
+        .map_or(0, |m| m.len());
     let body = serde_json::json!({
         "tenant": tenant,
         "usage": app.meters.usage(tenant.as_str()),
@@ -131,7 +193,9 @@ pub fn usage_response(app: &App, tenant: &crate::auth::TenantName, trace_id: &st
 /// The policy action a route performs (`None`: no such route; the router says so).
 fn action_of(method: &Method, path: &str) -> Option<crate::policy::Action> {
     use crate::policy::Action;
-    let files = path.strip_prefix("/v1/files").is_some_and(|r| r.is_empty() || r.starts_with('/'));
+    let files = path
+        .strip_prefix("/v1/files")
+        .is_some_and(|r| r.is_empty() || r.starts_with('/'));
     match (method, path) {
         (&Method::POST, "/v1/exec") => Some(Action::Exec),
         (&Method::GET, "/v1/config") => Some(Action::ConfigRead),
@@ -143,12 +207,21 @@ fn action_of(method: &Method, path: &str) -> Option<crate::policy::Action> {
 }
 
 fn work_dir(app: &App, b: &Boundary) -> Result<WorkDir, ApiError> {
-    let rec = app.registry.record(b.tenant()).ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
+    let rec = app
+        .registry
+        .record(b.tenant())
+        .ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
     let owner = app.root.then_some((rec.host_uid, rec.host_gid));
     Ok(WorkDir::open(&app.registry.work_dir(b.tenant()), owner)?)
 }
 
-fn event(b: &Boundary, action: &str, target: Option<String>, outcome: &str, reason: Option<&str>) -> Event {
+fn event(
+    b: &Boundary,
+    action: &str,
+    target: Option<String>,
+    outcome: &str,
+    reason: Option<&str>,
+) -> Event {
     Event {
         actor: b.actor().to_string(),
         tenant: Some(b.tenant().to_string()),
@@ -161,7 +234,11 @@ fn event(b: &Boundary, action: &str, target: Option<String>, outcome: &str, reas
     }
 }
 
-async fn get_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn get_file(
+    app: &Arc<App>,
+    b: &Boundary,
+    rel: std::path::PathBuf,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let max = app.config.files.max_file_bytes;
     let wd = work_dir(app, b)?;
     let found = blocking(move || Ok(wd.get(&rel, max)?)).await?;
@@ -170,13 +247,27 @@ async fn get_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf) -> Resu
             // The file is held in memory while it is sent: count it against the budget.
             let _budget = super::http::reserve_bytes(app, size as usize).await?;
             let bytes = blocking(move || Ok(read_file(file, max)?)).await?;
-            response(StatusCode::OK, "application/octet-stream", bytes, b.trace_id())
+            response(
+                StatusCode::OK,
+                "application/octet-stream",
+                bytes,
+                b.trace_id(),
+            )
         }
-        Found::Dir(entries, truncated) => json_response(StatusCode::OK, &serde_json::json!({ "entries": entries, "truncated": truncated }), b.trace_id()),
+        Found::Dir(entries, truncated) => json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "entries": entries, "truncated": truncated }),
+            b.trace_id(),
+        ),
     })
 }
 
-async fn put_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf, body: Bytes) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn put_file(
+    app: &Arc<App>,
+    b: &Boundary,
+    rel: std::path::PathBuf,
+    body: Bytes,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let wd = work_dir(app, b)?;
     let target = rel.display().to_string();
     let size = body.len();
@@ -188,12 +279,22 @@ async fn put_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf, body: B
         Ok(()) => ("ok", None),
         Err(e) => ("error", Some(e.status_and_code().1)),
     };
-    app.audit.record(event(b, "files.put", Some(target.clone()), outcome, reason)).await?;
+    app.audit
+        .record(event(b, "files.put", Some(target.clone()), outcome, reason))
+        .await?;
     r?;
-    Ok(json_response(StatusCode::OK, &serde_json::json!({"path": target, "size": size}), b.trace_id()))
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"path": target, "size": size}),
+        b.trace_id(),
+    ))
 }
 
-async fn delete_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn delete_file(
+    app: &Arc<App>,
+    b: &Boundary,
+    rel: std::path::PathBuf,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let wd = work_dir(app, b)?;
     let target = rel.display().to_string();
     let r = blocking(move || Ok(wd.delete(&rel)?)).await;
@@ -201,28 +302,60 @@ async fn delete_file(app: &Arc<App>, b: &Boundary, rel: std::path::PathBuf) -> R
         Ok(()) => ("ok", None),
         Err(e) => ("error", Some(e.status_and_code().1)),
     };
-    app.audit.record(event(b, "files.delete", Some(target), outcome, reason)).await?;
+    app.audit
+        .record(event(b, "files.delete", Some(target), outcome, reason))
+        .await?;
     r?;
-    Ok(response(StatusCode::NO_CONTENT, "application/json", Vec::new(), b.trace_id()))
+    Ok(response(
+        StatusCode::NO_CONTENT,
+        "application/json",
+        Vec::new(),
+        b.trace_id(),
+    ))
 }
 
-async fn put_config(app: &Arc<App>, b: &Boundary, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn put_config(
+    app: &Arc<App>,
+    b: &Boundary,
+    body: &[u8],
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let parsed = crate::config::parse_overlay_json(b.tenant().as_str(), body);
     let overlay = match parsed {
         Ok(o) => o,
         Err(e) => {
             let e = ApiError::from(e);
-            app.audit.record(event(b, "config.put", None, "denied", Some(e.status_and_code().1))).await?;
+            app.audit
+                .record(event(
+                    b,
+                    "config.put",
+                    None,
+                    "denied",
+                    Some(e.status_and_code().1),
+                ))
+                .await?;
             return Err(e);
         }
     };
     let text = toml::to_string(&overlay).map_err(|e| ApiError::Internal(e.to_string()))?;
     let dir = app.registry.tenant_dir(b.tenant());
-    blocking(move || crate::tenant::write_atomic(&dir, "config.toml", text.as_bytes(), 0o600).map_err(|e| ApiError::Internal(format!("config.toml: {e}")))).await?;
-    app.overlays.lock().unwrap_or_else(|p| p.into_inner()).insert(b.tenant().to_string(), overlay);
-    app.audit.record(event(b, "config.put", None, "ok", None)).await?;
+    blocking(move || {
+        crate::tenant::write_atomic(&dir, "config.toml", text.as_bytes(), 0o600)
+            .map_err(|e| ApiError::Internal(format!("config.toml: {e}")))
+    })
+    .await?;
+    app.overlays
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(b.tenant().to_string(), overlay);
+    app.audit
+        .record(event(b, "config.put", None, "ok", None))
+        .await?;
     let s = app.settings(b.tenant());
-    Ok(json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default(), b.trace_id()))
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::to_value(s).unwrap_or_default(),
+        b.trace_id(),
+    ))
 }
 
 /// Keeps a run in the daemon's count of running sandboxes for as long as it is alive.
@@ -239,7 +372,9 @@ impl Drop for Tracked<'_> {
 }
 
 async fn read_capped(fd: std::os::fd::OwnedFd, cap: usize) -> (Vec<u8>, bool) {
-    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return (Vec::new(), false) };
+    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+        return (Vec::new(), false);
+    };
     let mut out = Vec::new();
     let mut truncated = false;
     let mut chunk = vec![0u8; 64 * 1024];
@@ -256,64 +391,139 @@ async fn read_capped(fd: std::os::fd::OwnedFd, cap: usize) -> (Vec<u8>, bool) {
     (out, truncated)
 }
 
-fn validate(req: &ExecRequest, app: &App, limits: &crate::policy::limits::Limits) -> Result<u64, ApiError> {
+fn validate(
+    req: &ExecRequest,
+    app: &App,
+    limits: &crate::policy::limits::Limits,
+) -> Result<u64, ApiError> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return Err(ApiError::BadRequest("argv must name a command".into()));
     }
-    if req.argv.len() > MAX_ARGS || req.argv.iter().map(String::len).sum::<usize>() > MAX_ARGV_BYTES {
-        return Err(ApiError::TooLarge(format!("argv is limited to {MAX_ARGS} arguments and {MAX_ARGV_BYTES} bytes")));
+    if req.argv.len() > MAX_ARGS || req.argv.iter().map(String::len).sum::<usize>() > MAX_ARGV_BYTES
+    {
+        return Err(ApiError::TooLarge(format!(
+            "argv is limited to {MAX_ARGS} arguments and {MAX_ARGV_BYTES} bytes"
+        )));
     }
     if req.argv.iter().any(|a| a.contains('\0')) {
         return Err(ApiError::BadRequest("argv holds NUL".into()));
     }
-    if req.env.len() > MAX_ENV || req.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > MAX_ENV_BYTES {
-        return Err(ApiError::TooLarge(format!("env is limited to {MAX_ENV} entries and {MAX_ENV_BYTES} bytes")));
+    if req.env.len() > MAX_ENV
+        || req
+            .env
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            > MAX_ENV_BYTES
+    {
+        return Err(ApiError::TooLarge(format!(
+            "env is limited to {MAX_ENV} entries and {MAX_ENV_BYTES} bytes"
+        )));
     }
-    if req.env.iter().any(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0')) {
-        return Err(ApiError::BadRequest("env names must be non-empty without '=' or NUL, values without NUL".into()));
+    if req
+        .env
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0'))
+    {
+        return Err(ApiError::BadRequest(
+            "env names must be non-empty without '=' or NUL, values without NUL".into(),
+        ));
     }
     if req.cwd.as_ref().is_some_and(|c| c.len() > 4096) {
         return Err(ApiError::BadRequest("cwd is limited to 4096 bytes".into()));
     }
-    if req.stdin.as_ref().is_some_and(|s| s.len() > app.config.exec.max_stdin_bytes) {
-        return Err(ApiError::TooLarge(format!("stdin is limited to {} bytes", app.config.exec.max_stdin_bytes)));
+    if req
+        .stdin
+        .as_ref()
+        .is_some_and(|s| s.len() > app.config.exec.max_stdin_bytes)
+    {
+        return Err(ApiError::TooLarge(format!(
+            "stdin is limited to {} bytes",
+            app.config.exec.max_stdin_bytes
+        )));
     }
-    let max = limits.max_wall_ms.map_or(app.config.exec.max_timeout_ms, |l| l.min(app.config.exec.max_timeout_ms));
-    let timeout = req.timeout_ms.unwrap_or(app.config.exec.default_timeout_ms.min(max));
+    let max = limits
+        .max_wall_ms
+        .map_or(app.config.exec.max_timeout_ms, |l| {
+            l.min(app.config.exec.max_timeout_ms)
+        });
+    let timeout = req
+        .timeout_ms
+        .unwrap_or(app.config.exec.default_timeout_ms.min(max));
     if timeout == 0 || timeout > max {
-        return Err(ApiError::BadRequest(format!("timeout_ms must be 1..={max} (max_wall_ms)")));
+        return Err(ApiError::BadRequest(format!(
+            "timeout_ms must be 1..={max} (max_wall_ms)"
+        )));
     }
     Ok(timeout)
 }
 
-async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest, mut gone: tokio::sync::oneshot::Receiver<()>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn exec(
+    app: &Arc<App>,
+    b: &Boundary,
+    req: ExecRequest,
+    mut gone: tokio::sync::oneshot::Receiver<()>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let t0 = std::time::Instant::now();
     let limits = app.limits(b.tenant());
     let timeout_ms = validate(&req, app, &limits)?;
     if let Some(rate) = limits.exec_per_s {
         for key in [format!("ex/{}", b.tenant()), format!("ex/{}", b.actor())] {
-            app.meters.take(&key, rate, "exec_per_s").map_err(ApiError::RateLimited)?;
+            app.meters
+                .take(&key, rate, "exec_per_s")
+                .map_err(ApiError::RateLimited)?;
         }
     }
     let _slot = match limits.max_concurrent {
-        Some(max) => Some(app.meters.claim(b.tenant().as_str(), max).map_err(ApiError::RateLimited)?),
+        Some(max) => Some(
+            app.meters
+                .claim(b.tenant().as_str(), max)
+                .map_err(ApiError::RateLimited)?,
+        ),
         None => None,
     };
-    let rec = app.registry.record(b.tenant()).ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
+    let rec = app
+        .registry
+        .record(b.tenant())
+        .ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
     let (program, argv_sha256) = ExecDetails::describe(&req.argv);
-    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ApiError::Internal(format!("pipe2: {e}")));
+    let pipe = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| ApiError::Internal(format!("pipe2: {e}")))
+    };
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let run_limits = RunLimits { timeout_ms, pids: limits.pids.unwrap_or(app.config.exec.pids), memory_bytes: limits.memory_bytes.unwrap_or(app.config.exec.memory_bytes) };
+    let run_limits = RunLimits {
+        timeout_ms,
+        pids: limits.pids.unwrap_or(app.config.exec.pids),
+        memory_bytes: limits.memory_bytes.unwrap_or(app.config.exec.memory_bytes),
+    };
     let env: Vec<(String, String)> = req.env.into_iter().collect();
-    let started = app.spawner.run(req.argv, env, req.cwd, &app.registry.work_dir(b.tenant()), (rec.host_uid, rec.host_gid), run_limits, [in_r, out_w, err_w]).await;
+    let started = app
+        .spawner
+        .run(
+            req.argv,
+            env,
+            req.cwd,
+            &app.registry.work_dir(b.tenant()),
+            (rec.host_uid, rec.host_gid),
+            run_limits,
+            [in_r, out_w, err_w],
+        )
+        .await;
     let handle = match started {
         Ok(h) => h,
         Err(e) => {
             let e = ApiError::from(e);
             let mut ev = event(b, "exec", None, "error", Some(e.status_and_code().1));
-            ev.exec = Some(ExecDetails { program, argv_sha256, exit_code: None, signal: None, duration_ms: 0 });
+            ev.exec = Some(ExecDetails {
+                program,
+                argv_sha256,
+                exit_code: None,
+                signal: None,
+                duration_ms: 0,
+            });
             app.audit.record(ev).await?;
             return Err(e);
         }
@@ -322,7 +532,11 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest, mut gone: tokio::s
     let t_started = t0.elapsed();
     let killer = handle.killer();
     app.track(b.tenant(), id, killer.clone());
-    let _tracked = Tracked { app, tenant: b.tenant(), id };
+    let _tracked = Tracked {
+        app,
+        tenant: b.tenant(),
+        id,
+    };
     // Frozen or deleted while this run was being started: the kill for the tenant may
     // have reached the spawner before this run did.
     if !app.may_run(b.tenant()) {
@@ -335,8 +549,19 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest, mut gone: tokio::s
             let _written = tx.write_all(stdin.as_bytes()).await;
         }
     };
-    let cap = limits.max_output_bytes.map_or(app.config.exec.max_output_bytes, |l| (l as usize).min(app.config.exec.max_output_bytes));
-    let work = async { tokio::join!(handle.wait(), feed, read_capped(out_r, cap), read_capped(err_r, cap)) };
+    let cap = limits
+        .max_output_bytes
+        .map_or(app.config.exec.max_output_bytes, |l| {
+            (l as usize).min(app.config.exec.max_output_bytes)
+        });
+    let work = async {
+        tokio::join!(
+            handle.wait(),
+            feed,
+            read_capped(out_r, cap),
+            read_capped(err_r, cap)
+        )
+    };
     tokio::pin!(work);
     // A client that goes away ends its run; the run is still waited for and audited.
     let (exit, (), (stdout, out_trunc), (stderr, err_trunc)) = tokio::select! {
@@ -348,15 +573,32 @@ async fn exec(app: &Arc<App>, b: &Boundary, req: ExecRequest, mut gone: tokio::s
     };
     let t_exited = t0.elapsed();
     let exit = exit.map_err(ApiError::from);
-    let mut ev = event(b, "exec", None, if exit.is_ok() { "ok" } else { "error" }, exit.as_ref().err().map(|e| e.status_and_code().1));
+    let mut ev = event(
+        b,
+        "exec",
+        None,
+        if exit.is_ok() { "ok" } else { "error" },
+        exit.as_ref().err().map(|e| e.status_and_code().1),
+    );
     let (exit_code, signal, timed_out, duration_ms) = match &exit {
         Ok(x) => (x.exit_code, x.signal, x.timed_out, x.duration_ms),
         Err(_) => (None, None, false, 0),
     };
-    ev.exec = Some(ExecDetails { program, argv_sha256, exit_code, signal, duration_ms });
+    ev.exec = Some(ExecDetails {
+        program,
+        argv_sha256,
+        exit_code,
+        signal,
+        duration_ms,
+    });
     app.meters.record_exec(b.tenant().as_str(), duration_ms);
     app.audit.record(ev).await?;
-    tracing::debug!(started_us = t_started.as_micros() as u64, exited_us = t_exited.as_micros() as u64, audited_us = t0.elapsed().as_micros() as u64, "exec phases");
+    tracing::debug!(
+        started_us = t_started.as_micros() as u64,
+        exited_us = t_exited.as_micros() as u64,
+        audited_us = t0.elapsed().as_micros() as u64,
+        "exec phases"
+    );
     exit?;
     let body = serde_json::json!({
         "exit_code": exit_code,

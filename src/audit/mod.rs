@@ -65,7 +65,10 @@ pub struct ExecDetails {
 impl ExecDetails {
     /// The program name and argv digest for `argv`.
     pub fn describe(argv: &[String]) -> (String, String) {
-        let program = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a).chars().take(64).collect()).unwrap_or_default();
+        let program = argv
+            .first()
+            .map(|a| a.rsplit('/').next().unwrap_or(a).chars().take(64).collect())
+            .unwrap_or_default();
         let mut h = Sha256::new();
         for a in argv {
             h.update(a.as_bytes());

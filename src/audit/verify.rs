@@ -73,7 +73,8 @@ struct Head {
 
 /// Verifies `path`, and against `audit.head` next to it when present.
 pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
-    let data = std::fs::read(path).map_err(|e| VerifyError::Read(format!("{}: {e}", path.display())))?;
+    let data =
+        std::fs::read(path).map_err(|e| VerifyError::Read(format!("{}: {e}", path.display())))?;
     let head: Option<Head> = path
         .parent()
         .map(|d| d.join("audit.head"))
@@ -90,12 +91,19 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
         };
         let raw = &rest[..end];
         rest = &rest[end + 1..];
-        let line: Line = serde_json::from_slice(raw).map_err(|e| VerifyError::Malformed { line: n, why: e.to_string() })?;
+        let line: Line = serde_json::from_slice(raw).map_err(|e| VerifyError::Malformed {
+            line: n,
+            why: e.to_string(),
+        })?;
         if line.prev != prev {
             return Err(VerifyError::ChainBroken { line: n });
         }
         if line.seq != n {
-            return Err(VerifyError::Sequence { line: n, found: line.seq, expected: n });
+            return Err(VerifyError::Sequence {
+                line: n,
+                found: line.seq,
+                expected: n,
+            });
         }
         prev = line_hash(raw);
         if head.as_ref().is_some_and(|h| h.seq == n) {
@@ -104,13 +112,19 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
     }
     if let Some(h) = head {
         if h.seq > n {
-            return Err(VerifyError::Truncated { line: n + 1, committed: h.seq });
+            return Err(VerifyError::Truncated {
+                line: n + 1,
+                committed: h.seq,
+            });
         }
         if h.seq > 0 && hashes_at_head.as_deref() != Some(h.hash.as_str()) {
             return Err(VerifyError::HeadMismatch { line: h.seq });
         }
     }
-    Ok(VerifyReport { lines: n, last_hash: prev })
+    Ok(VerifyReport {
+        lines: n,
+        last_hash: prev,
+    })
 }
 
 #[cfg(test)]
@@ -123,17 +137,31 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let log = AuditLog::open(&dir).unwrap();
         for i in 0..n {
-            log.record_blocking(Event { actor: "ak_test".into(), action: format!("test.{i}"), outcome: "ok".into(), ..Default::default() }).unwrap();
+            log.record_blocking(Event {
+                actor: "ak_test".into(),
+                action: format!("test.{i}"),
+                outcome: "ok".into(),
+                ..Default::default()
+            })
+            .unwrap();
         }
         dir
     }
 
     fn lines(dir: &Path) -> Vec<String> {
-        std::fs::read_to_string(dir.join("audit.jsonl")).unwrap().lines().map(String::from).collect()
+        std::fs::read_to_string(dir.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
     }
 
     fn write(dir: &Path, lines: &[String]) {
-        std::fs::write(dir.join("audit.jsonl"), lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        std::fs::write(
+            dir.join("audit.jsonl"),
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -141,7 +169,13 @@ mod tests {
         let dir = log_with(5);
         assert_eq!(verify_file(&dir.join("audit.jsonl")).unwrap().lines, 5);
         let log = AuditLog::open(&dir).unwrap();
-        log.record_blocking(Event { actor: "x".into(), action: "again".into(), outcome: "ok".into(), ..Default::default() }).unwrap();
+        log.record_blocking(Event {
+            actor: "x".into(),
+            action: "again".into(),
+            outcome: "ok".into(),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(verify_file(&dir.join("audit.jsonl")).unwrap().lines, 6);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -155,20 +189,35 @@ mod tests {
         let mut edited = orig.clone();
         edited[2] = edited[2].replace("test.2", "test.X");
         write(&dir, &edited);
-        assert_eq!(verify_file(&file), Err(VerifyError::ChainBroken { line: 4 }));
+        assert_eq!(
+            verify_file(&file),
+            Err(VerifyError::ChainBroken { line: 4 })
+        );
 
         let mut deleted = orig.clone();
         deleted.remove(3);
         write(&dir, &deleted);
-        assert_eq!(verify_file(&file), Err(VerifyError::ChainBroken { line: 4 }));
+        assert_eq!(
+            verify_file(&file),
+            Err(VerifyError::ChainBroken { line: 4 })
+        );
 
         let mut reordered = orig.clone();
         reordered.swap(1, 2);
         write(&dir, &reordered);
-        assert_eq!(verify_file(&file), Err(VerifyError::ChainBroken { line: 2 }));
+        assert_eq!(
+            verify_file(&file),
+            Err(VerifyError::ChainBroken { line: 2 })
+        );
 
         write(&dir, &orig[..4]);
-        assert_eq!(verify_file(&file), Err(VerifyError::Truncated { line: 5, committed: 6 }));
+        assert_eq!(
+            verify_file(&file),
+            Err(VerifyError::Truncated {
+                line: 5,
+                committed: 6
+            })
+        );
 
         let mut torn = orig.iter().map(|l| format!("{l}\n")).collect::<String>();
         torn.truncate(torn.len() - 10);
@@ -179,7 +228,10 @@ mod tests {
         let mut last = orig.clone();
         last[5] = last[5].replace("test.5", "test.Y");
         write(&dir, &last);
-        assert_eq!(verify_file(&file), Err(VerifyError::HeadMismatch { line: 6 }));
+        assert_eq!(
+            verify_file(&file),
+            Err(VerifyError::HeadMismatch { line: 6 })
+        );
 
         write(&dir, &orig);
         assert!(verify_file(&file).is_ok());

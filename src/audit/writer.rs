@@ -67,7 +67,10 @@ struct State {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
-    move |source| AuditError::Io { path: path.display().to_string(), source }
+    move |source| AuditError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Reads the seq and hash of the last complete line; a torn final line (a write the
@@ -76,17 +79,25 @@ fn recover(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
     let mut data = Vec::new();
     file.seek(SeekFrom::Start(0)).map_err(io(path))?;
     file.read_to_end(&mut data).map_err(io(path))?;
-    let complete = data.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+    let complete = data
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
     if complete < data.len() {
         file.set_len(complete as u64).map_err(io(path))?;
         file.sync_all().map_err(io(path))?;
         tracing::warn!(path = %path.display(), bytes = data.len() - complete, "audit log ended in a torn line; truncated it");
     }
     let body = &data[..complete];
-    let Some(last) = body.strip_suffix(b"\n").map(|b| b.rsplit(|c| *c == b'\n').next().unwrap_or(b)) else {
+    let Some(last) = body
+        .strip_suffix(b"\n")
+        .map(|b| b.rsplit(|c| *c == b'\n').next().unwrap_or(b))
+    else {
         return Ok((0, GENESIS.to_string()));
     };
-    let line: Line = serde_json::from_slice(last).map_err(|_| AuditError::Corrupt(path.display().to_string()))?;
+    let line: Line = serde_json::from_slice(last)
+        .map_err(|_| AuditError::Corrupt(path.display().to_string()))?;
     Ok((line.seq, line_hash(last)))
 }
 
@@ -98,13 +109,39 @@ impl AuditLog {
     /// Opens (creating) `<state>/audit.jsonl`.
     pub fn open(state_dir: &Path) -> Result<AuditLog, AuditError> {
         let path = state_dir.join("audit.jsonl");
-        let mut file = std::fs::OpenOptions::new().read(true).append(true).create(true).mode(0o600).open(&path).map_err(io(&path))?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
         let (seq, prev) = recover(&mut file, &path)?;
         let head_path = state_dir.join("audit.head");
-        let head = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&head_path).map_err(io(&head_path))?;
-        let mut state = State { file, head, path, seq, prev };
+        let head = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&head_path)
+            .map_err(io(&head_path))?;
+        let mut state = State {
+            file,
+            head,
+            path,
+            seq,
+            prev,
+        };
         state.write_head().map_err(io(&head_path))?;
-        Ok(AuditLog { inner: Arc::new(Inner { queue: Mutex::new(Queue { pending: Vec::new(), committing: false }), state: Mutex::new(state) }) })
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                queue: Mutex::new(Queue {
+                    pending: Vec::new(),
+                    committing: false,
+                }),
+                state: Mutex::new(state),
+            }),
+        })
     }
 
     /// Queues `event`; returns whether the caller must lead the commit.
@@ -145,12 +182,22 @@ impl AuditLog {
     pub async fn record(&self, event: Event) -> Result<(), AuditError> {
         let (ack, done) = tokio::sync::oneshot::channel();
         if self.enqueue(event, ack) {
-            let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-            self.lead(|f: &mut dyn FnMut()| if multi { tokio::task::block_in_place(f) } else { f() });
+            let multi = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            self.lead(|f: &mut dyn FnMut()| {
+                if multi {
+                    tokio::task::block_in_place(f)
+                } else {
+                    f()
+                }
+            });
         }
         match done.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(AuditError::Io { path: "audit.jsonl".into(), source: std::io::Error::other(e) }),
+            Ok(Err(e)) => Err(AuditError::Io {
+                path: "audit.jsonl".into(),
+                source: std::io::Error::other(e),
+            }),
             Err(_) => Err(AuditError::Stopped),
         }
     }
@@ -163,7 +210,10 @@ impl AuditLog {
         }
         match done.blocking_recv() {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(AuditError::Io { path: "audit.jsonl".into(), source: std::io::Error::other(e) }),
+            Ok(Err(e)) => Err(AuditError::Io {
+                path: "audit.jsonl".into(),
+                source: std::io::Error::other(e),
+            }),
             Err(_) => Err(AuditError::Stopped),
         }
     }
@@ -187,19 +237,31 @@ impl State {
     }
 
     fn commit(&mut self, batch: &[Event]) -> Result<(), String> {
-        let ts_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         let mut buf = Vec::with_capacity(batch.len() * 256);
         let (mut seq, mut prev) = (self.seq, self.prev.clone());
         for event in batch {
             seq += 1;
-            let line = Line { seq, ts_ms, event: event.clone(), prev: prev.clone() };
+            let line = Line {
+                seq,
+                ts_ms,
+                event: event.clone(),
+                prev: prev.clone(),
+            };
             let bytes = serde_json::to_vec(&line).map_err(|e| e.to_string())?;
             prev = line_hash(&bytes);
             buf.extend_from_slice(&bytes);
             buf.push(b'\n');
         }
-        self.file.write_all(&buf).map_err(|e| format!("{}: {e}", self.path.display()))?;
-        self.file.sync_data().map_err(|e| format!("{}: fdatasync: {e}", self.path.display()))?;
+        self.file
+            .write_all(&buf)
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        self.file
+            .sync_data()
+            .map_err(|e| format!("{}: fdatasync: {e}", self.path.display()))?;
         self.seq = seq;
         self.prev = prev;
         // The head only ever trails the durable log; losing an update is harmless.

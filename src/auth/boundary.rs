@@ -25,7 +25,9 @@ impl std::str::FromStr for Role {
             "admin" => Ok(Role::Admin),
             "member" => Ok(Role::Member),
             "viewer" => Ok(Role::Viewer),
-            other => Err(format!("unknown role {other:?} (owner|admin|member|viewer)")),
+            other => Err(format!(
+                "unknown role {other:?} (owner|admin|member|viewer)"
+            )),
         }
     }
 }

@@ -16,12 +16,17 @@ fn valid_tenant(raw: &str) -> bool {
     !b.is_empty()
         && b.len() <= 32
         && b[0].is_ascii_lowercase()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 impl TenantName {
     pub(in crate::auth) fn parse(raw: &str) -> Result<TenantName, AuthError> {
-        if valid_tenant(raw) { Ok(TenantName(raw.to_string())) } else { Err(AuthError::InvalidTenantName(raw.to_string())) }
+        if valid_tenant(raw) {
+            Ok(TenantName(raw.to_string()))
+        } else {
+            Err(AuthError::InvalidTenantName(raw.to_string()))
+        }
     }
 
     /// A name an authenticated admin asked for (e.g. `tenants create NAME`).
@@ -44,14 +49,20 @@ impl fmt::Display for TenantName {
 /// The tenants present under `<state>/tenants`, read by the daemon at start-up. Entries
 /// that are not valid tenant names (such as in-progress `.tmp-*` directories) are
 /// returned separately so the caller can clean them up.
-pub fn scan_tenant_dirs(tenants_dir: &Path) -> std::io::Result<(Vec<TenantName>, Vec<std::path::PathBuf>)> {
+pub fn scan_tenant_dirs(
+    tenants_dir: &Path,
+) -> std::io::Result<(Vec<TenantName>, Vec<std::path::PathBuf>)> {
     let mut names = Vec::new();
     let mut other = Vec::new();
     match std::fs::read_dir(tenants_dir) {
         Ok(rd) => {
             for e in rd {
                 let e = e?;
-                match e.file_name().to_str().and_then(|n| TenantName::parse(n).ok()) {
+                match e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| TenantName::parse(n).ok())
+                {
                     Some(n) if e.file_type()?.is_dir() => names.push(n),
                     _ => other.push(e.path()),
                 }
@@ -73,7 +84,19 @@ mod tests {
         for ok in ["a", "acme", "northstar-dental", "a1-b2", &"a".repeat(32)] {
             assert!(TenantName::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "A", "1abc", "-x", "a_b", "a.b", "a/b", "..", &"a".repeat(33), "ä", "a b"] {
+        for bad in [
+            "",
+            "A",
+            "1abc",
+            "-x",
+            "a_b",
+            "a.b",
+            "a/b",
+            "..",
+            &"a".repeat(33),
+            "ä",
+            "a b",
+        ] {
             assert!(TenantName::parse(bad).is_err(), "{bad}");
         }
     }

@@ -59,7 +59,8 @@ impl serde::Serialize for TokenDigest {
 impl<'de> serde::Deserialize<'de> for TokenDigest {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        TokenDigest::from_hex(&s).ok_or_else(|| serde::de::Error::custom("token digest must be 64 hex digits"))
+        TokenDigest::from_hex(&s)
+            .ok_or_else(|| serde::de::Error::custom("token digest must be 64 hex digits"))
     }
 }
 
@@ -81,7 +82,11 @@ impl TokenId {
         let rest = raw.strip_prefix("tk_")?;
         let (tenant, hex8) = rest.rsplit_once('_')?;
         let tenant = TenantName::parse(tenant).ok()?;
-        (hex8.len() == 8 && hex8.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then(|| (tenant, TokenId(raw.to_string())))
+        (hex8.len() == 8
+            && hex8
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| (tenant, TokenId(raw.to_string())))
     }
 }
 
@@ -109,7 +114,9 @@ impl fmt::Debug for IssuedToken {
 
 fn random_hex16() -> Result<String, AuthError> {
     let mut bytes = [0u8; 16];
-    rand::rngs::SysRng.try_fill_bytes(&mut bytes).map_err(|e| AuthError::Random(e.to_string()))?;
+    rand::rngs::SysRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| AuthError::Random(e.to_string()))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -135,14 +142,18 @@ pub struct TokenParts {
 }
 
 fn is_hex32(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Parses `Authorization` header bytes (`Bearer tk_<tenant>_<32 hex>`), or an
 /// `x-api-key` value (the token alone).
 pub fn parse_bearer(header: Option<&[u8]>) -> Result<TokenParts, AuthError> {
     let raw = header.ok_or(AuthError::MissingToken)?;
-    let raw = std::str::from_utf8(raw).map_err(|_| AuthError::MalformedToken)?.trim();
+    let raw = std::str::from_utf8(raw)
+        .map_err(|_| AuthError::MalformedToken)?
+        .trim();
     let token = raw.strip_prefix("Bearer ").unwrap_or(raw).trim();
     let rest = token.strip_prefix("tk_").ok_or(AuthError::MalformedToken)?;
     let (tenant, secret) = rest.rsplit_once('_').ok_or(AuthError::MalformedToken)?;
@@ -150,7 +161,10 @@ pub fn parse_bearer(header: Option<&[u8]>) -> Result<TokenParts, AuthError> {
         return Err(AuthError::MalformedToken);
     }
     let tenant = TenantName::parse(tenant).map_err(|_| AuthError::MalformedToken)?;
-    Ok(TokenParts { tenant, digest: TokenDigest::of(token) })
+    Ok(TokenParts {
+        tenant,
+        digest: TokenDigest::of(token),
+    })
 }
 
 /// One stored credential of the tenant a token names.
@@ -168,16 +182,30 @@ pub struct Credential<'a> {
 impl TokenParts {
     /// Verifies the token against the tenant's stored credentials (every digest is
     /// compared, in constant time) and makes the request's Boundary.
-    pub fn authenticate<'a>(self, creds: impl IntoIterator<Item = Credential<'a>>) -> Result<Boundary, AuthError> {
+    pub fn authenticate<'a>(
+        self,
+        creds: impl IntoIterator<Item = Credential<'a>>,
+    ) -> Result<Boundary, AuthError> {
         let mut found: Option<(String, Role, Option<Vec<String>>)> = None;
         for c in creds {
             if c.digest.ct_eq(&self.digest) {
-                found = Some((c.workspace.to_string(), c.role, c.allowed_tools.map(<[String]>::to_vec)));
+                found = Some((
+                    c.workspace.to_string(),
+                    c.role,
+                    c.allowed_tools.map(<[String]>::to_vec),
+                ));
             }
         }
         let (workspace, role, allowed_tools) = found.ok_or(AuthError::UnknownToken)?;
         let actor = TokenId::for_digest(&self.tenant, &self.digest);
-        Ok(Boundary { tenant: self.tenant, workspace, actor, role, allowed_tools, trace_id: trace_id() })
+        Ok(Boundary {
+            tenant: self.tenant,
+            workspace,
+            actor,
+            role,
+            allowed_tools,
+            trace_id: trace_id(),
+        })
     }
 }
 
@@ -196,7 +224,11 @@ pub fn issue_admin_key() -> Result<AdminKey, AuthError> {
     let id = random_hex16()?[..8].to_string();
     let key = format!("ak_{id}_{}", random_hex16()?);
     let digest = TokenDigest::of(&key);
-    Ok(AdminKey { key, id: format!("ak_{id}"), digest })
+    Ok(AdminKey {
+        key,
+        id: format!("ak_{id}"),
+        digest,
+    })
 }
 
 /// The digest of an admin key as presented (for comparing with the stored one).
@@ -205,9 +237,15 @@ pub fn admin_key_digest(presented: &str) -> TokenDigest {
 }
 
 /// Verifies an admin bearer header against the stored digest.
-pub fn admin_session(header: Option<&[u8]>, id: &str, stored: &TokenDigest) -> Result<AdminSession, AuthError> {
+pub fn admin_session(
+    header: Option<&[u8]>,
+    id: &str,
+    stored: &TokenDigest,
+) -> Result<AdminSession, AuthError> {
     let raw = header.ok_or(AuthError::MissingToken)?;
-    let raw = std::str::from_utf8(raw).map_err(|_| AuthError::MalformedToken)?.trim();
+    let raw = std::str::from_utf8(raw)
+        .map_err(|_| AuthError::MalformedToken)?
+        .trim();
     let key = raw.strip_prefix("Bearer ").unwrap_or(raw).trim();
     let rest = key.strip_prefix("ak_").ok_or(AuthError::MalformedToken)?;
     let (_, secret) = rest.rsplit_once('_').ok_or(AuthError::MalformedToken)?;
@@ -217,7 +255,10 @@ pub fn admin_session(header: Option<&[u8]>, id: &str, stored: &TokenDigest) -> R
     if !TokenDigest::of(key).ct_eq(stored) {
         return Err(AuthError::UnknownToken);
     }
-    Ok(AdminSession { actor: id.to_string(), trace_id: trace_id() })
+    Ok(AdminSession {
+        actor: id.to_string(),
+        trace_id: trace_id(),
+    })
 }
 
 #[cfg(test)]
@@ -228,34 +269,77 @@ mod tests {
     fn issue_parse_and_authenticate() {
         let t = TenantName::parse("acme").unwrap();
         let issued = issue_token(&t).unwrap();
-        assert!(issued.token.starts_with("tk_acme_") && issued.token.len() == "tk_acme_".len() + 32);
-        assert_eq!(issued.id.as_str(), format!("tk_acme_{}", &issued.digest.hex()[..8]));
+        assert!(
+            issued.token.starts_with("tk_acme_") && issued.token.len() == "tk_acme_".len() + 32
+        );
+        assert_eq!(
+            issued.id.as_str(),
+            format!("tk_acme_{}", &issued.digest.hex()[..8])
+        );
         let header = format!("Bearer {}", issued.token);
         let other = issue_token(&t).unwrap();
         let creds = || {
             vec![
-                Credential { digest: &other.digest, workspace: "w2", role: Role::Viewer, allowed_tools: None },
-                Credential { digest: &issued.digest, workspace: "default", role: Role::Owner, allowed_tools: None },
+                Credential {
+                    digest: &other.digest,
+                    workspace: "w2",
+                    role: Role::Viewer,
+                    allowed_tools: None,
+                },
+                Credential {
+                    digest: &issued.digest,
+                    workspace: "default",
+                    role: Role::Owner,
+                    allowed_tools: None,
+                },
             ]
         };
-        let b = parse_bearer(Some(header.as_bytes())).unwrap().authenticate(creds()).unwrap();
-        assert_eq!((b.tenant().as_str(), b.workspace(), b.role()), ("acme", "default", Role::Owner));
+        let b = parse_bearer(Some(header.as_bytes()))
+            .unwrap()
+            .authenticate(creds())
+            .unwrap();
+        assert_eq!(
+            (b.tenant().as_str(), b.workspace(), b.role()),
+            ("acme", "default", Role::Owner)
+        );
         assert_eq!(b.actor(), &issued.id);
         assert_eq!(b.trace_id().len(), 32);
         // One changed hex digit fails.
         let mut forged = issued.token.clone();
         let last = forged.pop().unwrap();
         forged.push(if last == '0' { '1' } else { '0' });
-        assert_eq!(parse_bearer(Some(forged.as_bytes())).unwrap().authenticate(creds()).unwrap_err(), AuthError::UnknownToken);
+        assert_eq!(
+            parse_bearer(Some(forged.as_bytes()))
+                .unwrap()
+                .authenticate(creds())
+                .unwrap_err(),
+            AuthError::UnknownToken
+        );
     }
 
     #[test]
     fn malformed_tokens() {
         assert_eq!(parse_bearer(None).unwrap_err(), AuthError::MissingToken);
-        for bad in ["", "Bearer", "Bearer tk_acme", "Bearer tk_acme_123", "Bearer tk_ACME_0123456789abcdef0123456789abcdef", "Bearer tk_acme_0123456789ABCDEF0123456789abcdef", "Basic abc", "Bearer ak_x_0123456789abcdef0123456789abcdef"] {
-            assert_eq!(parse_bearer(Some(bad.as_bytes())).unwrap_err(), AuthError::MalformedToken, "{bad}");
+        for bad in [
+            "",
+            "Bearer",
+            "Bearer tk_acme",
+            "Bearer tk_acme_123",
+            "Bearer tk_ACME_0123456789abcdef0123456789abcdef",
+            "Bearer tk_acme_0123456789ABCDEF0123456789abcdef",
+            "Basic abc",
+            "Bearer ak_x_0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(
+                parse_bearer(Some(bad.as_bytes())).unwrap_err(),
+                AuthError::MalformedToken,
+                "{bad}"
+            );
         }
-        assert_eq!(parse_bearer(Some(&[0xff, 0xfe])).unwrap_err(), AuthError::MalformedToken);
+        assert_eq!(
+            parse_bearer(Some(&[0xff, 0xfe])).unwrap_err(),
+            AuthError::MalformedToken
+        );
     }
 
     #[test]
@@ -269,8 +353,20 @@ mod tests {
     fn admin_keys() {
         let k = issue_admin_key().unwrap();
         let h = format!("Bearer {}", k.key);
-        assert_eq!(admin_session(Some(h.as_bytes()), &k.id, &k.digest).unwrap().actor(), k.id);
+        assert_eq!(
+            admin_session(Some(h.as_bytes()), &k.id, &k.digest)
+                .unwrap()
+                .actor(),
+            k.id
+        );
         let other = issue_admin_key().unwrap();
-        assert!(admin_session(Some(format!("Bearer {}", other.key).as_bytes()), &k.id, &k.digest).is_err());
+        assert!(
+            admin_session(
+                Some(format!("Bearer {}", other.key).as_bytes()),
+                &k.id,
+                &k.digest
+            )
+            .is_err()
+        );
     }
 }

@@ -11,8 +11,23 @@ use std::path::{Path, PathBuf};
 /// Keys only the admin config may hold. An overlay naming one is refused as
 /// `admin_only_key` (rather than `unknown_key`) so the mistake is obvious.
 pub const ADMIN_ONLY_KEYS: &[&str] = &[
-    "providers", "models", "rate_card", "storage", "quotas", "limits", "budgets", "egress", "api_key", "api_key_env",
-    "api_key_file", "server", "exec", "files", "host_ids", "admin", "allowed_models",
+    "providers",
+    "models",
+    "rate_card",
+    "storage",
+    "quotas",
+    "limits",
+    "budgets",
+    "egress",
+    "api_key",
+    "api_key_env",
+    "api_key_file",
+    "server",
+    "exec",
+    "files",
+    "host_ids",
+    "admin",
+    "allowed_models",
 ];
 
 /// Keys a tenant overlay may set.
@@ -48,7 +63,9 @@ pub enum ConfigError {
         key: String,
     },
     /// An overlay sets a key that does not exist.
-    #[error("tenant {tenant}: {path}: unknown key `{key}` (tenant keys: model, max_tokens, system_prompt)")]
+    #[error(
+        "tenant {tenant}: {path}: unknown key `{key}` (tenant keys: model, max_tokens, system_prompt)"
+    )]
     UnknownKey {
         /// Tenant.
         tenant: String,
@@ -121,7 +138,14 @@ pub struct ExecConfig {
 
 impl Default for ExecConfig {
     fn default() -> Self {
-        ExecConfig { default_timeout_ms: 30_000, max_timeout_ms: 300_000, max_output_bytes: 1 << 20, max_stdin_bytes: 1 << 20, pids: 256, memory_bytes: 8 << 30 }
+        ExecConfig {
+            default_timeout_ms: 30_000,
+            max_timeout_ms: 300_000,
+            max_output_bytes: 1 << 20,
+            max_stdin_bytes: 1 << 20,
+            pids: 256,
+            memory_bytes: 8 << 30,
+        }
     }
 }
 
@@ -135,7 +159,9 @@ pub struct FilesConfig {
 
 impl Default for FilesConfig {
     fn default() -> Self {
-        FilesConfig { max_file_bytes: 16 << 20 }
+        FilesConfig {
+            max_file_bytes: 16 << 20,
+        }
     }
 }
 
@@ -151,7 +177,10 @@ pub struct HostIdsConfig {
 
 impl Default for HostIdsConfig {
     fn default() -> Self {
-        HostIdsConfig { base: 3_000_000, count: 65_536 }
+        HostIdsConfig {
+            base: 3_000_000,
+            count: 65_536,
+        }
     }
 }
 
@@ -176,7 +205,10 @@ impl TenantSettings {
         TenantSettings {
             model: overlay.model.clone().or_else(|| self.model.clone()),
             max_tokens: overlay.max_tokens.or(self.max_tokens),
-            system_prompt: overlay.system_prompt.clone().or_else(|| self.system_prompt.clone()),
+            system_prompt: overlay
+                .system_prompt
+                .clone()
+                .or_else(|| self.system_prompt.clone()),
         }
     }
 }
@@ -204,42 +236,82 @@ impl AdminConfig {
     pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
-                let c: AdminConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid { path: path.display().to_string(), why: e.to_string() })?;
-                c.limits.validate().map_err(|why| ConfigError::Invalid { path: path.display().to_string(), why })?;
+                let c: AdminConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+                    path: path.display().to_string(),
+                    why: e.to_string(),
+                })?;
+                c.limits.validate().map_err(|why| ConfigError::Invalid {
+                    path: path.display().to_string(),
+                    why,
+                })?;
                 Ok(c)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AdminConfig::default()),
-            Err(e) => Err(ConfigError::Read { path: path.display().to_string(), why: e.to_string() }),
+            Err(e) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            }),
         }
     }
 }
 
 /// Validates an overlay given as a table of keys (from TOML or JSON).
-fn check_keys<'a>(tenant: &str, path: &str, keys: impl Iterator<Item = &'a String>) -> Result<(), ConfigError> {
+fn check_keys<'a>(
+    tenant: &str,
+    path: &str,
+    keys: impl Iterator<Item = &'a String>,
+) -> Result<(), ConfigError> {
     for key in keys {
         if ADMIN_ONLY_KEYS.contains(&key.as_str()) {
-            return Err(ConfigError::AdminOnlyKey { tenant: tenant.into(), path: path.into(), key: key.clone() });
+            return Err(ConfigError::AdminOnlyKey {
+                tenant: tenant.into(),
+                path: path.into(),
+                key: key.clone(),
+            });
         }
         if !TENANT_KEYS.contains(&key.as_str()) {
-            return Err(ConfigError::UnknownKey { tenant: tenant.into(), path: path.into(), key: key.clone() });
+            return Err(ConfigError::UnknownKey {
+                tenant: tenant.into(),
+                path: path.into(),
+                key: key.clone(),
+            });
         }
     }
     Ok(())
 }
 
 /// Parses a tenant overlay (`config.toml` text).
-pub fn parse_overlay_toml(tenant: &str, path: &str, text: &str) -> Result<TenantSettings, ConfigError> {
-    let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid { path: path.into(), why: e.to_string() })?;
+pub fn parse_overlay_toml(
+    tenant: &str,
+    path: &str,
+    text: &str,
+) -> Result<TenantSettings, ConfigError> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+        path: path.into(),
+        why: e.to_string(),
+    })?;
     check_keys(tenant, path, table.keys())?;
-    table.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid { path: path.into(), why: e.to_string() })
+    table
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Invalid {
+            path: path.into(),
+            why: e.to_string(),
+        })
 }
 
 /// Parses an overlay sent as JSON (`PUT /v1/config`).
 pub fn parse_overlay_json(tenant: &str, body: &[u8]) -> Result<TenantSettings, ConfigError> {
     let path = "PUT /v1/config";
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).map_err(|e| ConfigError::Invalid { path: path.into(), why: e.to_string() })?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| ConfigError::Invalid {
+            path: path.into(),
+            why: e.to_string(),
+        })?;
     check_keys(tenant, path, map.keys())?;
-    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| ConfigError::Invalid { path: path.into(), why: e.to_string() })
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| ConfigError::Invalid {
+        path: path.into(),
+        why: e.to_string(),
+    })
 }
 
 /// Loads a tenant's overlay file if present.
@@ -247,7 +319,10 @@ pub fn load_overlay(tenant: &str, path: &Path) -> Result<TenantSettings, ConfigE
     match std::fs::read_to_string(path) {
         Ok(text) => parse_overlay_toml(tenant, &path.display().to_string(), &text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TenantSettings::default()),
-        Err(e) => Err(ConfigError::Read { path: path.display().to_string(), why: e.to_string() }),
+        Err(e) => Err(ConfigError::Read {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        }),
     }
 }
 
@@ -265,21 +340,50 @@ mod tests {
         let ok = parse_overlay_toml("acme", "f", "model = \"fast\"\nmax_tokens = 100\n").unwrap();
         assert_eq!(ok.model.as_deref(), Some("fast"));
         assert_eq!(
-            parse_overlay_toml("acme", "/s/tenants/acme/config.toml", "model = \"x\"\n[providers.local]\napi_key_env = \"K\"\n"),
-            Err(ConfigError::AdminOnlyKey { tenant: "acme".into(), path: "/s/tenants/acme/config.toml".into(), key: "providers".into() })
+            parse_overlay_toml(
+                "acme",
+                "/s/tenants/acme/config.toml",
+                "model = \"x\"\n[providers.local]\napi_key_env = \"K\"\n"
+            ),
+            Err(ConfigError::AdminOnlyKey {
+                tenant: "acme".into(),
+                path: "/s/tenants/acme/config.toml".into(),
+                key: "providers".into()
+            })
         );
-        assert!(matches!(parse_overlay_toml("acme", "f", "rate_card = 1"), Err(ConfigError::AdminOnlyKey { .. })));
-        assert!(matches!(parse_overlay_toml("acme", "f", "colour = 1"), Err(ConfigError::UnknownKey { key, .. }) if key == "colour"));
-        assert!(matches!(parse_overlay_toml("acme", "f", "max_tokens = \"many\""), Err(ConfigError::Invalid { .. })));
-        assert!(matches!(parse_overlay_json("acme", br#"{"limits":{"pids":5}}"#), Err(ConfigError::AdminOnlyKey { .. })));
-        assert!(matches!(parse_overlay_json("acme", br#"{"system_prompt":"hi","x":1}"#), Err(ConfigError::UnknownKey { .. })));
+        assert!(matches!(
+            parse_overlay_toml("acme", "f", "rate_card = 1"),
+            Err(ConfigError::AdminOnlyKey { .. })
+        ));
+        assert!(
+            matches!(parse_overlay_toml("acme", "f", "colour = 1"), Err(ConfigError::UnknownKey { key, .. }) if key == "colour")
+        );
+        assert!(matches!(
+            parse_overlay_toml("acme", "f", "max_tokens = \"many\""),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse_overlay_json("acme", br#"{"limits":{"pids":5}}"#),
+            Err(ConfigError::AdminOnlyKey { .. })
+        ));
+        assert!(matches!(
+            parse_overlay_json("acme", br#"{"system_prompt":"hi","x":1}"#),
+            Err(ConfigError::UnknownKey { .. })
+        ));
     }
 
     #[test]
     fn admin_config_rejects_unknown_keys_and_defaults_when_missing() {
-        assert_eq!(AdminConfig::load(Path::new("/nonexistent/config.toml")).unwrap(), AdminConfig::default());
+        assert_eq!(
+            AdminConfig::load(Path::new("/nonexistent/config.toml")).unwrap(),
+            AdminConfig::default()
+        );
         assert!(toml::from_str::<AdminConfig>("[server]\nmax_conections = 1\n").is_err());
-        let c: AdminConfig = toml::from_str("[exec]\nmax_timeout_ms = 5\n[defaults]\nmodel = \"m\"\n").unwrap();
-        assert_eq!((c.exec.max_timeout_ms, c.defaults.model.as_deref()), (5, Some("m")));
+        let c: AdminConfig =
+            toml::from_str("[exec]\nmax_timeout_ms = 5\n[defaults]\nmodel = \"m\"\n").unwrap();
+        assert_eq!(
+            (c.exec.max_timeout_ms, c.defaults.model.as_deref()),
+            (5, Some("m"))
+        );
     }
 }

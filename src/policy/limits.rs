@@ -50,7 +50,9 @@ impl Limits {
     /// Rejects absurd values (zero, negative, not finite, beyond sane maxima).
     pub fn validate(&self) -> Result<(), String> {
         let rate = |k: &str, v: Option<f64>| match v {
-            Some(r) if !r.is_finite() || r <= 0.0 || r > 1_000_000.0 => Err(bad(k, "must be > 0 and at most 1000000")),
+            Some(r) if !r.is_finite() || r <= 0.0 || r > 1_000_000.0 => {
+                Err(bad(k, "must be > 0 and at most 1000000"))
+            }
             _ => Ok(()),
         };
         rate("requests_per_s", self.requests_per_s)?;
@@ -59,7 +61,12 @@ impl Limits {
             Some(x) if x < lo || x > hi => Err(bad(k, &format!("must be in {lo}..={hi}"))),
             _ => Ok(()),
         };
-        range("max_concurrent", self.max_concurrent.map(u64::from), 1, 100_000)?;
+        range(
+            "max_concurrent",
+            self.max_concurrent.map(u64::from),
+            1,
+            100_000,
+        )?;
         range("max_wall_ms", self.max_wall_ms, 1, 86_400_000)?;
         range("max_output_bytes", self.max_output_bytes, 1, 1 << 30)?;
         range("steps_per_day", self.steps_per_day, 1, 1 << 40)?;
@@ -87,7 +94,10 @@ impl Limits {
     }
 
     /// Applies a JSON object of changes: known keys only; `null` unsets a key.
-    pub fn apply_patch(&self, patch: &serde_json::Map<String, serde_json::Value>) -> Result<Limits, String> {
+    pub fn apply_patch(
+        &self,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Limits, String> {
         let mut current = serde_json::to_value(self).map_err(|e| e.to_string())?;
         let obj = current.as_object_mut().ok_or("limits are not an object")?;
         for (k, v) in patch {
@@ -97,7 +107,8 @@ impl Limits {
                 obj.insert(k.clone(), v.clone());
             }
         }
-        let next: Limits = serde_json::from_value(current).map_err(|e| format!("invalid limits: {e}"))?;
+        let next: Limits =
+            serde_json::from_value(current).map_err(|e| format!("invalid limits: {e}"))?;
         next.validate()?;
         Ok(next)
     }
@@ -137,7 +148,10 @@ pub struct Meters {
 }
 
 fn today() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86_400).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0)
 }
 
 /// A refusal with the time after which a retry may succeed.
@@ -152,7 +166,12 @@ pub struct Throttled {
 impl Meters {
     /// Counts one request, and one step when it is a tool call, refusing the step when it
     /// would exceed `steps_per_day` (check and count under one lock: no race).
-    pub fn count(&self, tenant: &str, step: bool, steps_per_day: Option<u64>) -> Result<(), Throttled> {
+    pub fn count(
+        &self,
+        tenant: &str,
+        step: bool,
+        steps_per_day: Option<u64>,
+    ) -> Result<(), Throttled> {
         let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         let u = all.entry(tenant.to_string()).or_default();
         let day = today();
@@ -161,8 +180,14 @@ impl Meters {
             u.steps_today = 0;
         }
         if step && steps_per_day.is_some_and(|max| u.steps_today >= max) {
-            let into_day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() % 86_400).unwrap_or(0);
-            return Err(Throttled { limit: "steps_per_day", retry_after: Duration::from_secs(86_400 - into_day) });
+            let into_day = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() % 86_400)
+                .unwrap_or(0);
+            return Err(Throttled {
+                limit: "steps_per_day",
+                retry_after: Duration::from_secs(86_400 - into_day),
+            });
         }
         u.requests += 1;
         if step {
@@ -182,13 +207,24 @@ impl Meters {
 
     /// The tenant's counters.
     pub fn usage(&self, tenant: &str) -> Usage {
-        self.usage.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).cloned().unwrap_or_default()
+        self.usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Forgets a deleted tenant.
     pub fn forget(&self, tenant: &str) {
-        self.usage.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).remove(tenant);
+        self.usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
     }
 
     /// Takes one token from the bucket `key` at `rate` per second, or says how long to wait.
@@ -196,7 +232,10 @@ impl Meters {
         let burst = rate.max(1.0);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let b = buckets.entry(key.to_string()).or_insert(Bucket { tokens: burst, at: now });
+        let b = buckets.entry(key.to_string()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
         b.at = now;
         if b.tokens >= 1.0 {
@@ -204,18 +243,30 @@ impl Meters {
             Ok(())
         } else {
             let wait = (1.0 - b.tokens) / rate;
-            Err(Throttled { limit, retry_after: Duration::from_secs_f64(wait.max(0.001)) })
+            Err(Throttled {
+                limit,
+                retry_after: Duration::from_secs_f64(wait.max(0.001)),
+            })
         }
     }
 
     /// Claims one of `max` concurrent slots of `tenant`; the slot is freed when the guard
     /// drops. Claiming is one atomic compare-and-swap: no check-then-act window.
     pub fn claim(&self, tenant: &str, max: u32) -> Result<Slot, Throttled> {
-        let counter = self.running.lock().unwrap_or_else(|p| p.into_inner()).entry(tenant.to_string()).or_default().clone();
+        let counter = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(tenant.to_string())
+            .or_default()
+            .clone();
         let mut cur = counter.load(Ordering::SeqCst);
         loop {
             if cur >= max {
-                return Err(Throttled { limit: "max_concurrent", retry_after: Duration::from_secs(1) });
+                return Err(Throttled {
+                    limit: "max_concurrent",
+                    retry_after: Duration::from_secs(1),
+                });
             }
             match counter.compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => return Ok(Slot(counter)),
@@ -241,15 +292,47 @@ mod tests {
 
     #[test]
     fn validation_and_patches() {
-        assert!(Limits { pids: Some(0), ..Default::default() }.validate().is_err());
-        assert!(Limits { requests_per_s: Some(f64::NAN), ..Default::default() }.validate().is_err());
-        assert!(Limits { requests_per_s: Some(-1.0), ..Default::default() }.validate().is_err());
-        let base = Limits { pids: Some(10), ..Default::default() };
-        let patch: serde_json::Map<String, serde_json::Value> = serde_json::from_str(r#"{"pids": null, "max_concurrent": 2}"#).unwrap();
+        assert!(
+            Limits {
+                pids: Some(0),
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Limits {
+                requests_per_s: Some(f64::NAN),
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Limits {
+                requests_per_s: Some(-1.0),
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        let base = Limits {
+            pids: Some(10),
+            ..Default::default()
+        };
+        let patch: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"pids": null, "max_concurrent": 2}"#).unwrap();
         let next = base.apply_patch(&patch).unwrap();
         assert_eq!((next.pids, next.max_concurrent), (None, Some(2)));
-        for bad in [r#"{"bogus": 1}"#, r#"{"pids": -1}"#, r#"{"pids": 1e30}"#, r#"{"max_concurrent": "many"}"#, r#"{"memory_bytes": 5}"#] {
-            let patch: serde_json::Map<String, serde_json::Value> = serde_json::from_str(bad).unwrap();
+        for bad in [
+            r#"{"bogus": 1}"#,
+            r#"{"pids": -1}"#,
+            r#"{"pids": 1e30}"#,
+            r#"{"max_concurrent": "many"}"#,
+            r#"{"memory_bytes": 5}"#,
+        ] {
+            let patch: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(bad).unwrap();
             assert!(base.apply_patch(&patch).is_err(), "{bad}");
         }
     }

@@ -13,7 +13,13 @@ use crate::auth::{Boundary, Role};
 
 /// Tool names a token's allowlist may hold (later issues add `llm`, `retrieval.*`,
 /// `memory.*`, `jobs.*`).
-pub const TOOLS: &[&str] = &["exec", "files.read", "files.write", "config.read", "config.write"];
+pub const TOOLS: &[&str] = &[
+    "exec",
+    "files.read",
+    "files.write",
+    "config.read",
+    "config.write",
+];
 
 /// What a tenant request wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +72,10 @@ pub enum Denial {
 /// Validates a tool allowlist given at token creation.
 pub fn validate_tools(tools: &[String]) -> Result<(), String> {
     match tools.iter().find(|t| !TOOLS.contains(&t.as_str())) {
-        Some(bad) => Err(format!("unknown tool {bad:?} (known: {})", TOOLS.join(", "))),
+        Some(bad) => Err(format!(
+            "unknown tool {bad:?} (known: {})",
+            TOOLS.join(", ")
+        )),
         None => Ok(()),
     }
 }
@@ -81,10 +90,18 @@ pub fn check(b: &Boundary, action: Action, halted: bool) -> Result<(), Denial> {
         Role::Viewer => action.reads_only(),
     };
     if !role_allows {
-        return Err(Denial::Scope { scope: action.tool(), why: "a viewer only reads" });
+        return Err(Denial::Scope {
+            scope: action.tool(),
+            why: "a viewer only reads",
+        });
     }
-    if b.allowed_tools().is_some_and(|tools| !tools.iter().any(|t| t == action.tool())) {
-        return Err(Denial::Scope { scope: action.tool(), why: "not in the token's tool allowlist" });
+    if b.allowed_tools()
+        .is_some_and(|tools| !tools.iter().any(|t| t == action.tool()))
+    {
+        return Err(Denial::Scope {
+            scope: action.tool(),
+            why: "not in the token's tool allowlist",
+        });
     }
     Ok(())
 }

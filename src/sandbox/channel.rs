@@ -6,7 +6,10 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg, socketpair};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
 
 /// Largest message either side sends.
 pub const MAX_MESSAGE: usize = 192 * 1024;
@@ -15,7 +18,12 @@ pub const MAX_FDS: usize = 4;
 
 /// A connected, close-on-exec `SOCK_SEQPACKET` pair.
 pub fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), Errno> {
-    socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
 }
 
 /// Sends one message with `fds` attached (never raises SIGPIPE).
@@ -24,8 +32,18 @@ pub fn send(sock: BorrowedFd<'_>, msg: &[u8], fds: &[BorrowedFd<'_>]) -> Result<
         return Err(Errno::EMSGSIZE);
     }
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs = if raw.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&raw)] };
-    let n = sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(msg)], &cmsgs, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT, None)?;
+    let cmsgs = if raw.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    let n = sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(msg)],
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        None,
+    )?;
     if n != msg.len() {
         return Err(Errno::EMSGSIZE);
     }
@@ -34,7 +52,11 @@ pub fn send(sock: BorrowedFd<'_>, msg: &[u8], fds: &[BorrowedFd<'_>]) -> Result<
 
 /// Receives one message. `Ok(None)` is end of stream; `Err(EAGAIN)` means nothing is
 /// waiting (non-blocking). Descriptors arrive close-on-exec and owned.
-pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], blocking: bool) -> Result<Option<(usize, Vec<OwnedFd>)>, Errno> {
+pub fn recv(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    blocking: bool,
+) -> Result<Option<(usize, Vec<OwnedFd>)>, Errno> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(buf)];
     let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
@@ -52,7 +74,10 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], blocking: bool) -> Result<Opti
             }
         }
     }
-    if msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+    if msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+    {
         return Err(Errno::EMSGSIZE);
     }
     if msg.bytes == 0 && fds.is_empty() {
@@ -65,9 +90,17 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8], blocking: bool) -> Result<Opti
 /// `LISTEN_FDNAMES`), as `(name, fd)`; empty when not socket-activated. Clears the
 /// variables so that nothing started later inherits them.
 pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
-    let pid_ok = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
-    let count = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<i32>().ok()).unwrap_or(0);
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES").map(|n| n.split(':').map(String::from).collect()).unwrap_or_default();
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|n| n.split(':').map(String::from).collect())
+        .unwrap_or_default();
     // SAFETY: modifying the environment is unsound only while other threads read it; this
     // runs at start-up, before any thread is created.
     unsafe {
@@ -92,7 +125,10 @@ pub fn take_listen_fds() -> Vec<(String, OwnedFd)> {
             // SAFETY: systemd passed descriptors 3..3+LISTEN_FDS to this process for it to
             // own; each is adopted exactly once (the variables were cleared above).
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let _cloexec = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            let _cloexec = nix::fcntl::fcntl(
+                &fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
             Some((names.get(i as usize).cloned().unwrap_or_default(), fd))
         })
         .collect()
@@ -106,12 +142,17 @@ pub fn adopt_inherited_socket(raw: RawFd) -> Result<OwnedFd, Errno> {
     }
     // SAFETY: borrowing the number only for fstat, which fails harmlessly if it is closed.
     let st = nix::sys::stat::fstat(unsafe { BorrowedFd::borrow_raw(raw) })?;
-    if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT != nix::sys::stat::SFlag::S_IFSOCK {
+    if nix::sys::stat::SFlag::from_bits_truncate(st.st_mode) & nix::sys::stat::SFlag::S_IFMT
+        != nix::sys::stat::SFlag::S_IFSOCK
+    {
         return Err(Errno::ENOTSOCK);
     }
     // SAFETY: the daemon passed this descriptor to us for us to own; it is adopted once,
     // at start-up, and marked close-on-exec so no sandbox inherits it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
     Ok(fd)
 }

@@ -37,7 +37,11 @@ pub(crate) const REPORT_BYTES: usize = 12;
 impl Report {
     pub(crate) fn from_bytes(b: &[u8; REPORT_BYTES]) -> Report {
         let word = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
-        Report { step: u32::from_ne_bytes(word(0)), errno: i32::from_ne_bytes(word(4)), item: u32::from_ne_bytes(word(8)) }
+        Report {
+            step: u32::from_ne_bytes(word(0)),
+            errno: i32::from_ne_bytes(word(4)),
+            item: u32::from_ne_bytes(word(8)),
+        }
     }
 }
 
@@ -93,7 +97,11 @@ fn fail(sink: Sink, step: Step, item: u32) -> c_int {
             ptr::write_volatile(&mut (*sink.shared).step, step as u32);
         }
     }
-    if step == Step::Execve { EXEC_FAILED } else { SETUP_FAILED }
+    if step == Step::Execve {
+        EXEC_FAILED
+    } else {
+        SETUP_FAILED
+    }
 }
 
 macro_rules! check {
@@ -136,7 +144,11 @@ unsafe fn write_file(path: *const libc::c_char, data: &[u8]) -> c_int {
 unsafe fn create_file(path: *const libc::c_char, data: &[u8]) -> c_int {
     // SAFETY: as for write_file.
     unsafe {
-        let fd = libc::open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o644);
+        let fd = libc::open(
+            path,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            0o644,
+        );
         if fd < 0 {
             return -1;
         }
@@ -158,7 +170,13 @@ unsafe fn create_file(path: *const libc::c_char, data: &[u8]) -> c_int {
 ///
 /// # Safety
 /// Pointers must be NUL-terminated strings.
-unsafe fn bind(src_fd: c_int, src: *const libc::c_char, dst: *const libc::c_char, recursive: bool, attrs: u64) -> Result<(), Step> {
+unsafe fn bind(
+    src_fd: c_int,
+    src: *const libc::c_char,
+    dst: *const libc::c_char,
+    recursive: bool,
+    attrs: u64,
+) -> Result<(), Step> {
     let mut flags = sys::OPEN_TREE_CLONE | sys::OPEN_TREE_CLOEXEC;
     if recursive {
         flags |= sys::AT_RECURSIVE;
@@ -168,19 +186,45 @@ unsafe fn bind(src_fd: c_int, src: *const libc::c_char, dst: *const libc::c_char
     }
     // SAFETY: NUL-terminated strings and a live MountAttr of the size we pass.
     unsafe {
-        let fd = libc::syscall(libc::SYS_open_tree, if src_fd >= 0 { src_fd } else { libc::AT_FDCWD }, src, flags) as c_int;
+        let fd = libc::syscall(
+            libc::SYS_open_tree,
+            if src_fd >= 0 { src_fd } else { libc::AT_FDCWD },
+            src,
+            flags,
+        ) as c_int;
         if fd < 0 {
             return Err(Step::OpenTree);
         }
-        let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: 0, userns_fd: 0 };
+        let attr = MountAttr {
+            attr_set: attrs,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
         let set_flags = sys::AT_EMPTY_PATH | if recursive { sys::AT_RECURSIVE } else { 0 };
-        if libc::syscall(libc::SYS_mount_setattr, fd, c"".as_ptr(), set_flags, &attr as *const MountAttr, std::mem::size_of::<MountAttr>()) < 0 {
+        if libc::syscall(
+            libc::SYS_mount_setattr,
+            fd,
+            c"".as_ptr(),
+            set_flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        ) < 0
+        {
             let e = errno();
             libc::close(fd);
             *libc::__errno_location() = e;
             return Err(Step::MountSetattr);
         }
-        if libc::syscall(libc::SYS_move_mount, fd, c"".as_ptr(), libc::AT_FDCWD, dst, sys::MOVE_MOUNT_F_EMPTY_PATH) < 0 {
+        if libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            dst,
+            sys::MOVE_MOUNT_F_EMPTY_PATH,
+        ) < 0
+        {
             let e = errno();
             libc::close(fd);
             *libc::__errno_location() = e;
@@ -199,17 +243,29 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
     let args = unsafe { &*(arg as *const ChildArgs) };
     // SAFETY: ctx is the parent's plan, read-only here.
     let ctx = unsafe { &*args.ctx };
-    let report = Sink { shared: args.report, fd: args.report_fd };
+    let report = Sink {
+        shared: args.report,
+        fd: args.report_fd,
+    };
     let layout = ctx.layout;
     // SAFETY: every call below gets NUL-terminated strings from the plan, live structs of
     // the sizes passed, or plain integers. The sequence is linear; each result is checked.
     unsafe {
-        check!(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0), report, Step::PrctlPdeathsig);
+        check!(
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
+            report,
+            Step::PrctlPdeathsig
+        );
         for sig in 1..32 {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
-            check!(libc::signal(sig, libc::SIG_DFL) as isize, report, Step::ResetSignal, sig);
+            check!(
+                libc::signal(sig, libc::SIG_DFL) as isize,
+                report,
+                Step::ResetSignal,
+                sig
+            );
         }
 
         if args.sync_fd >= 0 {
@@ -229,13 +285,33 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
                     return fail(report, Step::AwaitIdMaps, 0);
                 }
             }
-            check!(libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>()), report, Step::SetgroupsClear);
-            check!(libc::syscall(libc::SYS_setresgid, SANDBOX_GID, SANDBOX_GID, SANDBOX_GID), report, Step::Setresgid);
-            check!(libc::syscall(libc::SYS_setresuid, SANDBOX_UID, SANDBOX_UID, SANDBOX_UID), report, Step::Setresuid);
+            check!(
+                libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>()),
+                report,
+                Step::SetgroupsClear
+            );
+            check!(
+                libc::syscall(libc::SYS_setresgid, SANDBOX_GID, SANDBOX_GID, SANDBOX_GID),
+                report,
+                Step::Setresgid
+            );
+            check!(
+                libc::syscall(libc::SYS_setresuid, SANDBOX_UID, SANDBOX_UID, SANDBOX_UID),
+                report,
+                Step::Setresuid
+            );
             // Changing uid cleared the parent-death signal: set it again, then make sure the
             // parent did not die before that (it holds the sync pipe open until we exec).
-            check!(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0), report, Step::PrctlPdeathsig);
-            let mut pfd = libc::pollfd { fd: args.sync_fd, events: 0, revents: 0 };
+            check!(
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
+                report,
+                Step::PrctlPdeathsig
+            );
+            let mut pfd = libc::pollfd {
+                fd: args.sync_fd,
+                events: 0,
+                revents: 0,
+            };
             check!(libc::poll(&mut pfd, 1, 0), report, Step::AwaitIdMaps);
             if pfd.revents & libc::POLLHUP != 0 {
                 *libc::__errno_location() = libc::EPIPE;
@@ -244,9 +320,21 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
         } else {
             // Unprivileged caller: map its own ids to the sandbox user. setgroups must be
             // denied before an unprivileged gid_map write.
-            check!(write_file(c"/proc/self/setgroups".as_ptr(), b"deny"), report, Step::WriteSetgroupsDeny);
-            check!(write_file(c"/proc/self/uid_map".as_ptr(), &ctx.uid_map), report, Step::WriteUidMap);
-            check!(write_file(c"/proc/self/gid_map".as_ptr(), &ctx.gid_map), report, Step::WriteGidMap);
+            check!(
+                write_file(c"/proc/self/setgroups".as_ptr(), b"deny"),
+                report,
+                Step::WriteSetgroupsDeny
+            );
+            check!(
+                write_file(c"/proc/self/uid_map".as_ptr(), &ctx.uid_map),
+                report,
+                Step::WriteUidMap
+            );
+            check!(
+                write_file(c"/proc/self/gid_map".as_ptr(), &ctx.gid_map),
+                report,
+                Step::WriteGidMap
+            );
         }
 
         // Re-open the validated work dir without following symlinks and make sure it is the
@@ -256,7 +344,13 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             mode: 0,
             resolve: sys::RESOLVE_NO_SYMLINKS | sys::RESOLVE_NO_MAGICLINKS,
         };
-        let work_fd = libc::syscall(libc::SYS_openat2, libc::AT_FDCWD, ctx.work_path.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>()) as c_int;
+        let work_fd = libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            ctx.work_path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        ) as c_int;
         check!(work_fd, report, Step::OpenWorkDir);
         let mut st: libc::stat = std::mem::zeroed();
         check!(libc::fstat(work_fd, &mut st), report, Step::StatWorkDir);
@@ -265,19 +359,33 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             return fail(report, Step::WorkDirReplaced, 0);
         }
 
-        check!(libc::sethostname(c"sandbox".as_ptr(), 7), report, Step::Sethostname);
+        check!(
+            libc::sethostname(c"sandbox".as_ptr(), 7),
+            report,
+            Step::Sethostname
+        );
         let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         check!(sock, report, Step::LoopbackSocket);
         let mut ifr: libc::ifreq = std::mem::zeroed();
         ifr.ifr_name[0] = b'l' as libc::c_char;
         ifr.ifr_name[1] = b'o' as libc::c_char;
         ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        check!(libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr as *const libc::ifreq), report, Step::LoopbackUp);
+        check!(
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr as *const libc::ifreq),
+            report,
+            Step::LoopbackUp
+        );
         libc::close(sock);
 
         // The new root: a small tmpfs that becomes read-only once populated.
         check!(
-            libc::mount(c"tmpfs".as_ptr(), layout.newroot.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, layout.root_opts.as_ptr().cast()),
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                layout.newroot.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                layout.root_opts.as_ptr().cast()
+            ),
             report,
             Step::MountRootTmpfs
         );
@@ -291,81 +399,204 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             }
         }
         for (i, (target, link)) in layout.symlinks.iter().enumerate() {
-            check!(libc::symlink(target.as_ptr(), link.as_ptr()), report, Step::Symlink, i);
+            check!(
+                libc::symlink(target.as_ptr(), link.as_ptr()),
+                report,
+                Step::Symlink,
+                i
+            );
         }
         for (i, (path, data)) in layout.etc_files.iter().enumerate() {
-            check!(create_file(path.as_ptr(), data), report, Step::WriteEtcFile, i);
+            check!(
+                create_file(path.as_ptr(), data),
+                report,
+                Step::WriteEtcFile,
+                i
+            );
         }
         let etc_base = layout.system_binds.len();
         for (i, b) in layout.etc_binds.iter().enumerate() {
             if !b.is_dir {
-                check!(create_file(b.dst.as_ptr(), &[]), report, Step::CreateMountpointFile, etc_base + i);
+                check!(
+                    create_file(b.dst.as_ptr(), &[]),
+                    report,
+                    Step::CreateMountpointFile,
+                    etc_base + i
+                );
             }
             if let Err(step) = bind(-1, b.src.as_ptr(), b.dst.as_ptr(), true, ro) {
                 return fail(report, step, (etc_base + i) as u32);
             }
         }
-        if let Err(step) = bind(work_fd, c"".as_ptr(), layout.work_dir.as_ptr(), false, sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV) {
+        if let Err(step) = bind(
+            work_fd,
+            c"".as_ptr(),
+            layout.work_dir.as_ptr(),
+            false,
+            sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+        ) {
             return fail(report, step, u32::MAX);
         }
         libc::close(work_fd);
         check!(
-            libc::mount(c"tmpfs".as_ptr(), layout.tmp_dir.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV, ctx.tmp_opts.as_ptr().cast()),
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                layout.tmp_dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                ctx.tmp_opts.as_ptr().cast()
+            ),
             report,
             Step::MountTmpTmpfs
         );
         check!(
-            libc::mount(c"tmpfs".as_ptr(), layout.dev_dir.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, layout.dev_opts.as_ptr().cast()),
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                layout.dev_dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                layout.dev_opts.as_ptr().cast()
+            ),
             report,
             Step::MountDevTmpfs
         );
-        let dev_attr = MountAttr { attr_set: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC, attr_clr: 0, propagation: 0, userns_fd: 0 };
+        let dev_attr = MountAttr {
+            attr_set: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
         for (i, (src, dst)) in layout.dev_nodes.iter().enumerate() {
-            check!(create_file(dst.as_ptr(), &[]), report, Step::CreateMountpointFile, i);
-            check!(libc::mount(src.as_ptr(), dst.as_ptr(), ptr::null(), libc::MS_BIND, ptr::null()), report, Step::BindDevNode, i);
             check!(
-                libc::syscall(libc::SYS_mount_setattr, libc::AT_FDCWD, dst.as_ptr(), 0u32, &dev_attr as *const MountAttr, std::mem::size_of::<MountAttr>()),
+                create_file(dst.as_ptr(), &[]),
+                report,
+                Step::CreateMountpointFile,
+                i
+            );
+            check!(
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    ptr::null(),
+                    libc::MS_BIND,
+                    ptr::null()
+                ),
+                report,
+                Step::BindDevNode,
+                i
+            );
+            check!(
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    0u32,
+                    &dev_attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>()
+                ),
                 report,
                 Step::MountSetattr,
                 i
             );
         }
         for (i, (target, link)) in layout.dev_symlinks.iter().enumerate() {
-            check!(libc::symlink(target.as_ptr(), link.as_ptr()), report, Step::Symlink, i);
+            check!(
+                libc::symlink(target.as_ptr(), link.as_ptr()),
+                report,
+                Step::Symlink,
+                i
+            );
         }
         check!(
-            libc::mount(ptr::null(), layout.dev_dir.as_ptr(), ptr::null(), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ptr::null()),
+            libc::mount(
+                ptr::null(),
+                layout.dev_dir.as_ptr(),
+                ptr::null(),
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
+                ptr::null()
+            ),
             report,
             Step::RemountDevReadonly
         );
         // proc of our own pid namespace: we are its pid 1.
         check!(
-            libc::mount(c"proc".as_ptr(), layout.proc_dir.as_ptr(), c"proc".as_ptr(), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ptr::null()),
+            libc::mount(
+                c"proc".as_ptr(),
+                layout.proc_dir.as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                ptr::null()
+            ),
             report,
             Step::MountProc
         );
         check!(
-            libc::mount(ptr::null(), layout.newroot.as_ptr(), ptr::null(), libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, ptr::null()),
+            libc::mount(
+                ptr::null(),
+                layout.newroot.as_ptr(),
+                ptr::null(),
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV,
+                ptr::null()
+            ),
             report,
             Step::RemountRootReadonly
         );
 
         // Enter the new root and detach the host's: pivot_root(".", ".") stacks the old
         // root on top of the new one, and the lazy unmount removes it whole.
-        check!(libc::chdir(layout.newroot.as_ptr()), report, Step::ChdirNewRoot);
-        check!(libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()), report, Step::PivotRoot);
-        check!(libc::umount2(c".".as_ptr(), libc::MNT_DETACH), report, Step::UmountOldRoot);
+        check!(
+            libc::chdir(layout.newroot.as_ptr()),
+            report,
+            Step::ChdirNewRoot
+        );
+        check!(
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()),
+            report,
+            Step::PivotRoot
+        );
+        check!(
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+            report,
+            Step::UmountOldRoot
+        );
         check!(libc::chdir(ctx.cwd.as_ptr()), report, Step::ChdirCwd);
 
-        check!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), report, Step::PrctlNoNewPrivs);
+        check!(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            report,
+            Step::PrctlNoNewPrivs
+        );
         if let Some(ll) = &ctx.landlock {
-            let ruleset = libc::syscall(libc::SYS_landlock_create_ruleset, &ll.attr as *const _, ll.attr_size, 0u32) as c_int;
+            let ruleset = libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                &ll.attr as *const _,
+                ll.attr_size,
+                0u32,
+            ) as c_int;
             check!(ruleset, report, Step::LandlockCreateRuleset);
             for (i, (path, access)) in ll.rules.iter().enumerate() {
                 let fd = libc::open(*path, libc::O_PATH | libc::O_CLOEXEC);
                 check!(fd, report, Step::LandlockOpenPath, i);
-                let rule = super::landlock::PathBeneathAttr { allowed_access: *access, parent_fd: fd };
-                let r = libc::syscall(libc::SYS_landlock_add_rule, ruleset, super::landlock::RULE_PATH_BENEATH, &rule as *const _, 0u32);
+                let rule = super::landlock::PathBeneathAttr {
+                    allowed_access: *access,
+                    parent_fd: fd,
+                };
+                let r = libc::syscall(
+                    libc::SYS_landlock_add_rule,
+                    ruleset,
+                    super::landlock::RULE_PATH_BENEATH,
+                    &rule as *const _,
+                    0u32,
+                );
                 let e = errno();
                 libc::close(fd);
                 if r < 0 {
@@ -373,40 +604,108 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
                     return fail(report, Step::LandlockAddRule, i as u32);
                 }
             }
-            check!(libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32), report, Step::LandlockRestrictSelf);
+            check!(
+                libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32),
+                report,
+                Step::LandlockRestrictSelf
+            );
             libc::close(ruleset);
         }
         for (i, (resource, limit)) in ctx.rlimits.iter().enumerate() {
-            let rl = libc::rlimit { rlim_cur: *limit, rlim_max: *limit };
-            check!(libc::setrlimit(*resource as _, &rl), report, Step::Setrlimit, i);
+            let rl = libc::rlimit {
+                rlim_cur: *limit,
+                rlim_max: *limit,
+            };
+            check!(
+                libc::setrlimit(*resource as _, &rl),
+                report,
+                Step::Setrlimit,
+                i
+            );
         }
         check!(libc::setsid(), report, Step::Setsid);
         for (target, src) in ctx.stdio.iter().enumerate() {
             if let Some(src) = src {
-                check!(libc::dup2(*src, target as c_int), report, Step::Dup2, target);
+                check!(
+                    libc::dup2(*src, target as c_int),
+                    report,
+                    Step::Dup2,
+                    target
+                );
             }
         }
         // Close-on-exec rather than close: the report pipe must survive until execve.
-        check!(libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC), report, Step::CloseRange);
+        check!(
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC
+            ),
+            report,
+            Step::CloseRange
+        );
 
         // Capabilities: lock the securebits so exec can never re-grant, empty the bounding
         // and ambient sets, then clear the rest with capset.
-        check!(libc::prctl(libc::PR_SET_SECUREBITS, 0xEF, 0, 0, 0), report, Step::SetSecurebits);
-        check!(libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), report, Step::CapAmbientClear);
+        check!(
+            libc::prctl(libc::PR_SET_SECUREBITS, 0xEF, 0, 0, 0),
+            report,
+            Step::SetSecurebits
+        );
+        check!(
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0
+            ),
+            report,
+            Step::CapAmbientClear
+        );
         for cap in 0..=layout.last_cap {
-            check!(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0), report, Step::CapbsetDrop, cap);
+            check!(
+                libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0),
+                report,
+                Step::CapbsetDrop,
+                cap
+            );
         }
-        let header = CapHeader { version: 0x2008_0522, pid: 0 };
+        let header = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
         let data = [CapData::default(); 2];
-        check!(libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()), report, Step::Capset);
+        check!(
+            libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()),
+            report,
+            Step::Capset
+        );
 
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
-        check!(libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut()), report, Step::SigprocmaskClear);
+        check!(
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, ptr::null_mut()),
+            report,
+            Step::SigprocmaskClear
+        );
 
         // Last hardening call: after this only execve (and exit) are needed.
-        let prog = SockFprog { len: ctx.seccomp.len() as u16, filter: ctx.seccomp.as_ptr().cast() };
-        check!(libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0u32, &prog as *const SockFprog), report, Step::SeccompSetModeFilter);
+        let prog = SockFprog {
+            len: ctx.seccomp.len() as u16,
+            filter: ctx.seccomp.as_ptr().cast(),
+        };
+        check!(
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0u32,
+                &prog as *const SockFprog
+            ),
+            report,
+            Step::SeccompSetModeFilter
+        );
 
         // PATH search as execvp does it, but over the sandbox's PATH, not ours.
         let mut saw_eacces = false;

@@ -203,7 +203,9 @@ pub enum SandboxError {
     #[error("host identity: {0}")]
     HostIdentity(String),
     /// The kernel lacks Landlock and the caller did not accept a degraded sandbox.
-    #[error("Landlock is not available ({0}); refusing to run without it (allow a degraded sandbox explicitly to override)")]
+    #[error(
+        "Landlock is not available ({0}); refusing to run without it (allow a degraded sandbox explicitly to override)"
+    )]
     LandlockUnavailable(Errno),
     /// The seccomp policy could not be compiled.
     #[error("seccomp policy: {0}")]
@@ -235,7 +237,13 @@ impl SandboxError {
     /// True when the command itself could not be executed (not found / not executable),
     /// as opposed to the sandbox failing to build.
     pub fn is_exec_failure(&self) -> bool {
-        matches!(self, SandboxError::Setup { step: Step::Execve, .. })
+        matches!(
+            self,
+            SandboxError::Setup {
+                step: Step::Execve,
+                ..
+            }
+        )
     }
 
     pub(crate) fn parent(op: &'static str, errno: Errno) -> Self {

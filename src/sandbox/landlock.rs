@@ -98,7 +98,10 @@ fn fs_mask(abi: u32) -> u64 {
 /// The ruleset attribute and its size for `abi`: every right the ABI knows is handled,
 /// so anything not granted by a rule is denied.
 pub(crate) fn ruleset_attr(abi: u32) -> (RulesetAttr, usize) {
-    let mut attr = RulesetAttr { handled_access_fs: fs_mask(abi), ..Default::default() };
+    let mut attr = RulesetAttr {
+        handled_access_fs: fs_mask(abi),
+        ..Default::default()
+    };
     let mut size = 8;
     if abi >= 4 {
         // No port rules: every TCP bind and connect is refused.
@@ -131,11 +134,19 @@ mod tests {
     #[test]
     fn rights_never_exceed_the_abi() {
         for abi in 1..=7 {
-            for a in [Access::ReadExec, Access::Read, Access::ReadWriteExec, Access::Device] {
+            for a in [
+                Access::ReadExec,
+                Access::Read,
+                Access::ReadWriteExec,
+                Access::Device,
+            ] {
                 assert_eq!(rights(a, abi) & !fs_mask(abi), 0);
             }
         }
-        assert_eq!(rights(Access::ReadWriteExec, 7) & (FS_MAKE_CHAR | FS_MAKE_BLOCK), 0);
+        assert_eq!(
+            rights(Access::ReadWriteExec, 7) & (FS_MAKE_CHAR | FS_MAKE_BLOCK),
+            0
+        );
         let (attr, size) = ruleset_attr(7);
         assert_eq!(size, 24);
         assert_eq!(attr.handled_access_net, NET_BIND_TCP | NET_CONNECT_TCP);

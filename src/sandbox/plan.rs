@@ -63,11 +63,19 @@ fn in_root(p: &str) -> Result<CString, SandboxError> {
 
 /// DESIGN.md's system view: `/usr` and the host's `/bin`, `/lib*`, `/sbin` (links or
 /// directories). Nothing else of the host (no `/opt`, `/var`, `/home`).
-const SYSTEM_DIRS: [&str; 7] = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+const SYSTEM_DIRS: [&str; 7] = [
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+];
 /// The host's `/etc` entries a program needs: the loader cache, CA certificates
 /// (Debian's `ssl/certs`, Fedora's `pki`), the alternatives links `/usr/bin` points
 /// through, and the time zone.
-const ETC_BINDS: [&str; 5] = ["/etc/ld.so.cache", "/etc/ssl/certs", "/etc/pki", "/etc/alternatives", "/etc/localtime"];
+const ETC_BINDS: [&str; 5] = [
+    "/etc/ld.so.cache",
+    "/etc/ssl/certs",
+    "/etc/pki",
+    "/etc/alternatives",
+    "/etc/localtime",
+];
 const DEV_NODES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
 
 impl SystemLayout {
@@ -87,27 +95,43 @@ impl SystemLayout {
         let mut landlock_paths = Vec::new();
         let mut labels = Vec::new();
         for dir in SYSTEM_DIRS {
-            let Ok(meta) = std::fs::symlink_metadata(dir) else { continue };
+            let Ok(meta) = std::fs::symlink_metadata(dir) else {
+                continue;
+            };
             if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(dir).map_err(|e| SandboxError::InvalidSpec(format!("{dir}: {e}")))?;
-                let target = target.to_str().ok_or_else(|| SandboxError::InvalidSpec(format!("{dir}: non-UTF-8 link")))?;
+                let target = std::fs::read_link(dir)
+                    .map_err(|e| SandboxError::InvalidSpec(format!("{dir}: {e}")))?;
+                let target = target
+                    .to_str()
+                    .ok_or_else(|| SandboxError::InvalidSpec(format!("{dir}: non-UTF-8 link")))?;
                 symlinks.push((cstr(target)?, in_root(dir)?));
             } else if meta.is_dir() {
                 mkdirs.push(in_root(dir)?);
                 labels.push(format!("bind {dir}"));
-                system_binds.push(Bind { src: cstr(dir)?, dst: in_root(dir)?, is_dir: true });
+                system_binds.push(Bind {
+                    src: cstr(dir)?,
+                    dst: in_root(dir)?,
+                    is_dir: true,
+                });
                 landlock_paths.push((cstr(dir)?, Access::ReadExec));
             }
         }
         if system_binds.iter().all(|b| b.src.as_bytes() != b"/usr") {
-            return Err(SandboxError::InvalidSpec("host has no /usr directory".into()));
+            return Err(SandboxError::InvalidSpec(
+                "host has no /usr directory".into(),
+            ));
         }
         mkdirs.push(in_root("/etc")?);
         let mut etc_binds = Vec::new();
         for path in ETC_BINDS {
-            let Ok(meta) = std::fs::metadata(path) else { continue };
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
             // Parents of nested binds (e.g. /etc/ssl) must exist in the new root.
-            let parent = Path::new(path).parent().and_then(Path::to_str).unwrap_or("/etc");
+            let parent = Path::new(path)
+                .parent()
+                .and_then(Path::to_str)
+                .unwrap_or("/etc");
             if parent != "/etc" {
                 let p = in_root(parent)?;
                 if !mkdirs.contains(&p) {
@@ -118,7 +142,11 @@ impl SystemLayout {
                 mkdirs.push(in_root(path)?);
             }
             labels.push(format!("bind {path}"));
-            etc_binds.push(Bind { src: cstr(path)?, dst: in_root(path)?, is_dir: meta.is_dir() });
+            etc_binds.push(Bind {
+                src: cstr(path)?,
+                dst: in_root(path)?,
+                is_dir: meta.is_dir(),
+            });
         }
         let passwd = format!(
             "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{SANDBOX_USER}:x:{SANDBOX_UID}:{SANDBOX_GID}:{SANDBOX_USER}:/work:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
@@ -219,5 +247,9 @@ pub(crate) fn landlock_plan(layout: &'static SystemLayout, abi: u32) -> Landlock
         .iter()
         .map(|(p, a)| (p.as_ptr(), landlock::rights(*a, abi)))
         .collect();
-    LandlockPlan { attr, attr_size, rules }
+    LandlockPlan {
+        attr,
+        attr_size,
+        rules,
+    }
 }

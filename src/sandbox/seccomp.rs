@@ -28,7 +28,9 @@ fn policy_for(arch: TargetArch) -> Result<&'static str, SandboxError> {
     match arch {
         TargetArch::x86_64 => Ok(POLICY_X86_64),
         TargetArch::aarch64 => Ok(POLICY_AARCH64),
-        other => Err(SandboxError::SeccompPolicy(format!("no policy for {other:?}"))),
+        other => Err(SandboxError::SeccompPolicy(format!(
+            "no policy for {other:?}"
+        ))),
     }
 }
 
@@ -90,7 +92,8 @@ mod tests {
     }
 
     fn reference(arch: TargetArch, nr: u32, args: [u64; 6]) -> u32 {
-        let map = seccompiler::compile_from_json(policy_for(arch).unwrap().as_bytes(), arch).unwrap();
+        let map =
+            seccompiler::compile_from_json(policy_for(arch).unwrap().as_bytes(), arch).unwrap();
         let a = audit_arch(arch).unwrap();
         let en = run(&map["enosys"], nr, a, args);
         if en != RET_ALLOW {
@@ -105,8 +108,21 @@ mod tests {
     fn arg_cases() -> Vec<[u64; 6]> {
         let mut v = vec![[0; 6], [u64::MAX; 6]];
         for special in [
-            0x5412u64, 0x541C, 0xFFFF_FFFF_0000_5412, 0x1_0000_5412, 0x5413, 0x10000000 | 17, 0x11,
-            0x20000 | 17, 0xffff_ffff, 1, 2, 10, 16, 17, 0x0040_0000,
+            0x5412u64,
+            0x541C,
+            0xFFFF_FFFF_0000_5412,
+            0x1_0000_5412,
+            0x5413,
+            0x10000000 | 17,
+            0x11,
+            0x20000 | 17,
+            0xffff_ffff,
+            1,
+            2,
+            10,
+            16,
+            17,
+            0x0040_0000,
         ] {
             for idx in 0..3 {
                 let mut a = [0u64; 6];
@@ -128,8 +144,16 @@ mod tests {
             for nr in 0..1024u32 {
                 for args in &cases {
                     let en = run(&reference_map["enosys"], nr, a, *args);
-                    let want = if en != RET_ALLOW { en } else { run(&reference_map["sandbox"], nr, a, *args) };
-                    assert_eq!(run(&tree, nr, a, *args), want, "{arch:?} nr {nr} args {args:x?}");
+                    let want = if en != RET_ALLOW {
+                        en
+                    } else {
+                        run(&reference_map["sandbox"], nr, a, *args)
+                    };
+                    assert_eq!(
+                        run(&tree, nr, a, *args),
+                        want,
+                        "{arch:?} nr {nr} args {args:x?}"
+                    );
                 }
             }
         }
@@ -138,8 +162,14 @@ mod tests {
     #[test]
     fn tree_is_much_shorter_than_the_chain() {
         let tree = compile(TargetArch::x86_64).unwrap();
-        let chain = seccompiler::compile_from_json(POLICY_X86_64.as_bytes(), TargetArch::x86_64).unwrap();
-        assert!(tree.len() * 3 < chain["sandbox"].len(), "tree {} vs chain {}", tree.len(), chain["sandbox"].len());
+        let chain =
+            seccompiler::compile_from_json(POLICY_X86_64.as_bytes(), TargetArch::x86_64).unwrap();
+        assert!(
+            tree.len() * 3 < chain["sandbox"].len(),
+            "tree {} vs chain {}",
+            tree.len(),
+            chain["sandbox"].len()
+        );
     }
 
     #[test]
@@ -158,7 +188,10 @@ mod tests {
         // i386 audit arch.
         assert_eq!(run(&tree, 0, 0x4000_0003, [0; 6]), RET_KILL_PROCESS);
         // x32: x86_64 audit arch with the x32 bit set on the number (read = 0).
-        assert_eq!(run(&tree, X32_SYSCALL_BIT, 0xC000_003E, [0; 6]), RET_KILL_PROCESS);
+        assert_eq!(
+            run(&tree, X32_SYSCALL_BIT, 0xC000_003E, [0; 6]),
+            RET_KILL_PROCESS
+        );
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -166,46 +199,135 @@ mod tests {
     fn policy_denies_what_the_threat_model_names() {
         let x = TargetArch::x86_64;
         let denied = [
-            libc::SYS_ptrace, libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root,
-            libc::SYS_move_mount, libc::SYS_fsopen, libc::SYS_fsmount, libc::SYS_fsconfig,
-            libc::SYS_open_tree, libc::SYS_mount_setattr, libc::SYS_unshare, libc::SYS_setns,
-            libc::SYS_keyctl, libc::SYS_add_key, libc::SYS_request_key, libc::SYS_bpf,
-            libc::SYS_perf_event_open, libc::SYS_userfaultfd, libc::SYS_io_uring_setup,
-            libc::SYS_io_uring_enter, libc::SYS_io_uring_register, libc::SYS_kexec_load,
-            libc::SYS_kexec_file_load, libc::SYS_init_module, libc::SYS_finit_module,
-            libc::SYS_delete_module, libc::SYS_reboot, libc::SYS_swapon, libc::SYS_swapoff,
-            libc::SYS_acct, libc::SYS_process_vm_readv, libc::SYS_process_vm_writev,
-            libc::SYS_open_by_handle_at, libc::SYS_name_to_handle_at,
+            libc::SYS_ptrace,
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_move_mount,
+            libc::SYS_fsopen,
+            libc::SYS_fsmount,
+            libc::SYS_fsconfig,
+            libc::SYS_open_tree,
+            libc::SYS_mount_setattr,
+            libc::SYS_unshare,
+            libc::SYS_setns,
+            libc::SYS_keyctl,
+            libc::SYS_add_key,
+            libc::SYS_request_key,
+            libc::SYS_bpf,
+            libc::SYS_perf_event_open,
+            libc::SYS_userfaultfd,
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_enter,
+            libc::SYS_io_uring_register,
+            libc::SYS_kexec_load,
+            libc::SYS_kexec_file_load,
+            libc::SYS_init_module,
+            libc::SYS_finit_module,
+            libc::SYS_delete_module,
+            libc::SYS_reboot,
+            libc::SYS_swapon,
+            libc::SYS_swapoff,
+            libc::SYS_acct,
+            libc::SYS_process_vm_readv,
+            libc::SYS_process_vm_writev,
+            libc::SYS_open_by_handle_at,
+            libc::SYS_name_to_handle_at,
         ];
         for nr in denied {
             assert_eq!(reference(x, nr as u32, [0; 6]), EPERM, "syscall {nr}");
-            assert_eq!(run(&compile(x).unwrap(), nr as u32, 0xC000_003E, [0; 6]), EPERM, "syscall {nr}");
+            assert_eq!(
+                run(&compile(x).unwrap(), nr as u32, 0xC000_003E, [0; 6]),
+                EPERM,
+                "syscall {nr}"
+            );
         }
         let tree = compile(x).unwrap();
         let a = 0xC000_003E;
         let nr = |n: i64| n as u32;
         assert_eq!(run(&tree, nr(libc::SYS_clone3), a, [0; 6]), ENOSYS);
         // clone: threads allowed, any namespace flag refused.
-        assert_eq!(run(&tree, nr(libc::SYS_clone), a, [0x003d0f00, 0, 0, 0, 0, 0]), RET_ALLOW);
-        for flag in [0x20000u64, 0x0200_0000, 0x0400_0000, 0x0800_0000, 0x1000_0000, 0x2000_0000, 0x4000_0000] {
-            assert_eq!(run(&tree, nr(libc::SYS_clone), a, [flag | 17, 0, 0, 0, 0, 0]), EPERM, "flag {flag:#x}");
+        assert_eq!(
+            run(&tree, nr(libc::SYS_clone), a, [0x003d0f00, 0, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
+        for flag in [
+            0x20000u64,
+            0x0200_0000,
+            0x0400_0000,
+            0x0800_0000,
+            0x1000_0000,
+            0x2000_0000,
+            0x4000_0000,
+        ] {
+            assert_eq!(
+                run(&tree, nr(libc::SYS_clone), a, [flag | 17, 0, 0, 0, 0, 0]),
+                EPERM,
+                "flag {flag:#x}"
+            );
         }
         // ioctl: TIOCSTI / TIOCLINUX refused however the upper half is set.
         for req in [0x5412u64, 0x541C, 0xdead_beef_0000_5412, 0x1_0000_541C] {
-            assert_eq!(run(&tree, nr(libc::SYS_ioctl), a, [1, req, 0, 0, 0, 0]), EPERM, "req {req:#x}");
+            assert_eq!(
+                run(&tree, nr(libc::SYS_ioctl), a, [1, req, 0, 0, 0, 0]),
+                EPERM,
+                "req {req:#x}"
+            );
         }
-        assert_eq!(run(&tree, nr(libc::SYS_ioctl), a, [1, 0x5401, 0, 0, 0, 0]), RET_ALLOW);
+        assert_eq!(
+            run(&tree, nr(libc::SYS_ioctl), a, [1, 0x5401, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
         // personality: only the query and PER_LINUX.
-        assert_eq!(run(&tree, nr(libc::SYS_personality), a, [0xffff_ffff, 0, 0, 0, 0, 0]), RET_ALLOW);
-        assert_eq!(run(&tree, nr(libc::SYS_personality), a, [0x0040_0000, 0, 0, 0, 0, 0]), EPERM);
+        assert_eq!(
+            run(
+                &tree,
+                nr(libc::SYS_personality),
+                a,
+                [0xffff_ffff, 0, 0, 0, 0, 0]
+            ),
+            RET_ALLOW
+        );
+        assert_eq!(
+            run(
+                &tree,
+                nr(libc::SYS_personality),
+                a,
+                [0x0040_0000, 0, 0, 0, 0, 0]
+            ),
+            EPERM
+        );
         // socket families.
-        assert_eq!(run(&tree, nr(libc::SYS_socket), a, [1, 1, 0, 0, 0, 0]), RET_ALLOW);
-        assert_eq!(run(&tree, nr(libc::SYS_socket), a, [17, 3, 0, 0, 0, 0]), EPERM);
-        assert_eq!(run(&tree, nr(libc::SYS_socket), a, [38, 5, 0, 0, 0, 0]), EPERM);
+        assert_eq!(
+            run(&tree, nr(libc::SYS_socket), a, [1, 1, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
+        assert_eq!(
+            run(&tree, nr(libc::SYS_socket), a, [17, 3, 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(
+            run(&tree, nr(libc::SYS_socket), a, [38, 5, 0, 0, 0, 0]),
+            EPERM
+        );
         assert_eq!(run(&tree, nr(libc::SYS_read), a, [0; 6]), RET_ALLOW);
         // prctl: allowed, except clearing or changing the parent-death signal.
-        assert_eq!(run(&tree, nr(libc::SYS_prctl), a, [15, 0, 0, 0, 0, 0]), RET_ALLOW);
-        assert_eq!(run(&tree, nr(libc::SYS_prctl), a, [1, 0, 0, 0, 0, 0]), EPERM);
-        assert_eq!(run(&tree, nr(libc::SYS_prctl), a, [0x1_0000_0001, 0, 0, 0, 0, 0]), EPERM);
+        assert_eq!(
+            run(&tree, nr(libc::SYS_prctl), a, [15, 0, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
+        assert_eq!(
+            run(&tree, nr(libc::SYS_prctl), a, [1, 0, 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(
+            run(
+                &tree,
+                nr(libc::SYS_prctl),
+                a,
+                [0x1_0000_0001, 0, 0, 0, 0, 0]
+            ),
+            EPERM
+        );
     }
 }

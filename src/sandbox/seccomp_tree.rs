@@ -61,7 +61,8 @@ struct Segment<'a> {
 
 /// Compiles the JSON policy (filters `sandbox` and `enosys`) for `arch` into one program.
 pub fn compile_policy(json: &str, arch: TargetArch) -> Result<Vec<sock_filter>, String> {
-    let map = seccompiler::compile_from_json(json.as_bytes(), arch).map_err(|e| format!("seccompiler: {e}"))?;
+    let map = seccompiler::compile_from_json(json.as_bytes(), arch)
+        .map_err(|e| format!("seccompiler: {e}"))?;
     if map.len() != 2 {
         return Err("policy must hold exactly the filters `sandbox` and `enosys`".into());
     }
@@ -74,14 +75,21 @@ pub fn compile_policy(json: &str, arch: TargetArch) -> Result<Vec<sock_filter>, 
     }
     for (nr, entry) in enosys_entries {
         if entries.insert(nr, entry).is_some() {
-            return Err(format!("syscall {nr} appears in both `sandbox` and `enosys`"));
+            return Err(format!(
+                "syscall {nr} appears in both `sandbox` and `enosys`"
+            ));
         }
     }
     build_tree(arch, default_action, &entries)
 }
 
 fn stmt(code: u16, k: u32) -> sock_filter {
-    sock_filter { code, jt: 0, jf: 0, k }
+    sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
 }
 
 fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
@@ -89,7 +97,9 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
 }
 
 fn offset(from_next: usize, to: usize) -> Result<u8, String> {
-    to.checked_sub(from_next).and_then(|d| u8::try_from(d).ok()).ok_or_else(|| "jump offset does not fit".to_string())
+    to.checked_sub(from_next)
+        .and_then(|d| u8::try_from(d).ok())
+        .ok_or_else(|| "jump offset does not fit".to_string())
 }
 
 /// Splits seccompiler's linear program into its mismatch action and one entry per syscall.
@@ -158,12 +168,20 @@ fn segments(entries: &BTreeMap<u32, Entry>) -> Vec<Segment<'_>> {
                 continue;
             }
         }
-        out.push(Segment { lo: *nr, hi: *nr, entry });
+        out.push(Segment {
+            lo: *nr,
+            hi: *nr,
+            entry,
+        });
     }
     out
 }
 
-fn build_tree(arch: TargetArch, default_action: u32, entries: &BTreeMap<u32, Entry>) -> Result<Vec<sock_filter>, String> {
+fn build_tree(
+    arch: TargetArch,
+    default_action: u32,
+    entries: &BTreeMap<u32, Entry>,
+) -> Result<Vec<sock_filter>, String> {
     let mut out = vec![
         stmt(BPF_LD_W_ABS, SECCOMP_DATA_ARCH),
         jump(BPF_JMP_JEQ_K, audit_arch(arch)?, 1, 0),
@@ -181,7 +199,11 @@ fn build_tree(arch: TargetArch, default_action: u32, entries: &BTreeMap<u32, Ent
     Ok(out)
 }
 
-fn emit_node(list: &[Segment<'_>], default_action: u32, out: &mut Vec<sock_filter>) -> Result<(), String> {
+fn emit_node(
+    list: &[Segment<'_>],
+    default_action: u32,
+    out: &mut Vec<sock_filter>,
+) -> Result<(), String> {
     if list.len() <= LEAF_SIZE {
         return emit_leaf(list, default_action, out);
     }
@@ -190,14 +212,21 @@ fn emit_node(list: &[Segment<'_>], default_action: u32, out: &mut Vec<sock_filte
     emit_node(left, default_action, &mut left_code)?;
     // nr >= pivot: fall into the JA that skips the left subtree; else skip the JA.
     out.push(jump(BPF_JMP_JGE_K, right[0].lo, 0, 1));
-    out.push(stmt(BPF_JMP_JA, u32::try_from(left_code.len()).map_err(|_| "subtree too long")?));
+    out.push(stmt(
+        BPF_JMP_JA,
+        u32::try_from(left_code.len()).map_err(|_| "subtree too long")?,
+    ));
     out.extend(left_code);
     emit_node(right, default_action, out)
 }
 
 /// A leaf: a check per segment (`JEQ` for one number, `JGE lo`+`JGT hi` for a range), then
 /// `RET default`, `RET allow`, then the other actions and argument-check blocks.
-fn emit_leaf(list: &[Segment<'_>], default_action: u32, out: &mut Vec<sock_filter>) -> Result<(), String> {
+fn emit_leaf(
+    list: &[Segment<'_>],
+    default_action: u32,
+    out: &mut Vec<sock_filter>,
+) -> Result<(), String> {
     let checks: usize = list.iter().map(|s| if s.lo == s.hi { 1 } else { 2 }).sum();
     let default_at = checks;
     let allow_at = checks + 1;

@@ -93,7 +93,10 @@ pub fn run(spec: SandboxSpec) -> Result<Outcome, SandboxError> {
 /// An unprivileged caller can only map itself. A root caller must never run a sandbox as
 /// host uid 0 (the kernel exempts uid 0 from RLIMIT_NPROC and an escape must not land as
 /// root): it uses `requested`, or else the work dir's owner when that is not root.
-pub fn resolve_host_ids(requested: Option<HostIds>, work_owner: HostIds) -> Result<(HostIds, bool), SandboxError> {
+pub fn resolve_host_ids(
+    requested: Option<HostIds>,
+    work_owner: HostIds,
+) -> Result<(HostIds, bool), SandboxError> {
     let euid = nix::unistd::geteuid().as_raw();
     let egid = nix::unistd::getegid().as_raw();
     if euid != 0 {
@@ -102,7 +105,13 @@ pub fn resolve_host_ids(requested: Option<HostIds>, work_owner: HostIds) -> Resu
                 "an unprivileged caller can only map its own ids ({euid}:{egid}), not {}:{}",
                 r.uid, r.gid
             ))),
-            _ => Ok((HostIds { uid: euid, gid: egid }, false)),
+            _ => Ok((
+                HostIds {
+                    uid: euid,
+                    gid: egid,
+                },
+                false,
+            )),
         };
     }
     let ids = match requested {
@@ -116,20 +125,28 @@ pub fn resolve_host_ids(requested: Option<HostIds>, work_owner: HostIds) -> Resu
         }
     };
     if ids.uid == 0 || ids.gid == 0 {
-        return Err(SandboxError::HostIdentity("the sandbox must not map to host uid or gid 0".into()));
+        return Err(SandboxError::HostIdentity(
+            "the sandbox must not map to host uid or gid 0".into(),
+        ));
     }
     Ok((ids, true))
 }
 
 /// Opens the work dir refusing `..` components and any symlink on the way.
-fn open_work_dir(path: &Path) -> Result<(PathBuf, OwnedFd, nix::sys::stat::FileStat), SandboxError> {
+fn open_work_dir(
+    path: &Path,
+) -> Result<(PathBuf, OwnedFd, nix::sys::stat::FileStat), SandboxError> {
     let shown = path.display().to_string();
-    let refuse = |reason: String| SandboxError::WorkDir { path: shown.clone(), reason };
+    let refuse = |reason: String| SandboxError::WorkDir {
+        path: shown.clone(),
+        reason,
+    };
     if path.components().any(|c| c == Component::ParentDir) {
         return Err(refuse("'..' components are refused".into()));
     }
     let abs = std::path::absolute(path).map_err(|e| refuse(e.to_string()))?;
-    let c = CString::new(abs.as_os_str().as_bytes()).map_err(|_| refuse("path holds NUL".into()))?;
+    let c =
+        CString::new(abs.as_os_str().as_bytes()).map_err(|_| refuse("path holds NUL".into()))?;
     let fd = sys::openat2(
         libc::AT_FDCWD,
         &c,
@@ -147,10 +164,17 @@ fn open_work_dir(path: &Path) -> Result<(PathBuf, OwnedFd, nix::sys::stat::FileS
     let fs = nix::sys::statfs::fstatfs(&fd).map_err(|e| refuse(format!("fstatfs: {e:?}")))?;
     let fs_type = fs.filesystem_type().0 as i64;
     if let Some((_, name)) = PSEUDO_FS.iter().find(|(magic, _)| *magic == fs_type) {
-        return Err(refuse(format!("is on {name}; a work dir must be an ordinary directory")));
+        return Err(refuse(format!(
+            "is on {name}; a work dir must be an ordinary directory"
+        )));
     }
-    if let Some((_, system)) = system_dir_ids().iter().find(|(id, _)| *id == (st.st_dev, st.st_ino)) {
-        return Err(refuse(format!("is the host's {system}; give a dedicated directory")));
+    if let Some((_, system)) = system_dir_ids()
+        .iter()
+        .find(|(id, _)| *id == (st.st_dev, st.st_ino))
+    {
+        return Err(refuse(format!(
+            "is the host's {system}; give a dedicated directory"
+        )));
     }
     Ok((abs, fd, st))
 }
@@ -159,10 +183,17 @@ fn open_work_dir(path: &Path) -> Result<(PathBuf, OwnedFd, nix::sys::stat::FileS
 fn system_dir_ids() -> &'static [((u64, u64), &'static str)] {
     static IDS: std::sync::OnceLock<Vec<((u64, u64), &'static str)>> = std::sync::OnceLock::new();
     IDS.get_or_init(|| {
-        ["/", "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/var", "/boot", "/root", "/home", "/opt", "/srv"]
-            .iter()
-            .filter_map(|p| nix::sys::stat::stat(*p).ok().map(|s| ((s.st_dev, s.st_ino), *p)))
-            .collect()
+        [
+            "/", "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/var", "/boot", "/root",
+            "/home", "/opt", "/srv",
+        ]
+        .iter()
+        .filter_map(|p| {
+            nix::sys::stat::stat(*p)
+                .ok()
+                .map(|s| ((s.st_dev, s.st_ino), *p))
+        })
+        .collect()
     })
 }
 
@@ -195,14 +226,19 @@ fn high(fd: OwnedFd) -> Result<OwnedFd, SandboxError> {
     if fd.as_raw_fd() >= 3 {
         return Ok(fd);
     }
-    let dup = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(3)).map_err(|e| SandboxError::parent("fcntl(F_DUPFD_CLOEXEC)", e))?;
+    let dup = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(3))
+        .map_err(|e| SandboxError::parent("fcntl(F_DUPFD_CLOEXEC)", e))?;
     // SAFETY: F_DUPFD_CLOEXEC returned a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(dup) })
 }
 
 fn dev_null() -> Result<OwnedFd, SandboxError> {
-    let fd = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
-        .map_err(|e| SandboxError::parent("open(/dev/null)", e))?;
+    let fd = nix::fcntl::open(
+        "/dev/null",
+        OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| SandboxError::parent("open(/dev/null)", e))?;
     high(fd)
 }
 
@@ -220,7 +256,14 @@ impl Stacks {
         let len = 2 * (STACK_SIZE + GUARD);
         // SAFETY: anonymous private mapping with no address hint; checked for MAP_FAILED.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
         };
         if base == libc::MAP_FAILED {
             return Err(SandboxError::parent("mmap(stack)", Errno::last()));
@@ -228,7 +271,17 @@ impl Stacks {
         let stacks = Stacks { base, len };
         for i in 0..2 {
             // SAFETY: the guard page lies inside the mapping we just made.
-            let r = unsafe { libc::mprotect(stacks.base.cast::<u8>().add(i * (STACK_SIZE + GUARD)).cast(), GUARD, libc::PROT_NONE) };
+            let r = unsafe {
+                libc::mprotect(
+                    stacks
+                        .base
+                        .cast::<u8>()
+                        .add(i * (STACK_SIZE + GUARD))
+                        .cast(),
+                    GUARD,
+                    libc::PROT_NONE,
+                )
+            };
             if r != 0 {
                 return Err(SandboxError::parent("mprotect(guard)", Errno::last()));
             }
@@ -240,7 +293,12 @@ impl Stacks {
     fn top(&self, i: usize) -> *mut c_void {
         // SAFETY: the offset is the end of stack i, inside the mapping; 16-byte aligned since
         // the mapping is page aligned and the sizes are multiples of 4096.
-        unsafe { self.base.cast::<u8>().add((i + 1) * (STACK_SIZE + GUARD)).cast() }
+        unsafe {
+            self.base
+                .cast::<u8>()
+                .add((i + 1) * (STACK_SIZE + GUARD))
+                .cast()
+        }
     }
 }
 
@@ -261,8 +319,12 @@ struct SignalsBlocked(SigSet);
 impl SignalsBlocked {
     fn new() -> Result<SignalsBlocked, SandboxError> {
         let mut old = SigSet::empty();
-        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))
-            .map_err(|e| SandboxError::parent("pthread_sigmask", e))?;
+        pthread_sigmask(
+            SigmaskHow::SIG_SETMASK,
+            Some(&SigSet::all()),
+            Some(&mut old),
+        )
+        .map_err(|e| SandboxError::parent("pthread_sigmask", e))?;
         Ok(SignalsBlocked(old))
     }
 }
@@ -284,7 +346,10 @@ const NS_FLAGS: c_int = libc::CLONE_NEWUSER
 
 /// Landlock fails closed: without it the sandbox runs only when the caller explicitly
 /// accepted a degraded sandbox (`Ok(None)`).
-fn landlock_decision(abi: Result<u32, Errno>, allow_degraded: bool) -> Result<Option<u32>, SandboxError> {
+fn landlock_decision(
+    abi: Result<u32, Errno>,
+    allow_degraded: bool,
+) -> Result<Option<u32>, SandboxError> {
     match abi {
         Ok(abi) => Ok(Some(abi)),
         Err(_) if allow_degraded => Ok(None),
@@ -297,9 +362,20 @@ fn exec_candidates(argv0: &str, env: &[(String, String)]) -> Result<Vec<CString>
     if argv0.contains('/') {
         return Ok(vec![to_c(argv0.to_string())?]);
     }
-    let path = env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("/usr/bin:/bin");
+    let path = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("/usr/bin:/bin");
     path.split(':')
-        .map(|dir| to_c(if dir.is_empty() { format!("./{argv0}") } else { format!("{}/{argv0}", dir.trim_end_matches('/')) }))
+        .map(|dir| {
+            to_c(if dir.is_empty() {
+                format!("./{argv0}")
+            } else {
+                format!("{}/{argv0}", dir.trim_end_matches('/'))
+            })
+        })
         .collect()
 }
 
@@ -313,14 +389,27 @@ fn clone_as_root(ctx: &ChildCtx, stacks: &Stacks) -> Result<(c_int, c_int, Repor
     let (sync_r, sync_w) = pipe_high()?;
     let (rep_r, rep_w) = pipe_high()?;
     let mut unused = Report::default();
-    let mut args = ChildArgs { ctx, report: &mut unused, report_fd: rep_w.as_raw_fd(), sync_fd: sync_r.as_raw_fd() };
+    let mut args = ChildArgs {
+        ctx,
+        report: &mut unused,
+        report_fd: rep_w.as_raw_fd(),
+        sync_fd: sync_r.as_raw_fd(),
+    };
     let mut pidfd: c_int = -1;
     let pid = {
         let _blocked = SignalsBlocked::new()?;
         let args_ptr: *mut ChildArgs = &mut args;
         // SAFETY: without CLONE_VM the child runs on its own copy of our memory (including
         // the stack region and `args`), so nothing it does can touch ours.
-        unsafe { libc::clone(sandbox_main, stacks.top(0), NS_FLAGS | libc::CLONE_PIDFD | libc::SIGCHLD, args_ptr.cast(), &mut pidfd as *mut c_int) }
+        unsafe {
+            libc::clone(
+                sandbox_main,
+                stacks.top(0),
+                NS_FLAGS | libc::CLONE_PIDFD | libc::SIGCHLD,
+                args_ptr.cast(),
+                &mut pidfd as *mut c_int,
+            )
+        }
     };
     if pid < 0 {
         return Err(SandboxError::parent("clone", Errno::last()));
@@ -336,7 +425,11 @@ fn clone_as_root(ctx: &ChildCtx, stacks: &Stacks) -> Result<(c_int, c_int, Repor
     };
     let to_errno = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
     let write_map = |file: &str, data: &[u8]| {
-        std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/{file}")).and_then(|mut f| std::io::Write::write_all(&mut f, data)).map_err(to_errno)
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/{file}"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, data))
+            .map_err(to_errno)
     };
     if let Err(e) = write_map("uid_map", &ctx.uid_map) {
         return Err(abort("write(/proc/<child>/uid_map)", e));
@@ -371,7 +464,11 @@ fn clone_as_root(ctx: &ChildCtx, stacks: &Stacks) -> Result<(c_int, c_int, Repor
     }
     // Held open until here: the child reads a hang-up as "the parent died".
     drop(sync_w);
-    let report = if got == REPORT_BYTES { Report::from_bytes(&buf) } else { Report::default() };
+    let report = if got == REPORT_BYTES {
+        Report::from_bytes(&buf)
+    } else {
+        Report::default()
+    };
     use std::os::fd::IntoRawFd;
     Ok((pid, owned_pidfd.into_raw_fd(), report))
 }
@@ -387,7 +484,13 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     let landlock_abi = landlock_decision(landlock::abi(), spec.allow_degraded_landlock)?;
     let landlock = landlock_abi.map(|abi| landlock_plan(layout, abi));
     let (work_abs, _work_fd, st) = open_work_dir(&spec.work_dir)?;
-    let (ids, switch) = resolve_host_ids(spec.host_ids, HostIds { uid: st.st_uid, gid: st.st_gid })?;
+    let (ids, switch) = resolve_host_ids(
+        spec.host_ids,
+        HostIds {
+            uid: st.st_uid,
+            gid: st.st_gid,
+        },
+    )?;
 
     let mut strings = Vec::with_capacity(spec.argv.len() + env.len());
     for a in &spec.argv {
@@ -395,7 +498,9 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     }
     let argc = strings.len();
     for (k, v) in &env {
-        strings.push(CString::new(format!("{k}={v}")).map_err(|_| spec::invalid("environment holds NUL"))?);
+        strings.push(
+            CString::new(format!("{k}={v}")).map_err(|_| spec::invalid("environment holds NUL"))?,
+        );
     }
     let mut argv: Vec<*const libc::c_char> = strings[..argc].iter().map(|s| s.as_ptr()).collect();
     argv.push(std::ptr::null());
@@ -460,11 +565,15 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
         layout,
         uid_map: format!("{SANDBOX_UID} {} 1\n", ids.uid).into_bytes(),
         gid_map: format!("{SANDBOX_GID} {} 1\n", ids.gid).into_bytes(),
-        work_path: CString::new(work_abs.as_os_str().as_bytes()).map_err(|_| spec::invalid("work dir holds NUL"))?,
+        work_path: CString::new(work_abs.as_os_str().as_bytes())
+            .map_err(|_| spec::invalid("work dir holds NUL"))?,
         work_dev: st.st_dev,
         work_ino: st.st_ino,
-        tmp_opts: CString::new(format!("size={},nr_inodes={},mode=1777", l.tmp_size_bytes, l.tmp_inodes))
-            .map_err(|_| spec::invalid("tmp options"))?,
+        tmp_opts: CString::new(format!(
+            "size={},nr_inodes={},mode=1777",
+            l.tmp_size_bytes, l.tmp_inodes
+        ))
+        .map_err(|_| spec::invalid("tmp options"))?,
         cwd: CString::new(cwd).map_err(|_| spec::invalid("cwd holds NUL"))?,
         landlock,
         rlimits: [
@@ -488,7 +597,12 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     let (pid, pidfd, report) = if switch {
         clone_as_root(&ctx, &stacks)?
     } else {
-        let mut args = ChildArgs { ctx: &ctx, report: &mut report, report_fd: -1, sync_fd: -1 };
+        let mut args = ChildArgs {
+            ctx: &ctx,
+            report: &mut report,
+            report_fd: -1,
+            sync_fd: -1,
+        };
         let _blocked = SignalsBlocked::new()?;
         let mut pidfd: c_int = -1;
         let args_ptr: *mut ChildArgs = &mut args;
@@ -496,7 +610,13 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
         // `ctx` and writes `report`, both alive until after clone returns; CLONE_VFORK keeps
         // this thread suspended until the child has exec'd or exited.
         let pid = unsafe {
-            libc::clone(sandbox_main, stacks.top(0), NS_FLAGS | libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD, args_ptr.cast(), &mut pidfd as *mut c_int)
+            libc::clone(
+                sandbox_main,
+                stacks.top(0),
+                NS_FLAGS | libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+                args_ptr.cast(),
+                &mut pidfd as *mut c_int,
+            )
         };
         if pid < 0 {
             return Err(SandboxError::parent("clone", Errno::last()));
@@ -515,16 +635,27 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
             // SAFETY: the pidfd was created for us by clone and is closed exactly once here.
             drop(unsafe { OwnedFd::from_raw_fd(pidfd) });
         }
-        let step = Step::from_raw(report.step).ok_or(SandboxError::SilentSetupExit(report.step as i32))?;
+        let step =
+            Step::from_raw(report.step).ok_or(SandboxError::SilentSetupExit(report.step as i32))?;
         let detail = match step {
             Step::Execve => Some(spec.argv[0].clone()),
-            Step::Mkdir | Step::OpenTree | Step::MountSetattr | Step::MoveMount | Step::CreateMountpointFile => {
-                layout.labels.get(report.item as usize).cloned().or_else(|| (report.item == u32::MAX).then(|| "bind /work".into()))
-            }
+            Step::Mkdir
+            | Step::OpenTree
+            | Step::MountSetattr
+            | Step::MoveMount
+            | Step::CreateMountpointFile => layout
+                .labels
+                .get(report.item as usize)
+                .cloned()
+                .or_else(|| (report.item == u32::MAX).then(|| "bind /work".into())),
             Step::ChdirCwd => Some(spec::sandbox_cwd(spec.cwd.as_deref()).unwrap_or_default()),
             _ => None,
         };
-        return Err(SandboxError::Setup { step, detail, errno: Errno::from_raw(report.errno) });
+        return Err(SandboxError::Setup {
+            step,
+            detail,
+            errno: Errno::from_raw(report.errno),
+        });
     }
     let sandbox_pid = pid;
     if pidfd < 0 {
@@ -548,7 +679,8 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> Result<(), SandboxError> {
-    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| SandboxError::parent("fcntl(F_GETFL)", e))?;
+    let flags =
+        fcntl(fd, FcntlArg::F_GETFL).map_err(|e| SandboxError::parent("fcntl(F_GETFL)", e))?;
     let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
     fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| SandboxError::parent("fcntl(F_SETFL)", e))?;
     Ok(())
@@ -560,7 +692,12 @@ fn set_nonblocking(fd: &OwnedFd) -> Result<(), SandboxError> {
 const READS_PER_WAKE: usize = 16;
 
 /// Reads what is available into `sink`. Returns false at EOF.
-fn drain(fd: &OwnedFd, sink: &mut Sink, cap: usize, truncated: &mut bool) -> Result<bool, SandboxError> {
+fn drain(
+    fd: &OwnedFd,
+    sink: &mut Sink,
+    cap: usize,
+    truncated: &mut bool,
+) -> Result<bool, SandboxError> {
     let mut chunk = [0u8; 65536];
     for _ in 0..READS_PER_WAKE {
         match nix::unistd::read(fd, &mut chunk) {
@@ -623,15 +760,24 @@ impl Running {
         if self.reaped {
             return Err(SandboxError::parent("waitid", Errno::ECHILD));
         }
-        match waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+        match waitid(
+            Id::PIDFd(self.pidfd.as_fd()),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+        ) {
             Ok(WaitStatus::StillAlive) => Ok(None),
             Ok(WaitStatus::Exited(_, code)) => {
                 self.reaped = true;
-                Ok(Some(Exit { code: Some(code), signal: None }))
+                Ok(Some(Exit {
+                    code: Some(code),
+                    signal: None,
+                }))
             }
             Ok(WaitStatus::Signaled(_, sig, _)) => {
                 self.reaped = true;
-                Ok(Some(Exit { code: None, signal: Some(sig as i32) }))
+                Ok(Some(Exit {
+                    code: None,
+                    signal: Some(sig as i32),
+                }))
             }
             Ok(_) => Ok(None),
             Err(Errno::EINTR) => Ok(None),
@@ -656,9 +802,15 @@ impl Running {
 
     /// As [`Running::wait`]; when `cancel` becomes readable the sandbox is killed and the
     /// outcome says `cancelled`.
-    pub fn wait_cancellable(mut self, cancel: Option<BorrowedFd<'_>>) -> Result<Outcome, SandboxError> {
+    pub fn wait_cancellable(
+        mut self,
+        cancel: Option<BorrowedFd<'_>>,
+    ) -> Result<Outcome, SandboxError> {
         let [relay_out, relay_err] = std::mem::take(&mut self.relays);
-        let sink = |r: Option<OwnedFd>| r.map(|fd| Sink::Relay(std::fs::File::from(fd))).unwrap_or(Sink::Buffer(Vec::new()));
+        let sink = |r: Option<OwnedFd>| {
+            r.map(|fd| Sink::Relay(std::fs::File::from(fd)))
+                .unwrap_or(Sink::Buffer(Vec::new()))
+        };
         let mut out = [sink(relay_out), sink(relay_err)];
         let mut truncated = [false, false];
         let mut readers = [self.stdout.take(), self.stderr.take()];
@@ -723,8 +875,11 @@ impl Running {
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(SandboxError::parent("poll", e)),
             }
-            let ready: Vec<(usize, PollFlags)> =
-                fds.iter().zip(&kinds).filter_map(|(f, k)| f.revents().filter(|r| !r.is_empty()).map(|r| (*k, r))).collect();
+            let ready: Vec<(usize, PollFlags)> = fds
+                .iter()
+                .zip(&kinds)
+                .filter_map(|(f, k)| f.revents().filter(|r| !r.is_empty()).map(|r| (*k, r)))
+                .collect();
             drop(fds);
             for (kind, _flags) in ready {
                 match kind {
@@ -817,7 +972,9 @@ mod tests {
     #[test]
     fn landlock_fails_closed() {
         for e in [Errno::ENOSYS, Errno::EOPNOTSUPP] {
-            assert!(matches!(landlock_decision(Err(e), false), Err(SandboxError::LandlockUnavailable(x)) if x == e));
+            assert!(
+                matches!(landlock_decision(Err(e), false), Err(SandboxError::LandlockUnavailable(x)) if x == e)
+            );
             assert_eq!(landlock_decision(Err(e), true).ok(), Some(None));
         }
         assert_eq!(landlock_decision(Ok(7), false).ok(), Some(Some(7)));
@@ -828,7 +985,17 @@ mod tests {
     fn path_search_uses_the_sandbox_path() {
         let env = vec![("PATH".to_string(), "/opt/x:/usr/bin:".to_string())];
         let c = exec_candidates("tool", &env).unwrap();
-        assert_eq!(c, vec![c"/opt/x/tool".to_owned(), c"/usr/bin/tool".to_owned(), c"./tool".to_owned()]);
-        assert_eq!(exec_candidates("./run.sh", &env).unwrap(), vec![c"./run.sh".to_owned()]);
+        assert_eq!(
+            c,
+            vec![
+                c"/opt/x/tool".to_owned(),
+                c"/usr/bin/tool".to_owned(),
+                c"./tool".to_owned()
+            ]
+        );
+        assert_eq!(
+            exec_candidates("./run.sh", &env).unwrap(),
+            vec![c"./run.sh".to_owned()]
+        );
     }
 }

@@ -147,13 +147,18 @@ pub(crate) fn invalid(msg: impl Into<String>) -> SandboxError {
 /// The base environment, overlaid by the spec's entries, validated.
 pub(crate) fn effective_env(spec: &SandboxSpec) -> Result<Vec<(String, String)>, SandboxError> {
     let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin".into()),
+        (
+            "PATH".into(),
+            "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin".into(),
+        ),
         ("HOME".into(), "/work".into()),
         ("LANG".into(), "C.UTF-8".into()),
     ];
     for (k, v) in &spec.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(invalid(format!("environment name {k:?} is empty or holds '=' or NUL")));
+            return Err(invalid(format!(
+                "environment name {k:?} is empty or holds '=' or NUL"
+            )));
         }
         if v.contains('\0') {
             return Err(invalid(format!("environment value of {k} holds NUL")));
@@ -181,7 +186,12 @@ pub(crate) fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
     }
     sandbox_cwd(spec.cwd.as_deref())?;
     let l = &spec.limits;
-    if l.nofile < 16 || l.nproc < 1 || l.address_space_bytes < (16 << 20) || l.tmp_size_bytes < 4096 || l.tmp_inodes < 16 {
+    if l.nofile < 16
+        || l.nproc < 1
+        || l.address_space_bytes < (16 << 20)
+        || l.tmp_size_bytes < 4096
+        || l.tmp_inodes < 16
+    {
         return Err(invalid("limits too small to start a process"));
     }
     Ok(())
@@ -189,8 +199,13 @@ pub(crate) fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
 
 /// The absolute working directory inside the sandbox: `/work` or beneath it, with no `..`.
 pub(crate) fn sandbox_cwd(cwd: Option<&str>) -> Result<String, SandboxError> {
-    let Some(cwd) = cwd else { return Ok("/work".into()) };
-    let rel = cwd.strip_prefix("/work").map(|r| r.trim_start_matches('/')).unwrap_or(cwd);
+    let Some(cwd) = cwd else {
+        return Ok("/work".into());
+    };
+    let rel = cwd
+        .strip_prefix("/work")
+        .map(|r| r.trim_start_matches('/'))
+        .unwrap_or(cwd);
     if cwd.starts_with('/') && !(cwd == "/work" || cwd.starts_with("/work/")) {
         return Err(invalid(format!("cwd {cwd:?} is not under /work")));
     }
@@ -198,7 +213,11 @@ pub(crate) fn sandbox_cwd(cwd: Option<&str>) -> Result<String, SandboxError> {
         return Err(invalid(format!("cwd {cwd:?} holds NUL or '..'")));
     }
     let rel = rel.trim_end_matches('/');
-    Ok(if rel.is_empty() { "/work".into() } else { format!("/work/{rel}") })
+    Ok(if rel.is_empty() {
+        "/work".into()
+    } else {
+        format!("/work/{rel}")
+    })
 }
 
 #[cfg(test)]

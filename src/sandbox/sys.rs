@@ -56,11 +56,26 @@ pub(crate) fn landlock_abi() -> Result<u32, Errno> {
 }
 
 /// `openat2(dirfd, path, how)`.
-pub(crate) fn openat2(dirfd: RawFd, path: &CStr, flags: c_int, resolve: u64) -> Result<OwnedFd, Errno> {
-    let how = OpenHow { flags: flags as u64, mode: 0, resolve };
+pub(crate) fn openat2(
+    dirfd: RawFd,
+    path: &CStr,
+    flags: c_int,
+    resolve: u64,
+) -> Result<OwnedFd, Errno> {
+    let how = OpenHow {
+        flags: flags as u64,
+        mode: 0,
+        resolve,
+    };
     // SAFETY: `path` is NUL-terminated and `how` lives across the call with its exact size.
     let r = unsafe {
-        libc::syscall(libc::SYS_openat2, dirfd, path.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
+        libc::syscall(
+            libc::SYS_openat2,
+            dirfd,
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
     };
     let fd = ret(r)? as RawFd;
     // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
@@ -70,6 +85,14 @@ pub(crate) fn openat2(dirfd: RawFd, path: &CStr, flags: c_int, resolve: u64) -> 
 /// `pidfd_send_signal(pidfd, sig, NULL, 0)`.
 pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: c_int) -> Result<(), Errno> {
     // SAFETY: plain integer arguments; a null siginfo means "as if by kill(2)".
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<u8>(),
+            0u32,
+        )
+    };
     ret(r).map(|_| ())
 }

@@ -80,8 +80,13 @@ impl std::fmt::Debug for SpawnerClient {
 /// and on restarts (serialized by the caller); the child end is inheritable only for the
 /// duration of this call.
 pub fn start_process(exe: &Path) -> Result<(OwnedFd, std::process::Child), SpawnerError> {
-    let (ours, theirs) = channel::seqpacket_pair().map_err(|e| SpawnerError::Start(format!("socketpair: {e}")))?;
-    nix::fcntl::fcntl(&theirs, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).map_err(|e| SpawnerError::Start(format!("fcntl: {e}")))?;
+    let (ours, theirs) =
+        channel::seqpacket_pair().map_err(|e| SpawnerError::Start(format!("socketpair: {e}")))?;
+    nix::fcntl::fcntl(
+        &theirs,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .map_err(|e| SpawnerError::Start(format!("fcntl: {e}")))?;
     let child = std::process::Command::new(exe)
         .arg("__spawner")
         .arg("--fd")
@@ -97,8 +102,17 @@ pub fn start_process(exe: &Path) -> Result<(OwnedFd, std::process::Child), Spawn
 
 impl SpawnerClient {
     /// Wraps a spawner started by [`start_process`]; must be called inside a tokio runtime.
-    pub fn new(exe: PathBuf, sock: OwnedFd, child: std::process::Child) -> Result<SpawnerClient, SpawnerError> {
-        let inner = Arc::new(Inner { exe, conn: Mutex::new(None), next_id: AtomicU64::new(1), restarts: AtomicU64::new(0) });
+    pub fn new(
+        exe: PathBuf,
+        sock: OwnedFd,
+        child: std::process::Child,
+    ) -> Result<SpawnerClient, SpawnerError> {
+        let inner = Arc::new(Inner {
+            exe,
+            conn: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            restarts: AtomicU64::new(0),
+        });
         let client = SpawnerClient { inner };
         client.attach(sock, child)?;
         Ok(client)
@@ -110,16 +124,27 @@ impl SpawnerClient {
     }
 
     fn attach(&self, sock: OwnedFd, child: std::process::Child) -> Result<(), SpawnerError> {
-        nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).map_err(|e| SpawnerError::Start(e.to_string()))?;
-        let sock = UnixStream::from_std(std::os::unix::net::UnixStream::from(sock)).map_err(|e| SpawnerError::Start(e.to_string()))?;
-        let conn = Arc::new(Conn { sock, pending: Arc::new(Mutex::new(HashMap::new())) });
+        nix::fcntl::fcntl(
+            &sock,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| SpawnerError::Start(e.to_string()))?;
+        let sock = UnixStream::from_std(std::os::unix::net::UnixStream::from(sock))
+            .map_err(|e| SpawnerError::Start(e.to_string()))?;
+        let conn = Arc::new(Conn {
+            sock,
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        });
         *self.inner.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         let me = self.clone();
         tokio::spawn(async move {
             me.read_loop(conn.clone()).await;
             // The spawner is gone: fail everything in flight (dropping the senders), reap
             // it, and start a new one.
-            conn.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            conn.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             let mut child = child;
             let status = tokio::task::spawn_blocking(move || child.wait()).await;
             tracing::error!(?status, "sandbox spawner exited; starting a new one");
@@ -131,7 +156,8 @@ impl SpawnerClient {
     fn restart(&self) {
         let mut attempt = 0u32;
         loop {
-            match start_process(&self.inner.exe).and_then(|(sock, child)| self.attach(sock, child)) {
+            match start_process(&self.inner.exe).and_then(|(sock, child)| self.attach(sock, child))
+            {
                 Ok(()) => {
                     self.inner.restarts.fetch_add(1, Ordering::Relaxed);
                     return;
@@ -155,25 +181,25 @@ impl SpawnerClient {
             if conn.sock.readable().await.is_err() {
                 return;
             }
-            let got = conn.sock.try_io(Interest::READABLE, || channel::recv(conn.sock.as_fd(), &mut buf, false).map_err(std::io::Error::from));
+            let got = conn.sock.try_io(Interest::READABLE, || {
+                channel::recv(conn.sock.as_fd(), &mut buf, false).map_err(std::io::Error::from)
+            });
             match got.map_err(to_errno) {
                 Ok(None) => return,
-                Ok(Some((n, _fds))) => {
-                    match serde_json::from_slice::<Reply>(&buf[..n]) {
-                        Ok(reply) => {
-                            let id = reply.id();
-                            let done = matches!(reply, Reply::Exited { .. } | Reply::Failed { .. });
-                            let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
-                            if let Some(tx) = pending.get(&id) {
-                                let _delivered = tx.send(reply);
-                            }
-                            if done {
-                                pending.remove(&id);
-                            }
+                Ok(Some((n, _fds))) => match serde_json::from_slice::<Reply>(&buf[..n]) {
+                    Ok(reply) => {
+                        let id = reply.id();
+                        let done = matches!(reply, Reply::Exited { .. } | Reply::Failed { .. });
+                        let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(tx) = pending.get(&id) {
+                            let _delivered = tx.send(reply);
                         }
-                        Err(e) => tracing::error!(error = %e, "unreadable message from the spawner"),
+                        if done {
+                            pending.remove(&id);
+                        }
                     }
-                }
+                    Err(e) => tracing::error!(error = %e, "unreadable message from the spawner"),
+                },
                 Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "spawner channel failed");
@@ -184,14 +210,26 @@ impl SpawnerClient {
     }
 
     fn conn(&self) -> Result<Arc<Conn>, SpawnerError> {
-        self.inner.conn.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or(SpawnerError::Died)
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(SpawnerError::Died)
     }
 
-    async fn send(&self, conn: &Conn, req: &Request, fds: &[std::os::fd::BorrowedFd<'_>]) -> Result<(), SpawnerError> {
+    async fn send(
+        &self,
+        conn: &Conn,
+        req: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), SpawnerError> {
         let bytes = serde_json::to_vec(req).map_err(|e| SpawnerError::Channel(e.to_string()))?;
         loop {
             conn.sock.writable().await.map_err(|_| SpawnerError::Died)?;
-            let sent = conn.sock.try_io(Interest::WRITABLE, || channel::send(conn.sock.as_fd(), &bytes, fds).map_err(std::io::Error::from));
+            let sent = conn.sock.try_io(Interest::WRITABLE, || {
+                channel::send(conn.sock.as_fd(), &bytes, fds).map_err(std::io::Error::from)
+            });
             match sent.map_err(to_errno) {
                 Ok(()) => return Ok(()),
                 Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
@@ -212,7 +250,16 @@ impl SpawnerClient {
     /// Kills every run of the tenant whose work dir is `work_dir`.
     pub async fn kill_tenant(&self, work_dir: &Path) {
         let Ok(conn) = self.conn() else { return };
-        if let Err(e) = self.send(&conn, &Request::KillTenant { work_dir: work_dir.display().to_string() }, &[]).await {
+        if let Err(e) = self
+            .send(
+                &conn,
+                &Request::KillTenant {
+                    work_dir: work_dir.display().to_string(),
+                },
+                &[],
+            )
+            .await
+        {
             tracing::warn!(error = %e, "kill-tenant request not delivered");
         }
     }
@@ -233,21 +280,60 @@ impl SpawnerClient {
         let conn = self.conn()?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        conn.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tx);
-        let req = Request::Run { id, argv, env, cwd, work_dir: work_dir.display().to_string(), host_uid: host.0, host_gid: host.1, limits };
-        if serde_json::to_vec(&req).map(|b| b.len() > channel::MAX_MESSAGE).unwrap_or(true) {
-            conn.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            return Err(SpawnerError::Failed { message: "argv and env are too large once encoded".into(), exec_failure: false, invalid: true });
+        conn.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let req = Request::Run {
+            id,
+            argv,
+            env,
+            cwd,
+            work_dir: work_dir.display().to_string(),
+            host_uid: host.0,
+            host_gid: host.1,
+            limits,
+        };
+        if serde_json::to_vec(&req)
+            .map(|b| b.len() > channel::MAX_MESSAGE)
+            .unwrap_or(true)
+        {
+            conn.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(SpawnerError::Failed {
+                message: "argv and env are too large once encoded".into(),
+                exec_failure: false,
+                invalid: true,
+            });
         }
         let fds = [stdio[0].as_fd(), stdio[1].as_fd(), stdio[2].as_fd()];
         if let Err(e) = self.send(&conn, &req, &fds).await {
-            conn.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            conn.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             return Err(e);
         }
         drop(stdio);
         match rx.recv().await {
-            Some(Reply::Started { .. }) => Ok(RunHandle { id, rx, client: self.clone(), conn }),
-            Some(Reply::Failed { message, exec_failure, invalid, .. }) => Err(SpawnerError::Failed { message, exec_failure, invalid }),
+            Some(Reply::Started { .. }) => Ok(RunHandle {
+                id,
+                rx,
+                client: self.clone(),
+                conn,
+            }),
+            Some(Reply::Failed {
+                message,
+                exec_failure,
+                invalid,
+                ..
+            }) => Err(SpawnerError::Failed {
+                message,
+                exec_failure,
+                invalid,
+            }),
             Some(Reply::Exited { .. }) | None => Err(SpawnerError::Died),
         }
     }
@@ -284,15 +370,32 @@ impl RunHandle {
 
     /// Something that can kill this run from elsewhere.
     pub fn killer(&self) -> Killer {
-        Killer { id: self.id, client: self.client.clone(), conn: self.conn.clone() }
+        Killer {
+            id: self.id,
+            client: self.client.clone(),
+            conn: self.conn.clone(),
+        }
     }
 
     /// Waits for the run to end.
     pub async fn wait(mut self) -> Result<RunExit, SpawnerError> {
         loop {
             match self.rx.recv().await {
-                Some(Reply::Exited { exit_code, signal, timed_out, killed, duration_ms, .. }) => {
-                    return Ok(RunExit { exit_code, signal, timed_out, killed, duration_ms });
+                Some(Reply::Exited {
+                    exit_code,
+                    signal,
+                    timed_out,
+                    killed,
+                    duration_ms,
+                    ..
+                }) => {
+                    return Ok(RunExit {
+                        exit_code,
+                        signal,
+                        timed_out,
+                        killed,
+                        duration_ms,
+                    });
                 }
                 Some(_) => continue,
                 None => return Err(SpawnerError::Died),
@@ -312,7 +415,11 @@ pub struct Killer {
 impl Killer {
     /// Asks the spawner to kill the run now (a run already gone is not an error).
     pub async fn kill(&self) {
-        if let Err(e) = self.client.send(&self.conn, &Request::Kill { id: self.id }, &[]).await {
+        if let Err(e) = self
+            .client
+            .send(&self.conn, &Request::Kill { id: self.id }, &[])
+            .await
+        {
             tracing::warn!(error = %e, id = self.id, "kill request not delivered");
         }
     }

@@ -9,7 +9,9 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::protocol::{Reply, Request};
-use crate::sandbox::{self, HostIds, OutputMode, Running, SandboxError, SandboxSpec, StdinSource, channel};
+use crate::sandbox::{
+    self, HostIds, OutputMode, Running, SandboxError, SandboxSpec, StdinSource, channel,
+};
 
 struct Live {
     running: Running,
@@ -34,15 +36,42 @@ fn send(sock: &OwnedFd, reply: &Reply) -> Result<(), String> {
 }
 
 fn start(req: Request, fds: Vec<OwnedFd>, live: &mut HashMap<u64, Live>) -> Reply {
-    let Request::Run { id, argv, env, cwd, work_dir, host_uid, host_gid, limits } = req else {
-        return Reply::Failed { id: 0, message: "not a run request".into(), exec_failure: false, invalid: true };
+    let Request::Run {
+        id,
+        argv,
+        env,
+        cwd,
+        work_dir,
+        host_uid,
+        host_gid,
+        limits,
+    } = req
+    else {
+        return Reply::Failed {
+            id: 0,
+            message: "not a run request".into(),
+            exec_failure: false,
+            invalid: true,
+        };
     };
     let [stdin, stdout, stderr]: [OwnedFd; 3] = match fds.try_into() {
         Ok(a) => a,
-        Err(_) => return Reply::Failed { id, message: "run request without its three descriptors".into(), exec_failure: false, invalid: true },
+        Err(_) => {
+            return Reply::Failed {
+                id,
+                message: "run request without its three descriptors".into(),
+                exec_failure: false,
+                invalid: true,
+            };
+        }
     };
     if live.contains_key(&id) {
-        return Reply::Failed { id, message: "duplicate run id".into(), exec_failure: false, invalid: true };
+        return Reply::Failed {
+            id,
+            message: "duplicate run id".into(),
+            exec_failure: false,
+            invalid: true,
+        };
     }
     let mut spec = SandboxSpec::new(work_dir.clone(), argv);
     spec.env = env;
@@ -50,19 +79,39 @@ fn start(req: Request, fds: Vec<OwnedFd>, live: &mut HashMap<u64, Live>) -> Repl
     spec.stdin = StdinSource::Fd(stdin);
     spec.stdout = OutputMode::Fd(stdout);
     spec.stderr = OutputMode::Fd(stderr);
-    spec.host_ids = nix::unistd::geteuid().is_root().then_some(HostIds { uid: host_uid, gid: host_gid });
+    spec.host_ids = nix::unistd::geteuid().is_root().then_some(HostIds {
+        uid: host_uid,
+        gid: host_gid,
+    });
     spec.limits.nproc = limits.pids;
     spec.limits.address_space_bytes = limits.memory_bytes;
     match sandbox::spawn(spec) {
         Ok(running) => {
             let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
-            live.insert(id, Live { running, work_dir, deadline, timed_out: false, killed: false });
+            live.insert(
+                id,
+                Live {
+                    running,
+                    work_dir,
+                    deadline,
+                    timed_out: false,
+                    killed: false,
+                },
+            );
             Reply::Started { id }
         }
         Err(e) => Reply::Failed {
             id,
             exec_failure: e.is_exec_failure(),
-            invalid: matches!(e, SandboxError::InvalidSpec(_) | SandboxError::WorkDir { .. } | SandboxError::Setup { step: sandbox::Step::ChdirCwd, .. }),
+            invalid: matches!(
+                e,
+                SandboxError::InvalidSpec(_)
+                    | SandboxError::WorkDir { .. }
+                    | SandboxError::Setup {
+                        step: sandbox::Step::ChdirCwd,
+                        ..
+                    }
+            ),
             message: e.to_string(),
         },
     }
@@ -82,7 +131,12 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
     // not kill the runs the daemon is still finishing. The spawner dies with the daemon
     // (parent-death signal) or by SIGKILL; sandboxes start with an empty signal mask.
     let mut term = nix::sys::signal::SigSet::empty();
-    for s in [nix::sys::signal::SIGTERM, nix::sys::signal::SIGINT, nix::sys::signal::SIGHUP, nix::sys::signal::SIGQUIT] {
+    for s in [
+        nix::sys::signal::SIGTERM,
+        nix::sys::signal::SIGINT,
+        nix::sys::signal::SIGHUP,
+        nix::sys::signal::SIGQUIT,
+    ] {
         term.add(s);
     }
     if let Err(e) = term.thread_block() {
@@ -98,10 +152,15 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
     let mut buf = vec![0u8; channel::MAX_MESSAGE];
     loop {
         let now = Instant::now();
-        let next = live.values().filter(|l| !l.timed_out && !l.killed).map(|l| l.deadline).min();
+        let next = live
+            .values()
+            .filter(|l| !l.timed_out && !l.killed)
+            .map(|l| l.deadline)
+            .min();
         let timeout = match next {
             Some(d) if d <= now => PollTimeout::ZERO,
-            Some(d) => PollTimeout::try_from((d - now).as_millis().min(60_000) as u32 + 1).unwrap_or(PollTimeout::MAX),
+            Some(d) => PollTimeout::try_from((d - now).as_millis().min(60_000) as u32 + 1)
+                .unwrap_or(PollTimeout::MAX),
             None => PollTimeout::NONE,
         };
         let ids: Vec<u64> = live.keys().copied().collect();
@@ -120,15 +179,40 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
             }
         }
         let control_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
-        let exited: Vec<u64> = ids.iter().zip(&fds[1..]).filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty())).map(|(id, _)| *id).collect();
+        let exited: Vec<u64> = ids
+            .iter()
+            .zip(&fds[1..])
+            .filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(id, _)| *id)
+            .collect();
         drop(fds);
         for id in exited {
             let Some(l) = live.get_mut(&id) else { continue };
             match l.running.try_wait() {
                 Ok(Some(exit)) => {
                     let l = live.remove(&id);
-                    let (timed_out, killed, duration_ms) = l.map(|l| (l.timed_out, l.killed, l.running.elapsed().as_millis() as u64)).unwrap_or_default();
-                    if send(&sock, &Reply::Exited { id, exit_code: exit.code, signal: exit.signal, timed_out, killed, duration_ms }).is_err() {
+                    let (timed_out, killed, duration_ms) = l
+                        .map(|l| {
+                            (
+                                l.timed_out,
+                                l.killed,
+                                l.running.elapsed().as_millis() as u64,
+                            )
+                        })
+                        .unwrap_or_default();
+                    if send(
+                        &sock,
+                        &Reply::Exited {
+                            id,
+                            exit_code: exit.code,
+                            signal: exit.signal,
+                            timed_out,
+                            killed,
+                            duration_ms,
+                        },
+                    )
+                    .is_err()
+                    {
                         return 1;
                     }
                 }
@@ -179,7 +263,12 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                                 None
                             }
                             Ok(req) => Some(start(req, fds, &mut live)),
-                            Err(e) => Some(Reply::Failed { id: 0, message: format!("bad request: {e}"), exec_failure: false, invalid: true }),
+                            Err(e) => Some(Reply::Failed {
+                                id: 0,
+                                message: format!("bad request: {e}"),
+                                exec_failure: false,
+                                invalid: true,
+                            }),
                         };
                         if reply.is_some_and(|r| send(&sock, &r).is_err()) {
                             return 1;

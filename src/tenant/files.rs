@@ -79,23 +79,33 @@ pub fn clean_path(raw: &[u8]) -> Result<PathBuf, FilesError> {
         match c {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
-            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return Err(FilesError::PathEscape),
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(FilesError::PathEscape);
+            }
         }
     }
     Ok(out)
 }
 
 fn beneath(flags: OFlag) -> OpenHow {
-    let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     // The kernel rejects a mode without O_CREAT.
-    if flags.contains(OFlag::O_CREAT) { how.mode(Mode::from_bits_truncate(0o644)) } else { how }
+    if flags.contains(OFlag::O_CREAT) {
+        how.mode(Mode::from_bits_truncate(0o644))
+    } else {
+        how
+    }
 }
 
 /// Reads an opened file, refusing more than `max` bytes (it may have grown since).
 pub fn read_file(file: std::fs::File, max: u64) -> Result<Vec<u8>, FilesError> {
     let mut buf = Vec::new();
     let mut limited = file.take(max + 1);
-    limited.read_to_end(&mut buf).map_err(|e| os("read")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    limited
+        .read_to_end(&mut buf)
+        .map_err(|e| os("read")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
     if buf.len() as u64 > max {
         return Err(FilesError::TooLarge(max));
     }
@@ -142,7 +152,11 @@ impl WorkDir {
     }
 
     fn open_beneath(&self, rel: &Path, flags: OFlag) -> Result<OwnedFd, FilesError> {
-        let target: &Path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let target: &Path = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
         openat2(self.root.as_fd(), target, beneath(flags)).map_err(os("openat2"))
     }
 
@@ -171,7 +185,11 @@ impl WorkDir {
             // re-resolving a path), so a concurrent rename cannot point the stat elsewhere.
             let mut entries = Vec::with_capacity(names.len());
             for name in names {
-                let meta = nix::sys::stat::fstatat(&dir, OsStr::from_bytes(&name), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
+                let meta = nix::sys::stat::fstatat(
+                    &dir,
+                    OsStr::from_bytes(&name),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                );
                 let (kind, size) = match meta {
                     Ok(m) => {
                         let k = SFlag::from_bits_truncate(m.st_mode) & SFlag::S_IFMT;
@@ -188,7 +206,11 @@ impl WorkDir {
                     }
                     Err(_) => ("other", 0),
                 };
-                entries.push(Entry { name: String::from_utf8_lossy(&name).into_owned(), kind, size });
+                entries.push(Entry {
+                    name: String::from_utf8_lossy(&name).into_owned(),
+                    kind,
+                    size,
+                });
             }
             entries.sort_by(|a, b| a.name.cmp(&b.name));
             return Ok(Found::Dir(entries, truncated));
@@ -213,7 +235,10 @@ impl WorkDir {
     /// dir. Each prefix is re-resolved from the work dir's handle, so a symlink anywhere
     /// on the way still cannot lead out.
     fn parent(&self, rel: &Path) -> Result<(OwnedFd, std::ffi::OsString), FilesError> {
-        let name = rel.file_name().ok_or(FilesError::BadPath("no file name"))?.to_os_string();
+        let name = rel
+            .file_name()
+            .ok_or(FilesError::BadPath("no file name"))?
+            .to_os_string();
         let parent = rel.parent().unwrap_or(Path::new(""));
         let mut prefix = PathBuf::new();
         for comp in parent.components() {
@@ -221,8 +246,15 @@ impl WorkDir {
             match self.open_beneath(&prefix, OFlag::O_PATH | OFlag::O_DIRECTORY) {
                 Ok(_) => {}
                 Err(FilesError::NotFound) => {
-                    let up = self.open_beneath(prefix.parent().unwrap_or(Path::new("")), OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-                    match nix::sys::stat::mkdirat(&up, comp.as_os_str(), Mode::from_bits_truncate(0o755)) {
+                    let up = self.open_beneath(
+                        prefix.parent().unwrap_or(Path::new("")),
+                        OFlag::O_PATH | OFlag::O_DIRECTORY,
+                    )?;
+                    match nix::sys::stat::mkdirat(
+                        &up,
+                        comp.as_os_str(),
+                        Mode::from_bits_truncate(0o755),
+                    ) {
                         Ok(()) | Err(Errno::EEXIST) => {}
                         Err(e) => return Err(os("mkdirat")(e)),
                     }
@@ -244,18 +276,30 @@ impl WorkDir {
         }
         let (dir, name) = self.parent(rel)?;
         let tmp_name = format!(".bulkhead-tmp-{}", crate::auth::trace_id());
-        let tmp = openat2(dir.as_fd(), tmp_name.as_str(), beneath(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL)).map_err(os("create"))?;
+        let tmp = openat2(
+            dir.as_fd(),
+            tmp_name.as_str(),
+            beneath(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL),
+        )
+        .map_err(os("create"))?;
         let result = (|| {
             self.chown(&tmp)?;
             let mut f = std::fs::File::from(tmp);
-            f.write_all(bytes).map_err(|e| os("write")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
-            f.sync_all().map_err(|e| os("fsync")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
-            nix::fcntl::renameat(&dir, tmp_name.as_str(), &dir, name.as_os_str()).map_err(os("renameat"))
+            f.write_all(bytes)
+                .map_err(|e| os("write")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+            f.sync_all()
+                .map_err(|e| os("fsync")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+            nix::fcntl::renameat(&dir, tmp_name.as_str(), &dir, name.as_os_str())
+                .map_err(os("renameat"))
         })();
         if result.is_err() {
             // Best effort: the temp file has a random name and is not visible under the
             // requested path either way.
-            let _removed = nix::unistd::unlinkat(&dir, tmp_name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+            let _removed = nix::unistd::unlinkat(
+                &dir,
+                tmp_name.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
         }
         result
     }
@@ -266,10 +310,18 @@ impl WorkDir {
             return Err(FilesError::WrongType("cannot delete the work directory"));
         }
         let name = rel.file_name().ok_or(FilesError::BadPath("no file name"))?;
-        let dir = self.open_beneath(rel.parent().unwrap_or(Path::new("")), OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-        let st = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(os("fstatat"))?;
+        let dir = self.open_beneath(
+            rel.parent().unwrap_or(Path::new("")),
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+        )?;
+        let st = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(os("fstatat"))?;
         let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
-        let flag = if is_dir { nix::unistd::UnlinkatFlags::RemoveDir } else { nix::unistd::UnlinkatFlags::NoRemoveDir };
+        let flag = if is_dir {
+            nix::unistd::UnlinkatFlags::RemoveDir
+        } else {
+            nix::unistd::UnlinkatFlags::NoRemoveDir
+        };
         nix::unistd::unlinkat(&dir, name, flag).map_err(os("unlinkat"))
     }
 }
@@ -285,8 +337,14 @@ mod tests {
         assert_eq!(clean_path(b"").unwrap(), PathBuf::new());
         assert_eq!(clean_path(b"a/../b"), Err(FilesError::PathEscape));
         assert_eq!(clean_path(b".."), Err(FilesError::PathEscape));
-        assert_eq!(clean_path(b"a\0b"), Err(FilesError::BadPath("contains NUL")));
-        assert_eq!(clean_path(&[0x66, 0xff]), Err(FilesError::BadPath("not UTF-8")));
+        assert_eq!(
+            clean_path(b"a\0b"),
+            Err(FilesError::BadPath("contains NUL"))
+        );
+        assert_eq!(
+            clean_path(&[0x66, 0xff]),
+            Err(FilesError::BadPath("not UTF-8"))
+        );
     }
 
     fn tmp_work() -> (PathBuf, WorkDir) {
@@ -308,14 +366,27 @@ mod tests {
         match w.get(Path::new("a"), 100).unwrap() {
             Found::Dir(e, truncated) => {
                 assert!(!truncated);
-                assert_eq!(e, vec![Entry { name: "b".into(), kind: "dir", size: e[0].size }]);
+                assert_eq!(
+                    e,
+                    vec![Entry {
+                        name: "b".into(),
+                        kind: "dir",
+                        size: e[0].size
+                    }]
+                );
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(w.get(Path::new("a/b/c.txt"), 3).unwrap_err(), FilesError::TooLarge(3));
+        assert_eq!(
+            w.get(Path::new("a/b/c.txt"), 3).unwrap_err(),
+            FilesError::TooLarge(3)
+        );
         assert_eq!(w.delete(Path::new("a")).unwrap_err(), FilesError::NotEmpty);
         w.delete(Path::new("a/b/c.txt")).unwrap();
-        assert_eq!(w.get(Path::new("a/b/c.txt"), 100).unwrap_err(), FilesError::NotFound);
+        assert_eq!(
+            w.get(Path::new("a/b/c.txt"), 100).unwrap_err(),
+            FilesError::NotFound
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -328,9 +399,16 @@ mod tests {
         std::fs::write(dir.join("work/inside.txt"), "in").unwrap();
         std::os::unix::fs::symlink("inside.txt", dir.join("work/ok")).unwrap();
         for p in ["abs", "rel", "up/outside.txt", "up"] {
-            assert_eq!(w.get(Path::new(p), 100).unwrap_err(), FilesError::PathEscape, "{p}");
+            assert_eq!(
+                w.get(Path::new(p), 100).unwrap_err(),
+                FilesError::PathEscape,
+                "{p}"
+            );
         }
-        assert_eq!(w.put(Path::new("up/new.txt"), b"x").unwrap_err(), FilesError::PathEscape);
+        assert_eq!(
+            w.put(Path::new("up/new.txt"), b"x").unwrap_err(),
+            FilesError::PathEscape
+        );
         assert!(!dir.join("new.txt").exists());
         // A symlink inside that stays inside is followed for reads...
         match w.get(Path::new("ok"), 100).unwrap() {
@@ -339,7 +417,10 @@ mod tests {
         }
         // ...and replaced, not followed, by writes.
         w.put(Path::new("abs"), b"replaced").unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("outside.txt")).unwrap(), "outside");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("outside.txt")).unwrap(),
+            "outside"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

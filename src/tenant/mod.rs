@@ -13,5 +13,7 @@ pub mod files;
 mod registry;
 mod store;
 
-pub use registry::{HostIdPolicy, Registry, RegistryError, TenantRecord, TenantSummary, TokenRecord};
+pub use registry::{
+    HostIdPolicy, Registry, RegistryError, TenantRecord, TenantSummary, TokenRecord,
+};
 pub use store::write_atomic;

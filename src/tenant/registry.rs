@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::auth::{self, AuthError, Boundary, Credential, IssuedToken, Role, TenantName, TokenDigest, TokenId, TokenParts};
+use crate::auth::{
+    self, AuthError, Boundary, Credential, IssuedToken, Role, TenantName, TokenDigest, TokenId,
+    TokenParts,
+};
 
 use super::store::{sync_dir, write_atomic};
 
@@ -138,14 +141,21 @@ pub enum RegistryError {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RegistryError + 'a {
-    move |source| RegistryError::Io { op, path: path.display().to_string(), source }
+    move |source| RegistryError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// `<state>/tenants/.next-host-id`: the next per-tenant host id to hand out.
 const HIGH_WATER: &str = ".next-host-id";
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The registry of tenants under `<state>/tenants`.
@@ -161,8 +171,13 @@ fn validate_workspace(ws: &str) -> Result<(), AuthError> {
     let ok = !b.is_empty()
         && b.len() <= 64
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_');
-    if ok { Ok(()) } else { Err(AuthError::InvalidWorkspace(ws.to_string())) }
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::InvalidWorkspace(ws.to_string()))
+    }
 }
 
 impl Registry {
@@ -171,11 +186,17 @@ impl Registry {
     pub fn open(state_dir: &Path, policy: HostIdPolicy) -> Result<Registry, RegistryError> {
         let tenants_dir = state_dir.join("tenants");
         if !tenants_dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&tenants_dir).map_err(io("mkdir", &tenants_dir))?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(&tenants_dir)
+                .map_err(io("mkdir", &tenants_dir))?;
         }
         // Sandboxes of per-tenant uids must traverse to their work dir, and nothing more.
-        std::fs::set_permissions(&tenants_dir, std::fs::Permissions::from_mode(0o711)).map_err(io("chmod", &tenants_dir))?;
-        let (names, leftovers) = auth::scan_tenant_dirs(&tenants_dir).map_err(io("readdir", &tenants_dir))?;
+        std::fs::set_permissions(&tenants_dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(io("chmod", &tenants_dir))?;
+        let (names, leftovers) =
+            auth::scan_tenant_dirs(&tenants_dir).map_err(io("readdir", &tenants_dir))?;
         for path in leftovers {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if name.starts_with(".tmp-") || name.starts_with(".trash-") {
@@ -188,13 +209,24 @@ impl Registry {
         for name in names {
             let path = tenants_dir.join(name.as_str()).join("tenant.json");
             let text = std::fs::read_to_string(&path).map_err(io("read", &path))?;
-            let rec: TenantRecord = serde_json::from_str(&text).map_err(|e| RegistryError::Corrupt { path: path.display().to_string(), why: e.to_string() })?;
+            let rec: TenantRecord =
+                serde_json::from_str(&text).map_err(|e| RegistryError::Corrupt {
+                    path: path.display().to_string(),
+                    why: e.to_string(),
+                })?;
             if rec.name != name.as_str() {
-                return Err(RegistryError::Corrupt { path: path.display().to_string(), why: format!("names tenant {:?}", rec.name) });
+                return Err(RegistryError::Corrupt {
+                    path: path.display().to_string(),
+                    why: format!("names tenant {:?}", rec.name),
+                });
             }
             records.insert(name, rec);
         }
-        Ok(Registry { tenants_dir, policy, records: RwLock::new(records) })
+        Ok(Registry {
+            tenants_dir,
+            policy,
+            records: RwLock::new(records),
+        })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<TenantName, TenantRecord>> {
@@ -220,7 +252,12 @@ impl Registry {
         let records = self.read();
         let rec = records.get(&parts.tenant).ok_or(AuthError::UnknownToken)?;
         let frozen = rec.frozen;
-        let creds = rec.tokens.iter().map(|t| Credential { digest: &t.digest, workspace: &t.workspace, role: t.role, allowed_tools: t.allowed_tools.as_deref() });
+        let creds = rec.tokens.iter().map(|t| Credential {
+            digest: &t.digest,
+            workspace: &t.workspace,
+            role: t.role,
+            allowed_tools: t.allowed_tools.as_deref(),
+        });
         Ok((parts.authenticate(creds)?, frozen))
     }
 
@@ -242,7 +279,15 @@ impl Registry {
                 name: r.name.clone(),
                 frozen: r.frozen,
                 host_uid: r.host_uid,
-                tokens: r.tokens.iter().map(|t| TokenSummary { id: t.id.to_string(), workspace: t.workspace.clone(), role: t.role }).collect(),
+                tokens: r
+                    .tokens
+                    .iter()
+                    .map(|t| TokenSummary {
+                        id: t.id.to_string(),
+                        workspace: t.workspace.clone(),
+                        role: t.role,
+                    })
+                    .collect(),
             })
             .collect()
     }
@@ -251,18 +296,31 @@ impl Registry {
     /// persisted high-water mark, so a deleted tenant's uid is not given to the next tenant
     /// while anything of the old one might linger; only when the range is used up are
     /// freed ids reused.
-    fn allocate_ids(&self, records: &BTreeMap<TenantName, TenantRecord>) -> Result<(u32, u32), RegistryError> {
+    fn allocate_ids(
+        &self,
+        records: &BTreeMap<TenantName, TenantRecord>,
+    ) -> Result<(u32, u32), RegistryError> {
         match self.policy {
             HostIdPolicy::Caller { uid, gid } => Ok((uid, gid)),
             HostIdPolicy::PerTenant { base, count } => {
-                let used: std::collections::BTreeSet<u32> = records.values().map(|r| r.host_uid).collect();
+                let used: std::collections::BTreeSet<u32> =
+                    records.values().map(|r| r.host_uid).collect();
                 let end = base.saturating_add(count);
-                let mark = std::fs::read_to_string(self.tenants_dir.join(HIGH_WATER)).ok().and_then(|s| s.trim().parse::<u32>().ok()).unwrap_or(base);
+                let mark = std::fs::read_to_string(self.tenants_dir.join(HIGH_WATER))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    .unwrap_or(base);
                 let uid = (mark.max(base)..end)
                     .find(|u| !used.contains(u))
                     .or_else(|| (base..end).find(|u| !used.contains(u)))
                     .ok_or(RegistryError::HostIdsExhausted { base, end })?;
-                write_atomic(&self.tenants_dir, HIGH_WATER, format!("{}\n", uid.saturating_add(1)).as_bytes(), 0o600).map_err(io("write", &self.tenants_dir))?;
+                write_atomic(
+                    &self.tenants_dir,
+                    HIGH_WATER,
+                    format!("{}\n", uid.saturating_add(1)).as_bytes(),
+                    0o600,
+                )
+                .map_err(io("write", &self.tenants_dir))?;
                 Ok((uid, uid))
             }
         }
@@ -270,14 +328,31 @@ impl Registry {
 
     fn persist(&self, rec: &TenantRecord) -> Result<(), RegistryError> {
         let dir = self.tenants_dir.join(&rec.name);
-        let json = serde_json::to_vec_pretty(rec).map_err(|e| RegistryError::Corrupt { path: rec.name.clone(), why: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(rec).map_err(|e| RegistryError::Corrupt {
+            path: rec.name.clone(),
+            why: e.to_string(),
+        })?;
         write_atomic(&dir, "tenant.json", &json, 0o600).map_err(io("write", &dir))
     }
 
-    fn new_token(name: &TenantName, workspace: &str, role: Role, primary: bool, tools: Option<Vec<String>>) -> Result<(IssuedToken, TokenRecord), RegistryError> {
+    fn new_token(
+        name: &TenantName,
+        workspace: &str,
+        role: Role,
+        primary: bool,
+        tools: Option<Vec<String>>,
+    ) -> Result<(IssuedToken, TokenRecord), RegistryError> {
         validate_workspace(workspace)?;
         let issued = auth::issue_token(name)?;
-        let rec = TokenRecord { id: issued.id.clone(), digest: issued.digest.clone(), workspace: workspace.to_string(), role, primary, allowed_tools: tools, created_unix: now_unix() };
+        let rec = TokenRecord {
+            id: issued.id.clone(),
+            digest: issued.digest.clone(),
+            workspace: workspace.to_string(),
+            role,
+            primary,
+            allowed_tools: tools,
+            created_unix: now_unix(),
+        };
         Ok((issued, rec))
     }
 
@@ -290,18 +365,39 @@ impl Registry {
         }
         let (host_uid, host_gid) = self.allocate_ids(&records)?;
         let (issued, token) = Self::new_token(&name, "default", Role::Owner, true, None)?;
-        let rec = TenantRecord { name: name.to_string(), host_uid, host_gid, frozen: false, created_unix: now_unix(), tokens: vec![token] };
-        let tmp = self.tenants_dir.join(format!(".tmp-{}-{}", name, auth::trace_id()));
-        std::fs::DirBuilder::new().mode(0o711).create(&tmp).map_err(io("mkdir", &tmp))?;
+        let rec = TenantRecord {
+            name: name.to_string(),
+            host_uid,
+            host_gid,
+            frozen: false,
+            created_unix: now_unix(),
+            tokens: vec![token],
+        };
+        let tmp = self
+            .tenants_dir
+            .join(format!(".tmp-{}-{}", name, auth::trace_id()));
+        std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&tmp)
+            .map_err(io("mkdir", &tmp))?;
         // Explicit modes: the umask must not decide whether a sandbox can reach its work dir.
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o711)).map_err(io("chmod", &tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o711))
+            .map_err(io("chmod", &tmp))?;
         let work = tmp.join("work");
-        std::fs::DirBuilder::new().mode(0o700).create(&work).map_err(io("mkdir", &work))?;
-        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700)).map_err(io("chmod", &work))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&work)
+            .map_err(io("mkdir", &work))?;
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("chmod", &work))?;
         if matches!(self.policy, HostIdPolicy::PerTenant { .. }) {
-            std::os::unix::fs::chown(&work, Some(host_uid), Some(host_gid)).map_err(io("chown", &work))?;
+            std::os::unix::fs::chown(&work, Some(host_uid), Some(host_gid))
+                .map_err(io("chown", &work))?;
         }
-        let json = serde_json::to_vec_pretty(&rec).map_err(|e| RegistryError::Corrupt { path: rec.name.clone(), why: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(&rec).map_err(|e| RegistryError::Corrupt {
+            path: rec.name.clone(),
+            why: e.to_string(),
+        })?;
         write_atomic(&tmp, "tenant.json", &json, 0o600).map_err(io("write", &tmp))?;
         let dest = self.tenant_dir(&name);
         std::fs::rename(&tmp, &dest).map_err(io("rename", &dest))?;
@@ -318,16 +414,24 @@ impl Registry {
             return Err(RegistryError::NotFound(name.to_string()));
         }
         let dir = self.tenant_dir(name);
-        let trash = self.tenants_dir.join(format!(".trash-{}-{}", name, auth::trace_id()));
+        let trash = self
+            .tenants_dir
+            .join(format!(".trash-{}-{}", name, auth::trace_id()));
         std::fs::rename(&dir, &trash).map_err(io("rename", &dir))?;
         sync_dir(&self.tenants_dir).map_err(io("fsync", &self.tenants_dir))?;
         drop(records);
         std::fs::remove_dir_all(&trash).map_err(io("remove", &trash))
     }
 
-    fn update<T>(&self, name: &TenantName, f: impl FnOnce(&mut TenantRecord) -> Result<T, RegistryError>) -> Result<T, RegistryError> {
+    fn update<T>(
+        &self,
+        name: &TenantName,
+        f: impl FnOnce(&mut TenantRecord) -> Result<T, RegistryError>,
+    ) -> Result<T, RegistryError> {
         let mut records = self.write();
-        let current = records.get(name).ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
+        let current = records
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
         let mut next = current.clone();
         let out = f(&mut next)?;
         self.persist(&next)?;
@@ -346,7 +450,12 @@ impl Registry {
     /// Replaces the tenant's primary token; the old one fails from the next request on.
     pub fn rotate(&self, name: &TenantName) -> Result<IssuedToken, RegistryError> {
         self.update(name, |r| {
-            let (workspace, role, tools) = r.tokens.iter().find(|t| t.primary).map(|t| (t.workspace.clone(), t.role, t.allowed_tools.clone())).unwrap_or(("default".into(), Role::Owner, None));
+            let (workspace, role, tools) = r
+                .tokens
+                .iter()
+                .find(|t| t.primary)
+                .map(|t| (t.workspace.clone(), t.role, t.allowed_tools.clone()))
+                .unwrap_or(("default".into(), Role::Owner, None));
             let (issued, token) = Self::new_token(name, &workspace, role, true, tools)?;
             r.tokens.retain(|t| !t.primary);
             r.tokens.push(token);
@@ -355,7 +464,13 @@ impl Registry {
     }
 
     /// Adds a token (one more actor) to the tenant, optionally limited to `tools`.
-    pub fn create_token(&self, name: &TenantName, workspace: &str, role: Role, tools: Option<Vec<String>>) -> Result<IssuedToken, RegistryError> {
+    pub fn create_token(
+        &self,
+        name: &TenantName,
+        workspace: &str,
+        role: Role,
+        tools: Option<Vec<String>>,
+    ) -> Result<IssuedToken, RegistryError> {
         self.update(name, |r| {
             let (issued, token) = Self::new_token(name, workspace, role, false, tools)?;
             r.tokens.push(token);
@@ -365,8 +480,11 @@ impl Registry {
 
     /// Revokes a token by id.
     pub fn revoke_token(&self, id: &str) -> Result<TenantName, RegistryError> {
-        let (tenant, id) = TokenId::parse(id).ok_or_else(|| RegistryError::TokenNotFound(id.to_string()))?;
-        let name = self.existing(tenant.as_str()).ok_or_else(|| RegistryError::TokenNotFound(id.to_string()))?;
+        let (tenant, id) =
+            TokenId::parse(id).ok_or_else(|| RegistryError::TokenNotFound(id.to_string()))?;
+        let name = self
+            .existing(tenant.as_str())
+            .ok_or_else(|| RegistryError::TokenNotFound(id.to_string()))?;
         self.update(&name, |r| {
             let before = r.tokens.len();
             r.tokens.retain(|t| t.id != id);

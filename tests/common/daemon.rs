@@ -20,7 +20,12 @@ pub struct Daemon {
 }
 
 pub fn temp_state(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bulkhead-d-{}-{}-{}", tag, std::process::id(), super::tag()));
+    let dir = std::env::temp_dir().join(format!(
+        "bulkhead-d-{}-{}-{}",
+        tag,
+        std::process::id(),
+        super::tag()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
     dir.join("state")
@@ -40,7 +45,12 @@ impl Daemon {
             std::fs::create_dir_all(&state).unwrap();
             std::fs::write(state.join("config.toml"), cfg).unwrap();
         }
-        let mut d = Daemon { log: state.with_extension("log"), state, child: None, who };
+        let mut d = Daemon {
+            log: state.with_extension("log"),
+            state,
+            child: None,
+            who,
+        };
         d.spawn();
         d
     }
@@ -48,8 +58,15 @@ impl Daemon {
     pub fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).unwrap();
         let mut c = Command::new(bin());
-        c.arg("serve").arg("--state-dir").arg(&self.state).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
-        c.env_remove("STATE_DIRECTORY").env_remove("RUNTIME_DIRECTORY").env("RUST_LOG", "info");
+        c.arg("serve")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        c.env_remove("STATE_DIRECTORY")
+            .env_remove("RUNTIME_DIRECTORY")
+            .env("RUST_LOG", "info");
         if self.who == As::Nobody {
             c.uid(NOBODY).gid(NOBODY);
         }
@@ -57,11 +74,21 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(10);
         // Socket files may be left by a killed daemon: wait until both accept connections.
         let up = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
-        while !(up(&self.state.join("admin.sock")) && up(&self.state.join("bulkhead.sock")) && self.state.join("admin.key").exists()) {
+        while !(up(&self.state.join("admin.sock"))
+            && up(&self.state.join("bulkhead.sock"))
+            && self.state.join("admin.key").exists())
+        {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited at start ({status}): {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+                panic!(
+                    "daemon exited at start ({status}): {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "daemon did not start: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -80,7 +107,15 @@ impl Daemon {
     }
 
     pub async fn create(&self, name: &str) -> String {
-        let r = self.admin().json(Method::POST, "/admin/tenants", &serde_json::json!({"name": name})).await.unwrap();
+        let r = self
+            .admin()
+            .json(
+                Method::POST,
+                "/admin/tenants",
+                &serde_json::json!({"name": name}),
+            )
+            .await
+            .unwrap();
         assert_eq!(r.status, 201, "{:?}", r.json());
         r.json()["token"].as_str().unwrap().to_string()
     }
@@ -94,7 +129,11 @@ impl Daemon {
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         c.wait().unwrap()
     }
 
@@ -115,5 +154,11 @@ impl Drop for Daemon {
 }
 
 pub async fn exec(c: &SocketClient, argv: &[&str]) -> Reply {
-    c.json(Method::POST, "/v1/exec", &serde_json::json!({ "argv": argv })).await.unwrap()
+    c.json(
+        Method::POST,
+        "/v1/exec",
+        &serde_json::json!({ "argv": argv }),
+    )
+    .await
+    .unwrap()
 }

@@ -26,12 +26,21 @@ pub struct Fixture {
 impl Fixture {
     pub fn new() -> Fixture {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let base = std::env::temp_dir().join(format!("bulkhead-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let base = std::env::temp_dir().join(format!(
+            "bulkhead-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         let work = base.join("tenants/acme/work");
         let other_work = base.join("tenants/beta/work");
         std::fs::create_dir_all(&work).unwrap();
         std::fs::create_dir_all(&other_work).unwrap();
-        for p in [&base, &base.join("tenants"), &base.join("tenants/acme"), &base.join("tenants/beta")] {
+        for p in [
+            &base,
+            &base.join("tenants"),
+            &base.join("tenants/acme"),
+            &base.join("tenants/beta"),
+        ] {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         chown(&work, Some(NOBODY), Some(NOBODY)).unwrap();
@@ -40,7 +49,12 @@ impl Fixture {
         // World-readable on purpose: only the sandbox may stand between acme and this file.
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::set_permissions(&other_work, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Fixture { base, work, other_work, secret }
+        Fixture {
+            base,
+            work,
+            other_work,
+            secret,
+        }
     }
 }
 
@@ -63,7 +77,12 @@ pub const BOTH: [As; 2] = [As::Nobody, As::Root];
 
 pub fn sandbox_cmd(who: As, work: &Path, extra: &[&str], argv: &[&str]) -> Command {
     let mut c = Command::new(bin());
-    c.arg("sandbox").arg("--work").arg(work).args(extra).arg("--").args(argv);
+    c.arg("sandbox")
+        .arg("--work")
+        .arg(work)
+        .args(extra)
+        .arg("--")
+        .args(argv);
     c.stdin(Stdio::null());
     if who == As::Nobody {
         c.uid(NOBODY).gid(NOBODY);
@@ -79,15 +98,29 @@ pub struct Run {
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
 pub fn output(mut c: Command) -> Run {
-    let Output { status, stdout, stderr } = c.output().expect("spawn bulkhead");
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = c.output().expect("spawn bulkhead");
     use std::os::unix::process::ExitStatusExt;
-    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    Run { code, stdout: String::from_utf8_lossy(&stdout).into(), stderr: String::from_utf8_lossy(&stderr).into() }
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Run {
+        code,
+        stdout: String::from_utf8_lossy(&stdout).into(),
+        stderr: String::from_utf8_lossy(&stderr).into(),
+    }
 }
 
 /// Runs `script` with `/bin/sh -c` in a sandbox.
@@ -108,9 +141,13 @@ pub fn py(who: As, work: &Path, program: &str) -> Run {
 /// with spaces).
 pub fn pids_with_cmdline(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
             let s = String::from_utf8_lossy(&c).replace('\0', " ");
             if s.contains(needle) && !s.contains("bulkhead") {
@@ -123,7 +160,10 @@ pub fn pids_with_cmdline(needle: &str) -> Vec<i32> {
 
 /// A number unique to this test run, to tag processes.
 pub fn tag() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
     format!("{}.{}", 900 + (nanos % 97), nanos % 100_000)
 }
 
@@ -132,10 +172,18 @@ pub mod daemon;
 /// Like [`pids_with_cmdline`] but including bulkhead's own processes.
 pub fn pids_with_cmdline_incl(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle)) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+            String::from_utf8_lossy(&c)
+                .replace('\0', " ")
+                .contains(needle)
+        }) {
             out.push(pid);
         }
     }
