@@ -14,6 +14,8 @@ use hyperlocal::{UnixClientExt, UnixConnector, Uri};
 pub struct Reply {
     /// HTTP status.
     pub status: StatusCode,
+    /// Response headers.
+    pub headers: hyper::HeaderMap,
     /// Body bytes.
     pub body: Bytes,
 }
@@ -22,6 +24,11 @@ impl Reply {
     /// The body as JSON (Null when it is not JSON).
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A header's value, when present and text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     /// The error's reason code, if this is an error response.
@@ -83,13 +90,18 @@ impl SocketClient {
             .await
             .map_err(|e| format!("{}: {e}", self.socket.display()))?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok(Reply { status, body })
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// Sends a JSON request.

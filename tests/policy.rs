@@ -311,31 +311,36 @@ async fn limits_hold_for_one_tenant_and_leave_the_other_alone() {
         (Some(1), Some(2000)),
         "{v}"
     );
-    // max_concurrent: with one run going, a second gets 429 with Retry-After; beta runs.
+    // max_concurrent: with one run going, a second waits in acme's queue until the first
+    // ends; beta runs at once meanwhile.
     let (needle, first) = start_sleep_with(&d, &a, "1.5").await;
-    let r = d
-        .tenant(&a)
-        .json(
-            Method::POST,
-            "/v1/exec",
-            &serde_json::json!({"argv": ["true"]}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (r.status.as_u16(), r.reason_code().as_deref()),
-        (429, Some("rate_limited")),
-        "{:?}",
-        r.json()
-    );
+    let t0 = std::time::Instant::now();
+    let c = d.tenant(&a);
+    let second = tokio::spawn(async move {
+        let r = exec(&c, &["true"]).await;
+        (r.status.as_u16(), std::time::Instant::now())
+    });
     for _ in 0..3 {
-        assert_eq!(
-            exec(&d.tenant(&b), &["true"]).await.status,
-            200,
-            "beta is untouched"
-        );
+        let r = exec(&d.tenant(&b), &["true"]).await;
+        assert_eq!(r.status, 200, "beta is untouched");
     }
+    let beta_done = t0.elapsed();
+    assert!(
+        beta_done < std::time::Duration::from_millis(1000),
+        "beta waited behind acme: {beta_done:?}"
+    );
+    let v = d
+        .admin()
+        .request(Method::GET, "/admin/tenants/acme/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["queued_runs"], 1, "{v}");
     first.await.unwrap();
+    let first_done = std::time::Instant::now();
+    let (status, second_done) = second.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(second_done >= first_done - std::time::Duration::from_millis(50));
     wait_gone(&needle).await;
     // max_wall_ms and max_output_bytes.
     let r = d
@@ -379,6 +384,8 @@ async fn limits_hold_for_one_tenant_and_leave_the_other_alone() {
         if r.status == 429 {
             limited += 1;
             assert!(r.reason_code().as_deref() == Some("rate_limited"));
+            let secs: u64 = r.header("retry-after").unwrap().parse().unwrap();
+            assert!((1..=1).contains(&secs), "Retry-After {secs}");
         }
         assert_eq!(
             d.tenant(&b)
@@ -740,4 +747,65 @@ async fn limits_hold_under_200_parallel_requests() {
         .max()
         .unwrap();
     assert!(max_overlap <= 3, "{max_overlap} runs overlapped");
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_with_429_and_other_tenants_still_run() {
+    let state = common::daemon::temp_state("queue");
+    let d = Daemon::start_with(
+        As::Nobody,
+        state,
+        Some("[exec]\nslots = 4\nqueue_per_tenant = 2\n"),
+    );
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    assert_eq!(
+        d.admin()
+            .json(
+                Method::PUT,
+                "/admin/tenants/acme/limits",
+                &serde_json::json!({"max_concurrent": 1})
+            )
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let (needle, first) = start_sleep_with(&d, &a, "2").await;
+    // Two wait; the third finds the queue full.
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let c = d.tenant(&a);
+            tokio::spawn(async move { exec(&c, &["true"]).await.status.as_u16() })
+        })
+        .collect();
+    let mut queued = 0;
+    for _ in 0..100 {
+        let v = d
+            .admin()
+            .request(Method::GET, "/admin/status", vec![])
+            .await
+            .unwrap()
+            .json();
+        queued = v["slots"]["queued"].as_u64().unwrap();
+        if queued == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(queued, 2);
+    let r = exec(&d.tenant(&a), &["true"]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (429, Some("rate_limited")),
+        "{:?}",
+        r.json()
+    );
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(exec(&d.tenant(&b), &["true"]).await.status, 200);
+    first.await.unwrap();
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), 200);
+    }
+    wait_gone(&needle).await;
 }

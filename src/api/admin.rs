@@ -100,6 +100,7 @@ pub async fn route(
                 &serde_json::json!({
                     "tenants": app.registry.list().len(),
                     "running_sandboxes": running,
+                    "slots": app.scheduler.load(),
                     "spawner_restarts": app.spawner.restarts(),
                     "uptime_s": app.started.elapsed().as_secs(),
                     "host_ids": if app.root { "per-tenant" } else { "daemon user" },

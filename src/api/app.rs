@@ -53,6 +53,8 @@ pub struct App {
     pub meters: crate::policy::limits::Meters,
     /// Idempotency keys in flight.
     pub idempotency: super::idempotency::Keys,
+    /// Daemon-wide sandbox slots shared fairly between tenant queues.
+    pub scheduler: std::sync::Arc<crate::policy::schedule::Scheduler>,
     /// Whether cgroup v2 limits could be used (detected at start).
     pub cgroups: crate::policy::cgroups::Cgroups,
 }

@@ -68,6 +68,9 @@ pub enum ApiError {
     /// An idempotency key reused for a different request.
     #[error("{0}")]
     IdempotencyConflict(String),
+    /// The client went away before its request could be served.
+    #[error("the client went away")]
+    ClientGone,
     /// A rate or concurrency limit was hit.
     #[error("limit {} reached; retry after {} ms", .0.limit, .0.retry_after.as_millis())]
     RateLimited(crate::policy::limits::Throttled),
@@ -96,6 +99,7 @@ impl ApiError {
             ApiError::Sandbox(_) => (StatusCode::INTERNAL_SERVER_ERROR, "sandbox_error"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            ApiError::ClientGone => (StatusCode::REQUEST_TIMEOUT, "client_gone"),
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::Policy(crate::policy::Denial::Halted) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "halted")

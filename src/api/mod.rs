@@ -450,6 +450,10 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         write_socket_pointer(&paths)?;
         let config_inflight_kib = config.server.max_inflight_bytes / 1024;
         let halted = paths.state_dir.join("halted").exists();
+        let scheduler = crate::policy::schedule::Scheduler::new(
+            config.exec.effective_slots(),
+            config.exec.queue_per_tenant,
+        );
         let app = Arc::new(App {
             state_dir: paths.state_dir.clone(),
             config,
@@ -465,6 +469,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             halted: std::sync::atomic::AtomicBool::new(halted),
             tenant_limits: std::sync::Mutex::new(limits),
             meters: Default::default(),
+            scheduler,
             cgroups: crate::policy::cgroups::detect(),
             idempotency: Default::default(),
         });

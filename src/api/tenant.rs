@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::http::{blocking, json_response, parse_json, percent_decode, read_body, response};
 use crate::audit::{Event, ExecDetails};
 use crate::auth::Boundary;
+use crate::policy::schedule::Admission;
 use crate::spawner::protocol::RunLimits;
 use crate::tenant::files::{Found, WorkDir, clean_path, read_file};
 
@@ -185,6 +186,7 @@ pub fn usage_response(
         "tenant": tenant,
         "usage": app.meters.usage(tenant.as_str()),
         "running_sandboxes": running,
+        "queued_runs": app.scheduler.tenant_load(tenant.as_str()).queued,
         "limits": app.limits(tenant),
     });
     json_response(StatusCode::OK, &body, trace_id)
@@ -474,14 +476,27 @@ async fn exec(
                 .map_err(ApiError::RateLimited)?;
         }
     }
-    let _slot = match limits.max_concurrent {
-        Some(max) => Some(
-            app.meters
-                .claim(b.tenant().as_str(), max)
-                .map_err(ApiError::RateLimited)?,
-        ),
-        None => None,
+    // A run waits in its tenant's queue for a fair turn at a slot; a client that goes
+    // away while waiting leaves the queue.
+    let _slot = match app
+        .scheduler
+        .admit(b.tenant().as_str(), limits.max_concurrent)
+        .map_err(ApiError::RateLimited)?
+    {
+        Admission::Now(p) => p,
+        Admission::Queued(w) => tokio::select! {
+            p = w.granted() => p,
+            _ = &mut gone => return Err(ApiError::ClientGone),
+        },
     };
+    // Frozen, deleted or halted while queued.
+    if !app.may_run(b.tenant()) {
+        return Err(if app.is_halted() {
+            ApiError::Policy(crate::policy::Denial::Halted)
+        } else {
+            ApiError::Frozen
+        });
+    }
     let rec = app
         .registry
         .record(b.tenant())

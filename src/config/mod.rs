@@ -134,6 +134,22 @@ pub struct ExecConfig {
     pub pids: u64,
     /// Address space per sandbox.
     pub memory_bytes: u64,
+    /// Sandboxes running at once, daemon-wide; 0 means 4 per core. A tenant without a
+    /// `max_concurrent` limit may hold half of them.
+    pub slots: u32,
+    /// Runs one tenant may have waiting for a slot; beyond it, `429 rate_limited`.
+    pub queue_per_tenant: usize,
+}
+
+impl ExecConfig {
+    /// The daemon-wide slot count, with 0 resolved to 4 per core.
+    pub fn effective_slots(&self) -> u32 {
+        if self.slots > 0 {
+            return self.slots;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        u32::try_from(cores.saturating_mul(4)).unwrap_or(u32::MAX)
+    }
 }
 
 impl Default for ExecConfig {
@@ -145,6 +161,8 @@ impl Default for ExecConfig {
             max_stdin_bytes: 1 << 20,
             pids: 256,
             memory_bytes: 8 << 30,
+            slots: 0,
+            queue_per_tenant: 1024,
         }
     }
 }

@@ -3,14 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The limit keys. Every key is optional; absent means no limit from this layer.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Sandboxes of the tenant running at once.
+    /// Slots of the daemon-wide pool the tenant may hold at once (more runs wait in its
+    /// queue); unset, half the pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
     /// Requests per second (token bucket, per tenant and per actor).
@@ -139,11 +139,10 @@ struct Bucket {
     at: Instant,
 }
 
-/// Rate limiters and concurrency counters, keyed by tenant and actor.
+/// Rate limiters and usage counters, keyed by tenant and actor.
 #[derive(Debug, Default)]
 pub struct Meters {
     buckets: Mutex<HashMap<String, Bucket>>,
-    running: Mutex<HashMap<String, std::sync::Arc<AtomicU32>>>,
     usage: Mutex<HashMap<String, Usage>>,
 }
 
@@ -221,10 +220,6 @@ impl Meters {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(tenant);
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(tenant);
     }
 
     /// Takes one token from the bucket `key` at `rate` per second, or says how long to wait.
@@ -248,41 +243,6 @@ impl Meters {
                 retry_after: Duration::from_secs_f64(wait.max(0.001)),
             })
         }
-    }
-
-    /// Claims one of `max` concurrent slots of `tenant`; the slot is freed when the guard
-    /// drops. Claiming is one atomic compare-and-swap: no check-then-act window.
-    pub fn claim(&self, tenant: &str, max: u32) -> Result<Slot, Throttled> {
-        let counter = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(tenant.to_string())
-            .or_default()
-            .clone();
-        let mut cur = counter.load(Ordering::SeqCst);
-        loop {
-            if cur >= max {
-                return Err(Throttled {
-                    limit: "max_concurrent",
-                    retry_after: Duration::from_secs(1),
-                });
-            }
-            match counter.compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => return Ok(Slot(counter)),
-                Err(now) => cur = now,
-            }
-        }
-    }
-}
-
-/// One claimed concurrency slot.
-#[derive(Debug)]
-pub struct Slot(std::sync::Arc<AtomicU32>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -335,28 +295,6 @@ mod tests {
                 serde_json::from_str(bad).unwrap();
             assert!(base.apply_patch(&patch).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn concurrency_slots_never_overshoot() {
-        let m = std::sync::Arc::new(Meters::default());
-        let held = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let threads: Vec<_> = (0..200)
-            .map(|_| {
-                let (m, held) = (m.clone(), held.clone());
-                std::thread::spawn(move || {
-                    if let Ok(slot) = m.claim("t", 7) {
-                        held.lock().unwrap().push(slot);
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        assert_eq!(held.lock().unwrap().len(), 7);
-        held.lock().unwrap().clear();
-        assert!(m.claim("t", 7).is_ok());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod cgroups;
 pub mod limits;
+pub mod schedule;
 
 use crate::auth::{Boundary, Role};
 
