@@ -228,6 +228,15 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Noisy neighbour: tenant B's exec latency with tenant A idle, then while A floods
+    /// (200 concurrent execs: CPU hogs, fork bombs, output floods), in one run.
+    Noisy {
+        #[command(flatten)]
+        args: bulkhead::bench::noisy::NoisyArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -315,6 +324,27 @@ fn main() -> ExitCode {
                         r.p99_us,
                         r.peak_rss_mib
                     );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bulkhead: bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Bench {
+            which: BenchCommand::Noisy { args, json },
+        } => {
+            let report = std::env::current_exe()
+                .map_err(|e| e.to_string())
+                .and_then(|exe| bulkhead::bench::noisy::noisy(&args, &exe));
+            match report {
+                Ok(r) if json => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    bulkhead::bench::noisy::print(&r);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -82,3 +82,30 @@ fn files_benchmark_reports_throughput_latency_and_rss() {
     );
     assert!(v["peak_rss_mib"].as_f64().unwrap() > 0.0, "{v}");
 }
+
+#[test]
+fn noisy_neighbour_benchmark_reports_both_phases_and_b_sees_no_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args(["bench", "noisy", "--runs", "10", "--flood", "16", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for phase in ["b_idle", "b_flooded"] {
+        assert_eq!(v[phase]["runs"], 10, "{v}");
+        assert!(v[phase]["p99_us"].as_u64().unwrap() > 0, "{v}");
+    }
+    assert_eq!(v["b_errors"], serde_json::json!([]), "{v}");
+    // A really flooded: its requests were answered while B ran.
+    let answered: u64 = v["a_answers"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert!(answered > 0, "{v}");
+}

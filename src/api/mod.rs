@@ -453,6 +453,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         let scheduler = crate::policy::schedule::Scheduler::new(
             config.exec.effective_slots(),
             config.exec.queue_per_tenant,
+            config.exec.effective_tenant_slots(),
         );
         let app = Arc::new(App {
             state_dir: paths.state_dir.clone(),

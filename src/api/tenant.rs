@@ -387,6 +387,12 @@ async fn read_capped(fd: std::os::fd::OwnedFd, cap: usize) -> (Vec<u8>, bool) {
                 let keep = cap.saturating_sub(out.len()).min(n);
                 out.extend_from_slice(&chunk[..keep]);
                 truncated |= keep < n;
+                // Past the cap the rest is still drained, so the command can finish, but
+                // slowly (at most 64 KiB per 10 ms): a flood then blocks its own writer
+                // instead of costing the daemon a core that other tenants need.
+                if truncated {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
             }
         }
     }

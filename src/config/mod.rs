@@ -134,9 +134,12 @@ pub struct ExecConfig {
     pub pids: u64,
     /// Address space per sandbox.
     pub memory_bytes: u64,
-    /// Sandboxes running at once, daemon-wide; 0 means 4 per core. A tenant without a
-    /// `max_concurrent` limit may hold half of them.
+    /// Sandboxes running at once, daemon-wide; 0 means 4 per core.
     pub slots: u32,
+    /// Slots a tenant without its own `max_concurrent` limit may hold; 0 means one per two
+    /// cores (at least 1). Without cgroup CPU control each run is its own CPU-scheduling
+    /// group, so this is what keeps one tenant's CPU-bound runs from slowing the others.
+    pub tenant_slots: u32,
     /// Runs one tenant may have waiting for a slot; beyond it, `429 rate_limited`.
     pub queue_per_tenant: usize,
 }
@@ -150,6 +153,15 @@ impl ExecConfig {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         u32::try_from(cores.saturating_mul(4)).unwrap_or(u32::MAX)
     }
+
+    /// The default per-tenant share, with 0 resolved to one slot per two cores.
+    pub fn effective_tenant_slots(&self) -> u32 {
+        if self.tenant_slots > 0 {
+            return self.tenant_slots;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        u32::try_from(cores / 2).unwrap_or(u32::MAX).max(1)
+    }
 }
 
 impl Default for ExecConfig {
@@ -162,6 +174,7 @@ impl Default for ExecConfig {
             pids: 256,
             memory_bytes: 8 << 30,
             slots: 0,
+            tenant_slots: 0,
             queue_per_tenant: 1024,
         }
     }

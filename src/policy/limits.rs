@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Slots of the daemon-wide pool the tenant may hold at once (more runs wait in its
-    /// queue); unset, half the pool.
+    /// queue); unset, the admin's `exec.tenant_slots`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
     /// Requests per second (token bucket, per tenant and per actor).

@@ -23,8 +23,8 @@ use super::limits::Throttled;
 struct TenantQueue {
     /// Slots this tenant holds.
     running: u32,
-    /// Most slots it may hold (its `max_concurrent`, at most the daemon's slots; without
-    /// one, half the slots, so one tenant alone never fills the pool).
+    /// Most slots it may hold (its `max_concurrent`, else the pool's default share; never
+    /// more than the pool).
     cap: u32,
     /// Waiters in arrival order: (ticket, where to send the grant).
     waiting: VecDeque<(u64, oneshot::Sender<()>)>,
@@ -45,6 +45,7 @@ struct State {
 pub struct Scheduler {
     state: Mutex<State>,
     queue_cap: usize,
+    default_share: u32,
 }
 
 /// A tenant's place in the schedule, for `GET /admin/status` and usage.
@@ -143,8 +144,9 @@ pub enum Admission {
 }
 
 impl Scheduler {
-    /// A pool of `slots` (at least 1) with per-tenant queues of at most `queue_cap`.
-    pub fn new(slots: u32, queue_cap: usize) -> Arc<Scheduler> {
+    /// A pool of `slots` (at least 1) with per-tenant queues of at most `queue_cap`; a
+    /// tenant without its own `max_concurrent` holds at most `default_share` slots.
+    pub fn new(slots: u32, queue_cap: usize, default_share: u32) -> Arc<Scheduler> {
         let slots = slots.max(1);
         Arc::new(Scheduler {
             state: Mutex::new(State {
@@ -155,6 +157,7 @@ impl Scheduler {
                 turn: VecDeque::new(),
             }),
             queue_cap,
+            default_share: default_share.clamp(1, slots),
         })
     }
 
@@ -162,15 +165,17 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Asks for a slot for `tenant`, which may hold at most `max_concurrent` (`None`: half
-    /// the pool).
+    /// Asks for a slot for `tenant`, which may hold at most `max_concurrent` (`None`: the
+    /// default share).
     pub fn admit(
         self: &Arc<Self>,
         tenant: &str,
         max_concurrent: Option<u32>,
     ) -> Result<Admission, Throttled> {
         let mut st = self.lock();
-        let cap = max_concurrent.unwrap_or(st.slots / 2).clamp(1, st.slots);
+        let cap = max_concurrent
+            .unwrap_or(self.default_share)
+            .clamp(1, st.slots);
         let free = st.free;
         let q = st.tenants.entry(tenant.to_string()).or_default();
         q.cap = cap;
@@ -317,7 +322,7 @@ mod tests {
 
     #[test]
     fn a_flooding_tenant_waits_its_turn() {
-        let s = Scheduler::new(2, 1000);
+        let s = Scheduler::new(2, 1000, 1);
         let a1 = now(s.admit("a", Some(2)).unwrap());
         let a2 = now(s.admit("a", Some(2)).unwrap());
         let mut a_waits: Vec<Waiting> = (0..500)
@@ -336,7 +341,7 @@ mod tests {
 
     #[test]
     fn max_concurrent_and_queue_cap_hold() {
-        let s = Scheduler::new(8, 3);
+        let s = Scheduler::new(8, 3, 4);
         let a1 = now(s.admit("a", Some(1)).unwrap());
         let w: Vec<Waiting> = (0..3)
             .map(|_| queued(s.admit("a", Some(1)).unwrap()))
@@ -359,10 +364,10 @@ mod tests {
 
     #[test]
     fn a_dropped_waiter_gives_back_a_granted_slot() {
-        let s = Scheduler::new(1, 10);
+        let s = Scheduler::new(1, 10, 1);
         let p = now(s.admit("a", None).unwrap());
         let mut w = queued(s.admit("b", None).unwrap());
-        // Without max_concurrent a tenant holds at most half the pool (here: 1 of 1).
+        // Without max_concurrent a tenant holds at most the default share (here 1).
         assert!(matches!(s.admit("a", None), Ok(Admission::Queued(_))));
         drop(p);
         assert!(ready(&mut w));
@@ -375,7 +380,7 @@ mod tests {
 
     #[test]
     fn many_threads_never_exceed_slots_or_caps() {
-        let s = Scheduler::new(4, 10_000);
+        let s = Scheduler::new(4, 10_000, 2);
         let peak = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let live = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::sandbox::{self, OutputMode, SandboxSpec};
 
+pub mod noisy;
+
 /// Options of `bulkhead bench coldstart`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ColdstartArgs {
@@ -364,6 +366,7 @@ pub struct BenchDaemon {
     child: std::process::Child,
     rt: tokio::runtime::Runtime,
     clients: Vec<crate::client::SocketClient>,
+    tokens: Vec<String>,
     state: PathBuf,
 }
 
@@ -372,16 +375,25 @@ impl BenchDaemon {
     pub fn start(exe: &Path, dir: &Path, tenants: usize) -> Result<BenchDaemon, String> {
         let state = dir.to_path_buf();
         std::fs::create_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        // BULKHEAD_BENCH_LOG (a RUST_LOG filter) and BULKHEAD_BENCH_LOGFILE keep the
+        // daemon's log, for finding where time goes.
+        let log = match std::env::var_os("BULKHEAD_BENCH_LOGFILE") {
+            Some(f) => Stdio::from(std::fs::File::create(&f).map_err(|e| e.to_string())?),
+            None => Stdio::null(),
+        };
         let child = Command::new(exe)
             .arg("serve")
             .arg("--state-dir")
             .arg(&state)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BULKHEAD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("STATE_DIRECTORY")
             .env_remove("RUNTIME_DIRECTORY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(|e| format!("start daemon: {e}"))?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -392,6 +404,7 @@ impl BenchDaemon {
             child,
             rt,
             clients: Vec::new(),
+            tokens: Vec::new(),
             state,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -417,6 +430,7 @@ impl BenchDaemon {
                 .ok_or(format!("create tenant: {:?}", r.json()))?
                 .to_string();
             d.clients.push(pool.with_bearer(&token));
+            d.tokens.push(token);
         }
         Ok(d)
     }
