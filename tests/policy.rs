@@ -809,3 +809,163 @@ async fn a_full_queue_refuses_with_429_and_other_tenants_still_run() {
     }
     wait_gone(&needle).await;
 }
+
+async fn set_limits(d: &Daemon, tenant: &str, v: serde_json::Value) {
+    let r = d
+        .admin()
+        .json(Method::PUT, &format!("/admin/tenants/{tenant}/limits"), &v)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+}
+
+async fn put(
+    c: &bulkhead::client::SocketClient,
+    path: &str,
+    len: usize,
+) -> bulkhead::client::Reply {
+    c.request(Method::PUT, &format!("/v1/files/{path}"), vec![b'x'; len])
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disk_quota_holds_for_writes_and_runs_and_frees_on_delete() {
+    let d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    set_limits(&d, "acme", serde_json::json!({"disk_bytes": 1000})).await;
+    let (ta, tb) = (d.tenant(&a), d.tenant(&b));
+    assert_eq!(put(&ta, "one", 600).await.status, 200);
+    let r = put(&ta, "two", 600).await;
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (403, Some("quota_exceeded")),
+        "{:?}",
+        r.json()
+    );
+    // Refused means nothing written.
+    let r = ta
+        .request(Method::GET, "/v1/files/two", vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    // Replacing a file counts the difference, not the sum.
+    assert_eq!(put(&ta, "one", 900).await.status, 200);
+    // Beta has no limit and is untouched.
+    assert_eq!(put(&tb, "big", 5000).await.status, 200);
+    // A run that writes past the quota finishes; afterwards runs and writes are refused.
+    assert_eq!(
+        ta.request(Method::DELETE, "/v1/files/one", vec![])
+            .await
+            .unwrap()
+            .status,
+        204
+    );
+    let r = exec(&ta, &["sh", "-c", "head -c 3000 /dev/zero > blob"]).await;
+    assert_eq!(r.json()["exit_code"], 0, "{:?}", r.json());
+    let r = exec(&ta, &["true"]).await;
+    assert_eq!(
+        r.reason_code().as_deref(),
+        Some("quota_exceeded"),
+        "{:?}",
+        r.json()
+    );
+    assert_eq!(
+        put(&ta, "small", 1).await.reason_code().as_deref(),
+        Some("quota_exceeded")
+    );
+    let v = ta
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["disk_bytes"], 3000, "{v}");
+    assert_eq!(exec(&tb, &["true"]).await.status, 200);
+    // Deleting brings usage under the limit again.
+    assert_eq!(
+        ta.request(Method::DELETE, "/v1/files/blob", vec![])
+            .await
+            .unwrap()
+            .status,
+        204
+    );
+    assert_eq!(exec(&ta, &["true"]).await.status, 200);
+    // Parallel writes cannot pass the check together: 50 writes of 100 bytes, room for 10.
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let c = ta.clone();
+        tasks.push(tokio::spawn(
+            async move { put(&c, &format!("p{i}"), 100).await },
+        ));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status.as_u16() {
+            200 => ok += 1,
+            403 => assert_eq!(r.reason_code().as_deref(), Some("quota_exceeded")),
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!(ok, 10);
+}
+
+#[tokio::test]
+async fn cpu_seconds_per_day_stop_a_hog_and_then_refuse_runs() {
+    let d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    set_limits(&d, "acme", serde_json::json!({"cpu_s_per_day": 1})).await;
+    let (ta, tb) = (d.tenant(&a), d.tenant(&b));
+    let hog = serde_json::json!({"argv": ["sh", "-c", "while :; do :; done"], "timeout_ms": 20000});
+    // Each hog is killed by RLIMIT_CPU (what was left of the day's CPU, rounded up to a
+    // whole second), not by the 20 s timeout; once the day's second is used, runs stop.
+    let mut hogs = 0;
+    let r = loop {
+        let r = ta.json(Method::POST, "/v1/exec", &hog).await.unwrap();
+        if r.status != 200 {
+            break r;
+        }
+        let v = r.json();
+        assert_eq!(
+            (v["signal"].as_i64(), v["timed_out"].as_bool()),
+            (Some(9), Some(false)),
+            "{v}"
+        );
+        assert!(v["cpu_ms"].as_u64().unwrap() <= 1500, "{v}");
+        hogs += 1;
+        assert!(hogs <= 2, "a second hog should have used up the day");
+    };
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (429, Some("rate_limited")),
+        "{:?}",
+        r.json()
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cpu_s_per_day")
+    );
+    assert!(r.header("retry-after").is_some());
+    let u = ta
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert!(u["usage"]["cpu_ms_today"].as_u64().unwrap() >= 900, "{u}");
+    // Beta's CPU is its own.
+    let v = exec(
+        &tb,
+        &[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done",
+        ],
+    )
+    .await
+    .json();
+    assert_eq!(v["exit_code"], 0, "{v}");
+}

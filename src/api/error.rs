@@ -68,6 +68,9 @@ pub enum ApiError {
     /// An idempotency key reused for a different request.
     #[error("{0}")]
     IdempotencyConflict(String),
+    /// The tenant's work/ is at or over its `disk_bytes` limit.
+    #[error("work/ holds {} bytes; the limit disk_bytes is {} (this write adds {}); delete files to continue", .0.used, .0.limit, .0.adding)]
+    QuotaExceeded(crate::policy::limits::OverQuota),
     /// The client went away before its request could be served.
     #[error("the client went away")]
     ClientGone,
@@ -100,6 +103,7 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ApiError::ClientGone => (StatusCode::REQUEST_TIMEOUT, "client_gone"),
+            ApiError::QuotaExceeded(_) => (StatusCode::FORBIDDEN, "quota_exceeded"),
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::Policy(crate::policy::Denial::Halted) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "halted")

@@ -187,6 +187,7 @@ pub fn usage_response(
         "usage": app.meters.usage(tenant.as_str()),
         "running_sandboxes": running,
         "queued_runs": app.scheduler.tenant_load(tenant.as_str()).queued,
+        "disk_bytes": app.meters.disk_used(tenant.as_str()),
         "limits": app.limits(tenant),
     });
     json_response(StatusCode::OK, &body, trace_id)
@@ -206,6 +207,21 @@ fn action_of(method: &Method, path: &str) -> Option<crate::policy::Action> {
         (&Method::PUT | &Method::DELETE, _) if files => Some(Action::FilesWrite),
         _ => None,
     }
+}
+
+/// Entries a disk measurement counts before it stops.
+const MAX_USAGE_ENTRIES: usize = 1_000_000;
+
+/// Measures the tenant's work/ when it has not been measured yet, or always when `fresh`
+/// (after a run, which may have written anything), and returns the bytes in use.
+async fn measure_disk(app: &Arc<App>, b: &Boundary, fresh: bool) -> Result<u64, ApiError> {
+    if !fresh && let Some(used) = app.meters.disk_used(b.tenant().as_str()) {
+        return Ok(used);
+    }
+    let wd = work_dir(app, b)?;
+    let used = blocking(move || Ok(wd.usage(MAX_USAGE_ENTRIES)?)).await?;
+    app.meters.set_disk(b.tenant().as_str(), used);
+    Ok(used)
 }
 
 fn work_dir(app: &App, b: &Boundary) -> Result<WorkDir, ApiError> {
@@ -273,10 +289,40 @@ async fn put_file(
     let wd = work_dir(app, b)?;
     let target = rel.display().to_string();
     let size = body.len();
-    let r = {
+    let limit = app.limits(b.tenant()).disk_bytes;
+    let tenant = b.tenant().as_str();
+    let r = async {
+        if limit.is_some() {
+            measure_disk(app, b, false).await?;
+        }
+        // Replacing a file needs room only for the growth; the write is settled to what
+        // it really replaced afterwards.
+        let (wd, before) = {
+            let rel = rel.clone();
+            blocking(move || {
+                let before = wd.file_size(&rel);
+                Ok((wd, before))
+            })
+            .await?
+        };
+        let reserved = (size as u64).saturating_sub(before);
+        app.meters
+            .reserve_disk(tenant, limit, reserved)
+            .map_err(ApiError::QuotaExceeded)?;
         let rel = rel.clone();
-        blocking(move || Ok(wd.put(&rel, &body)?)).await
-    };
+        match blocking(move || Ok(wd.put(&rel, &body)?)).await {
+            Ok(replaced) => {
+                app.meters
+                    .settle_disk(tenant, reserved, size as u64, replaced);
+                Ok(())
+            }
+            Err(e) => {
+                app.meters.release_disk(tenant, reserved);
+                Err(e)
+            }
+        }
+    }
+    .await;
     let (outcome, reason) = match &r {
         Ok(()) => ("ok", None),
         Err(e) => ("error", Some(e.status_and_code().1)),
@@ -300,8 +346,11 @@ async fn delete_file(
     let wd = work_dir(app, b)?;
     let target = rel.display().to_string();
     let r = blocking(move || Ok(wd.delete(&rel)?)).await;
+    if let Ok(removed) = &r {
+        app.meters.release_disk(b.tenant().as_str(), *removed);
+    }
     let (outcome, reason) = match &r {
-        Ok(()) => ("ok", None),
+        Ok(_) => ("ok", None),
         Err(e) => ("error", Some(e.status_and_code().1)),
     };
     app.audit
@@ -482,6 +531,17 @@ async fn exec(
                 .map_err(ApiError::RateLimited)?;
         }
     }
+    // At or over the disk quota, nothing more runs until files are deleted.
+    if let Some(limit) = limits.disk_bytes {
+        let used = measure_disk(app, b, false).await?;
+        if used >= limit {
+            return Err(ApiError::QuotaExceeded(crate::policy::limits::OverQuota {
+                used,
+                limit,
+                adding: 0,
+            }));
+        }
+    }
     // A run waits in its tenant's queue for a fair turn at a slot; a client that goes
     // away while waiting leaves the queue.
     let _slot = match app
@@ -503,6 +563,10 @@ async fn exec(
             ApiError::Frozen
         });
     }
+    let cpu_s = app
+        .meters
+        .cpu_left(b.tenant().as_str(), limits.cpu_s_per_day)
+        .map_err(ApiError::RateLimited)?;
     let rec = app
         .registry
         .record(b.tenant())
@@ -519,6 +583,7 @@ async fn exec(
         timeout_ms,
         pids: limits.pids.unwrap_or(app.config.exec.pids),
         memory_bytes: limits.memory_bytes.unwrap_or(app.config.exec.memory_bytes),
+        cpu_s,
     };
     let env: Vec<(String, String)> = req.env.into_iter().collect();
     let started = app
@@ -601,9 +666,9 @@ async fn exec(
         if exit.is_ok() { "ok" } else { "error" },
         exit.as_ref().err().map(|e| e.status_and_code().1),
     );
-    let (exit_code, signal, timed_out, duration_ms) = match &exit {
-        Ok(x) => (x.exit_code, x.signal, x.timed_out, x.duration_ms),
-        Err(_) => (None, None, false, 0),
+    let (exit_code, signal, timed_out, duration_ms, cpu_us) = match &exit {
+        Ok(x) => (x.exit_code, x.signal, x.timed_out, x.duration_ms, x.cpu_us),
+        Err(_) => (None, None, false, 0, 0),
     };
     ev.exec = Some(ExecDetails {
         program,
@@ -612,7 +677,15 @@ async fn exec(
         signal,
         duration_ms,
     });
-    app.meters.record_exec(b.tenant().as_str(), duration_ms);
+    app.meters
+        .record_exec(b.tenant().as_str(), duration_ms, cpu_us);
+    if limits.disk_bytes.is_some() {
+        // What the run wrote counts from the next request on. A failed measurement keeps
+        // the last figure; the run itself has happened and is still answered and audited.
+        if let Err(e) = measure_disk(app, b, true).await {
+            tracing::warn!(tenant = %b.tenant(), error = %e, "measuring work/ after a run");
+        }
+    }
     app.audit.record(ev).await?;
     tracing::debug!(
         started_us = t_started.as_micros() as u64,
@@ -631,6 +704,7 @@ async fn exec(
         "output_cap_bytes": cap,
         "timed_out": timed_out,
         "duration_ms": duration_ms,
+        "cpu_ms": cpu_us.div_ceil(1000),
     });
     Ok(json_response(StatusCode::OK, &body, b.trace_id()))
 }

@@ -28,7 +28,8 @@ pub struct Limits {
     /// Tool calls per day (counted since the daemon started, until the usage store lands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps_per_day: Option<u64>,
-    /// CPU seconds per day (stored; enforcement arrives with usage accounting).
+    /// CPU seconds per day, summed over the tenant's runs (checked before each run, and
+    /// what is left becomes the run's RLIMIT_CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_s_per_day: Option<u64>,
     /// Address space per sandbox.
@@ -37,7 +38,8 @@ pub struct Limits {
     /// Processes per sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
-    /// Disk usage of work/ (stored; enforcement arrives with usage accounting).
+    /// Apparent size of everything in work/ (checked on each write and after each run;
+    /// at or over it, writes and execs get `quota_exceeded` until usage drops).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
 }
@@ -130,6 +132,32 @@ pub struct Usage {
     pub execs: u64,
     /// Their wall time, in milliseconds.
     pub exec_wall_ms: u64,
+    /// Their CPU time, all processes, in milliseconds.
+    #[serde(default)]
+    pub cpu_ms: u64,
+    /// CPU time on the current UTC day, in milliseconds.
+    #[serde(default)]
+    pub cpu_ms_today: u64,
+}
+
+impl Usage {
+    /// Starts a new day's counters when `day` is not the one counted.
+    fn roll(&mut self, day: u64) {
+        if self.day != day {
+            self.day = day;
+            self.steps_today = 0;
+            self.cpu_ms_today = 0;
+        }
+    }
+}
+
+/// Time until the next UTC midnight, when daily counters start again.
+fn until_midnight() -> Duration {
+    let into_day = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() % 86_400)
+        .unwrap_or(0);
+    Duration::from_secs(86_400 - into_day)
 }
 
 /// A token bucket: `rate` tokens per second, bursts up to one second's worth (at least 1).
@@ -143,6 +171,8 @@ struct Bucket {
 #[derive(Debug, Default)]
 pub struct Meters {
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Bytes in each tenant's work/, once measured.
+    disk: Mutex<HashMap<String, u64>>,
     usage: Mutex<HashMap<String, Usage>>,
 }
 
@@ -151,6 +181,17 @@ fn today() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() / 86_400)
         .unwrap_or(0)
+}
+
+/// A write or run refused because work/ is at or over `disk_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverQuota {
+    /// Bytes in use.
+    pub used: u64,
+    /// The limit.
+    pub limit: u64,
+    /// Bytes the refused write would have added.
+    pub adding: u64,
 }
 
 /// A refusal with the time after which a retry may succeed.
@@ -173,19 +214,11 @@ impl Meters {
     ) -> Result<(), Throttled> {
         let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         let u = all.entry(tenant.to_string()).or_default();
-        let day = today();
-        if u.day != day {
-            u.day = day;
-            u.steps_today = 0;
-        }
+        u.roll(today());
         if step && steps_per_day.is_some_and(|max| u.steps_today >= max) {
-            let into_day = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() % 86_400)
-                .unwrap_or(0);
             return Err(Throttled {
                 limit: "steps_per_day",
-                retry_after: Duration::from_secs(86_400 - into_day),
+                retry_after: until_midnight(),
             });
         }
         u.requests += 1;
@@ -197,11 +230,38 @@ impl Meters {
     }
 
     /// Records a finished sandbox run.
-    pub fn record_exec(&self, tenant: &str, wall_ms: u64) {
+    pub fn record_exec(&self, tenant: &str, wall_ms: u64, cpu_us: u64) {
         let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         let u = all.entry(tenant.to_string()).or_default();
+        u.roll(today());
         u.execs += 1;
         u.exec_wall_ms += wall_ms;
+        let cpu_ms = cpu_us.div_ceil(1000);
+        u.cpu_ms += cpu_ms;
+        u.cpu_ms_today += cpu_ms;
+    }
+
+    /// The whole CPU seconds left today under `cpu_s_per_day` (at least 1), or a refusal
+    /// when the day's CPU is used up. `None`: no limit.
+    pub fn cpu_left(
+        &self,
+        tenant: &str,
+        cpu_s_per_day: Option<u64>,
+    ) -> Result<Option<u64>, Throttled> {
+        let Some(max) = cpu_s_per_day else {
+            return Ok(None);
+        };
+        let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let u = all.entry(tenant.to_string()).or_default();
+        u.roll(today());
+        let left_ms = max.saturating_mul(1000).saturating_sub(u.cpu_ms_today);
+        if left_ms == 0 {
+            return Err(Throttled {
+                limit: "cpu_s_per_day",
+                retry_after: until_midnight(),
+            });
+        }
+        Ok(Some(left_ms.div_ceil(1000)))
     }
 
     /// The tenant's counters.
@@ -214,8 +274,84 @@ impl Meters {
             .unwrap_or_default()
     }
 
+    /// The bytes in `tenant`'s work/, if measured since the daemon started.
+    pub fn disk_used(&self, tenant: &str) -> Option<u64> {
+        self.disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .copied()
+    }
+
+    /// Records a fresh measurement of `tenant`'s work/.
+    pub fn set_disk(&self, tenant: &str, bytes: u64) {
+        self.disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_string(), bytes);
+    }
+
+    /// Reserves `adding` bytes for a write under `limit` (check and add under one lock,
+    /// so parallel writes cannot pass the check together). Unmeasured tenants are not
+    /// counted (callers measure first when a limit is set).
+    pub fn reserve_disk(
+        &self,
+        tenant: &str,
+        limit: Option<u64>,
+        adding: u64,
+    ) -> Result<(), OverQuota> {
+        let mut all = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(used) = all.get_mut(tenant) else {
+            return Ok(());
+        };
+        if let Some(limit) = limit
+            && used.saturating_add(adding) > limit
+        {
+            return Err(OverQuota {
+                used: *used,
+                limit,
+                adding,
+            });
+        }
+        *used = used.saturating_add(adding);
+        Ok(())
+    }
+
+    /// Takes `freed` bytes off a measured tenant (a replaced or deleted file, or a
+    /// reservation given back).
+    pub fn release_disk(&self, tenant: &str, freed: u64) {
+        if let Some(used) = self
+            .disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(tenant)
+        {
+            *used = used.saturating_sub(freed);
+        }
+    }
+
+    /// Replaces a reservation with what a write really changed: `reserved` comes off,
+    /// `added` goes on and `freed` (the file it replaced) comes off, under one lock.
+    pub fn settle_disk(&self, tenant: &str, reserved: u64, added: u64, freed: u64) {
+        if let Some(used) = self
+            .disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(tenant)
+        {
+            *used = used
+                .saturating_sub(reserved)
+                .saturating_add(added)
+                .saturating_sub(freed);
+        }
+    }
+
     /// Forgets a deleted tenant.
     pub fn forget(&self, tenant: &str) {
+        self.disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
         self.usage
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -227,7 +227,7 @@ pub(crate) struct ChildCtx {
     pub cwd: CString,
     pub landlock: Option<LandlockPlan>,
     /// (resource, limit) pairs.
-    pub rlimits: [(u32, u64); 5],
+    pub rlimits: [(u32, u64); 7],
     /// Descriptors to install as 0, 1, 2; `None` keeps the caller's.
     pub stdio: [Option<RawFd>; 3],
     pub seccomp: &'static [libc::sock_filter],

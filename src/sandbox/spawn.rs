@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::{Pid, pipe2};
 
 use super::child::{ChildArgs, REPORT_BYTES, Report, sandbox_main};
@@ -42,6 +42,8 @@ pub struct Outcome {
     pub cancelled: bool,
     /// From just before the clone to the command's end.
     pub duration: Duration,
+    /// CPU time (user + system) of all the sandbox's processes, in microseconds.
+    pub cpu_us: u64,
     /// The Landlock ABI the sandbox was restricted with; `None` only for a degraded
     /// sandbox the caller explicitly allowed on a kernel without Landlock.
     pub landlock_abi: Option<u32>,
@@ -65,6 +67,8 @@ pub struct Exit {
     pub code: Option<i32>,
     /// The signal that ended it.
     pub signal: Option<i32>,
+    /// CPU time (user + system) of all the sandbox's processes, in microseconds.
+    pub cpu_us: u64,
 }
 
 /// A started sandbox. Dropping it without waiting kills the sandbox.
@@ -582,6 +586,12 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
             (libc::RLIMIT_FSIZE, l.fsize_bytes),
             (libc::RLIMIT_CORE, 0),
             (libc::RLIMIT_AS, l.address_space_bytes),
+            (
+                libc::RLIMIT_CPU,
+                l.cpu_seconds.unwrap_or(libc::RLIM_INFINITY),
+            ),
+            // No raising of scheduling priority, whatever the daemon was allowed.
+            (libc::RLIMIT_NICE, 0),
         ],
         stdio,
         seccomp: program,
@@ -760,27 +770,16 @@ impl Running {
         if self.reaped {
             return Err(SandboxError::parent("waitid", Errno::ECHILD));
         }
-        match waitid(
-            Id::PIDFd(self.pidfd.as_fd()),
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
-        ) {
-            Ok(WaitStatus::StillAlive) => Ok(None),
-            Ok(WaitStatus::Exited(_, code)) => {
+        match sys::waitid_pidfd(self.pidfd.as_fd(), true) {
+            Ok(None) | Err(Errno::EINTR) => Ok(None),
+            Ok(Some(r)) => {
                 self.reaped = true;
                 Ok(Some(Exit {
-                    code: Some(code),
-                    signal: None,
+                    code: r.code,
+                    signal: r.signal,
+                    cpu_us: r.cpu_us,
                 }))
             }
-            Ok(WaitStatus::Signaled(_, sig, _)) => {
-                self.reaped = true;
-                Ok(Some(Exit {
-                    code: None,
-                    signal: Some(sig as i32),
-                }))
-            }
-            Ok(_) => Ok(None),
-            Err(Errno::EINTR) => Ok(None),
             Err(e) => Err(SandboxError::parent("waitid", e)),
         }
     }
@@ -924,18 +923,17 @@ impl Running {
             }
         }
         let duration = self.started.elapsed();
-        let status = loop {
-            match waitid(Id::PIDFd(self.pidfd.as_fd()), WaitPidFlag::WEXITED) {
+        let reaped = loop {
+            match sys::waitid_pidfd(self.pidfd.as_fd(), false) {
                 Err(Errno::EINTR) => continue,
-                other => break other.map_err(|e| SandboxError::parent("waitid", e))?,
+                // Without WNOHANG the kernel returns only once it reaped the child.
+                Ok(None) => break Err(SandboxError::parent("waitid", Errno::ECHILD))?,
+                Ok(Some(r)) => break r,
+                Err(e) => break Err(SandboxError::parent("waitid", e))?,
             }
         };
         self.reaped = true;
-        let (exit_code, signal) = match status {
-            WaitStatus::Exited(_, code) => (Some(code), None),
-            WaitStatus::Signaled(_, sig, _) => (None, Some(sig as i32)),
-            _ => (None, None),
-        };
+        let (exit_code, signal, cpu_us) = (reaped.code, reaped.signal, reaped.cpu_us);
         let [stdout, stderr] = out.map(|s| match s {
             Sink::Buffer(b) => b,
             Sink::Relay(_) => Vec::new(),
@@ -950,6 +948,7 @@ impl Running {
             timed_out,
             cancelled,
             duration,
+            cpu_us,
             landlock_abi: self.landlock_abi,
         })
     }

@@ -31,6 +31,9 @@ pub struct Limits {
     pub fsize_bytes: u64,
     /// RLIMIT_AS in bytes.
     pub address_space_bytes: u64,
+    /// RLIMIT_CPU in seconds (per process: each process of the sandbox is killed when it
+    /// has used this much CPU). `None`: no limit.
+    pub cpu_seconds: Option<u64>,
     /// Size of the `/tmp` tmpfs in bytes.
     pub tmp_size_bytes: u64,
     /// Inode cap of the `/tmp` tmpfs.
@@ -46,6 +49,7 @@ impl Default for Limits {
             nproc: 256,
             fsize_bytes: 1 << 30,
             address_space_bytes: 8 << 30,
+            cpu_seconds: None,
             tmp_size_bytes: 128 << 20,
             tmp_inodes: 16_384,
         }

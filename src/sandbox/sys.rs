@@ -96,3 +96,56 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: c_int) -> Result<(),
     };
     ret(r).map(|_| ())
 }
+
+/// How a reaped child ended, and the CPU time it and its reaped descendants used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reaped {
+    /// Exit status, when it exited.
+    pub code: Option<i32>,
+    /// The signal that ended it.
+    pub signal: Option<i32>,
+    /// User plus system CPU time, in microseconds. A pid namespace's init reaps every
+    /// process of the namespace (the kernel reaps the rest when init dies), so for a
+    /// sandbox this is the CPU time of all its processes.
+    pub cpu_us: u64,
+}
+
+/// `waitid(P_PIDFD, pidfd, WEXITED | flags)` with the raw syscall's fifth argument, the
+/// rusage that libc's wrapper drops. `Ok(None)`: still running (with `WNOHANG`).
+pub(crate) fn waitid_pidfd(pidfd: BorrowedFd<'_>, nohang: bool) -> Result<Option<Reaped>, Errno> {
+    const P_PIDFD: c_int = 3;
+    let flags = libc::WEXITED | if nohang { libc::WNOHANG } else { 0 };
+    // SAFETY: both are plain C structs for which all-zero bytes are a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` and `usage` are live, writable and of the sizes the kernel expects.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_waitid,
+            P_PIDFD,
+            pidfd.as_raw_fd(),
+            &mut info as *mut libc::siginfo_t,
+            flags,
+            &mut usage as *mut libc::rusage,
+        )
+    };
+    ret(r)?;
+    // SAFETY: after a successful waitid the kernel filled the SIGCHLD fields of `info`
+    // (or left si_pid zero when nothing was reaped with WNOHANG).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    let micros = |t: libc::timeval| (t.tv_sec.max(0) as u64) * 1_000_000 + t.tv_usec.max(0) as u64;
+    let cpu_us = micros(usage.ru_utime) + micros(usage.ru_stime);
+    let (code, signal) = match info.si_code {
+        libc::CLD_EXITED => (Some(status), None),
+        _ => (None, Some(status)),
+    };
+    Ok(Some(Reaped {
+        code,
+        signal,
+        cpu_us,
+    }))
+}

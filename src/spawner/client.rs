@@ -360,6 +360,8 @@ pub struct RunExit {
     pub killed: bool,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
+    /// CPU time of all the sandbox's processes, in microseconds.
+    pub cpu_us: u64,
 }
 
 impl RunHandle {
@@ -387,6 +389,7 @@ impl RunHandle {
                     timed_out,
                     killed,
                     duration_ms,
+                    cpu_us,
                     ..
                 }) => {
                     return Ok(RunExit {
@@ -395,6 +398,7 @@ impl RunHandle {
                         timed_out,
                         killed,
                         duration_ms,
+                        cpu_us,
                     });
                 }
                 Some(_) => continue,

@@ -85,6 +85,7 @@ fn start(req: Request, fds: Vec<OwnedFd>, live: &mut HashMap<u64, Live>) -> Repl
     });
     spec.limits.nproc = limits.pids;
     spec.limits.address_space_bytes = limits.memory_bytes;
+    spec.limits.cpu_seconds = limits.cpu_s;
     match sandbox::spawn(spec) {
         Ok(running) => {
             let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
@@ -209,6 +210,7 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                             timed_out,
                             killed,
                             duration_ms,
+                            cpu_us: exit.cpu_us,
                         },
                     )
                     .is_err()

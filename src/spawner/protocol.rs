@@ -12,6 +12,9 @@ pub struct RunLimits {
     pub pids: u64,
     /// RLIMIT_AS.
     pub memory_bytes: u64,
+    /// RLIMIT_CPU in seconds (what is left of the tenant's daily CPU).
+    #[serde(default)]
+    pub cpu_s: Option<u64>,
 }
 
 /// Daemon → spawner.
@@ -87,6 +90,8 @@ pub enum Reply {
         killed: bool,
         /// Wall time from clone to exit, in milliseconds.
         duration_ms: u64,
+        /// CPU time of all the sandbox's processes, in microseconds.
+        cpu_us: u64,
     },
 }
 

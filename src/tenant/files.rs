@@ -268,9 +268,74 @@ impl WorkDir {
         Ok((dir, name))
     }
 
+    /// The apparent size of everything under the work dir (regular files' lengths), the
+    /// figure `disk_bytes` limits. Walks with directory handles and never follows a
+    /// symlink; stops counting after `max_entries` entries (the sum so far is returned).
+    pub fn usage(&self, max_entries: usize) -> Result<u64, FilesError> {
+        let root = self.open_beneath(Path::new(""), OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        let mut stack = vec![root];
+        let (mut total, mut seen) = (0u64, 0usize);
+        while let Some(fd) = stack.pop() {
+            let mut dir = nix::dir::Dir::from_fd(fd).map_err(os("fdopendir"))?;
+            let mut subdirs = Vec::new();
+            for e in dir.iter() {
+                let e = e.map_err(os("readdir"))?;
+                let name = e.file_name();
+                if name.to_bytes() == b"." || name.to_bytes() == b".." {
+                    continue;
+                }
+                seen += 1;
+                if seen > max_entries {
+                    return Ok(total);
+                }
+                subdirs.push(name.to_owned());
+            }
+            for name in subdirs {
+                let Ok(st) = nix::sys::stat::fstatat(
+                    &dir,
+                    name.as_c_str(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                ) else {
+                    // Gone since the listing (the sandbox may be deleting): nothing to count.
+                    continue;
+                };
+                let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+                if kind == SFlag::S_IFREG {
+                    total = total.saturating_add(st.st_size.max(0) as u64);
+                } else if kind == SFlag::S_IFDIR
+                    && let Ok(sub) = nix::fcntl::openat(
+                        &dir,
+                        name.as_c_str(),
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                {
+                    stack.push(sub);
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// The length of the regular file at `rel`, 0 if there is none (or it is something
+    /// else).
+    pub fn file_size(&self, rel: &Path) -> u64 {
+        let Some(name) = rel.file_name() else {
+            return 0;
+        };
+        match self.open_beneath(
+            rel.parent().unwrap_or(Path::new("")),
+            OFlag::O_PATH | OFlag::O_DIRECTORY,
+        ) {
+            Ok(dir) => regular_size(&dir, name),
+            Err(_) => 0,
+        }
+    }
+
     /// Writes a file atomically (temp file, fsync, rename), creating parent directories.
-    /// A symlink at the final name is replaced, never followed.
-    pub fn put(&self, rel: &Path, bytes: &[u8]) -> Result<(), FilesError> {
+    /// A symlink at the final name is replaced, never followed. Returns the length of the
+    /// regular file it replaced (0 if none), for disk accounting.
+    pub fn put(&self, rel: &Path, bytes: &[u8]) -> Result<u64, FilesError> {
         if rel.as_os_str().is_empty() {
             return Err(FilesError::WrongType("is a directory"));
         }
@@ -289,8 +354,10 @@ impl WorkDir {
                 .map_err(|e| os("write")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
             f.sync_all()
                 .map_err(|e| os("fsync")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+            let replaced = regular_size(&dir, name.as_os_str());
             nix::fcntl::renameat(&dir, tmp_name.as_str(), &dir, name.as_os_str())
-                .map_err(os("renameat"))
+                .map_err(os("renameat"))?;
+            Ok(replaced)
         })();
         if result.is_err() {
             // Best effort: the temp file has a random name and is not visible under the
@@ -304,8 +371,9 @@ impl WorkDir {
         result
     }
 
-    /// Deletes a file, or an empty directory.
-    pub fn delete(&self, rel: &Path) -> Result<(), FilesError> {
+    /// Deletes a file, or an empty directory. Returns the length of the regular file
+    /// removed (0 for anything else).
+    pub fn delete(&self, rel: &Path) -> Result<u64, FilesError> {
         if rel.as_os_str().is_empty() {
             return Err(FilesError::WrongType("cannot delete the work directory"));
         }
@@ -322,7 +390,24 @@ impl WorkDir {
         } else {
             nix::unistd::UnlinkatFlags::NoRemoveDir
         };
-        nix::unistd::unlinkat(&dir, name, flag).map_err(os("unlinkat"))
+        nix::unistd::unlinkat(&dir, name, flag).map_err(os("unlinkat"))?;
+        Ok(
+            if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG {
+                st.st_size.max(0) as u64
+            } else {
+                0
+            },
+        )
+    }
+}
+
+/// The length of the regular file `name` in `dir`, 0 if there is none.
+fn regular_size(dir: &OwnedFd, name: &OsStr) -> u64 {
+    match nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG => {
+            st.st_size.max(0) as u64
+        }
+        _ => 0,
     }
 }
 
