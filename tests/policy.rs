@@ -969,3 +969,55 @@ async fn cpu_seconds_per_day_stop_a_hog_and_then_refuse_runs() {
     .json();
     assert_eq!(v["exit_code"], 0, "{v}");
 }
+
+#[tokio::test]
+async fn daily_counters_survive_restarts_and_a_crash() {
+    let mut d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    set_limits(&d, "acme", serde_json::json!({"steps_per_day": 4})).await;
+    for _ in 0..3 {
+        assert_eq!(exec(&d.tenant(&a), &["true"]).await.status, 200);
+    }
+    assert_eq!(exec(&d.tenant(&b), &["true"]).await.status, 200);
+    // A graceful stop writes the counters.
+    assert!(d.terminate().success());
+    d.spawn();
+    let usage = |d: &Daemon, t: &str| {
+        let c = d.tenant(t);
+        async move {
+            c.request(Method::GET, "/v1/usage", vec![])
+                .await
+                .unwrap()
+                .json()
+        }
+    };
+    let u = usage(&d, &a).await;
+    assert_eq!(u["usage"]["execs"], 3, "{u}");
+    assert_eq!(usage(&d, &b).await["usage"]["execs"], 1);
+    // One step left today, and it is still only one after a crash (the flush runs each
+    // second; give it that second before the SIGKILL).
+    assert_eq!(exec(&d.tenant(&a), &["true"]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    d.kill9();
+    d.spawn();
+    let r = exec(&d.tenant(&a), &["true"]).await;
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (429, Some("rate_limited")),
+        "{:?}",
+        r.json()
+    );
+    assert_eq!(exec(&d.tenant(&b), &["true"]).await.status, 200);
+    // A damaged counter file stops the start with a message naming it.
+    assert!(d.terminate().success());
+    std::fs::write(d.state.join("tenants/acme/usage.json"), "{not json").unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--state-dir"])
+        .arg(&d.state)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("acme") && err.contains("usage.json"), "{err}");
+}

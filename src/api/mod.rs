@@ -125,6 +125,7 @@ pub struct Prepared {
     registry: Registry,
     overlays: std::collections::HashMap<String, crate::config::TenantSettings>,
     limits: std::collections::HashMap<String, crate::policy::limits::Limits>,
+    usage: std::collections::HashMap<String, crate::policy::limits::Usage>,
     admin: AdminRecord,
     spawner: (PathBuf, std::os::fd::OwnedFd, std::process::Child),
     listen_fds: Vec<(String, std::os::fd::OwnedFd)>,
@@ -170,6 +171,7 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
     let registry = Registry::open(&paths.state_dir, policy).map_err(start_err)?;
     let mut overlays = std::collections::HashMap::new();
     let mut limits = std::collections::HashMap::new();
+    let mut usage = std::collections::HashMap::new();
     for t in registry.list() {
         let dir = paths.state_dir.join("tenants").join(&t.name);
         let o =
@@ -181,6 +183,24 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
                 .map_err(|e| ServeError::Start(format!("tenant {}: limits.json: {e}", t.name)))?;
             limits.insert(t.name.clone(), l);
         }
+        match std::fs::read_to_string(dir.join(USAGE_FILE)) {
+            Ok(text) => {
+                let u: crate::policy::limits::Usage = serde_json::from_str(&text).map_err(|e| {
+                    ServeError::Start(format!(
+                        "tenant {}: {USAGE_FILE}: {e} (move it aside to start the counters again)",
+                        t.name
+                    ))
+                })?;
+                usage.insert(t.name.clone(), u);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ServeError::Start(format!(
+                    "tenant {}: {USAGE_FILE}: {e}",
+                    t.name
+                )));
+            }
+        }
         overlays.insert(t.name, o);
     }
     let admin = admin_record(&paths.state_dir)?;
@@ -190,6 +210,7 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
         registry,
         overlays,
         limits,
+        usage,
         admin,
         spawner: (exe, sock, child),
         listen_fds,
@@ -414,6 +435,39 @@ async fn accept_loop(
     }
 }
 
+/// Where a tenant's usage counters are kept, under its directory.
+const USAGE_FILE: &str = "usage.json";
+
+/// Writes the usage counters that changed. A tenant deleted meanwhile has no directory
+/// any more and is skipped.
+async fn flush_usage(app: &Arc<App>) {
+    let dirty = app.meters.take_dirty();
+    if dirty.is_empty() {
+        return;
+    }
+    let tenants = app.state_dir.join("tenants");
+    let written = tokio::task::spawn_blocking(move || {
+        for (tenant, u) in dirty {
+            let dir = tenants.join(&tenant);
+            if !dir.is_dir() {
+                continue;
+            }
+            let result = serde_json::to_vec(&u)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| {
+                    crate::tenant::store::write_atomic(&dir, USAGE_FILE, &bytes, 0o600)
+                });
+            if let Err(e) = result {
+                tracing::warn!(%tenant, error = %e, "writing usage counters");
+            }
+        }
+    })
+    .await;
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "usage flush task");
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT, then lets running requests finish.
 pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
     let workers = match prepared.config.server.worker_threads {
@@ -429,7 +483,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         .build()
         .map_err(start_err)?;
     rt.block_on(async move {
-        let Prepared { paths, config, registry, overlays, limits, admin, spawner, mut listen_fds } = prepared;
+        let Prepared { paths, config, registry, overlays, limits, usage, admin, spawner, mut listen_fds } = prepared;
         let (exe, sock, child) = spawner;
         let spawner = SpawnerClient::new(exe, sock, child).map_err(start_err)?;
         let audit = AuditLog::open(&paths.state_dir).map_err(start_err)?;
@@ -474,6 +528,19 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             cgroups: crate::policy::cgroups::detect(),
             idempotency: Default::default(),
         });
+        for (tenant, u) in usage {
+            app.meters.load(&tenant, u);
+        }
+        // Usage counters are written within a second of changing.
+        {
+            let app = app.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    flush_usage(&app).await;
+                }
+            });
+        }
         // Expired idempotency records go at start and then hourly.
         let tenants_dir = paths.state_dir.join("tenants");
         tokio::spawn(async move {
@@ -511,6 +578,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
             tracing::warn!("grace period over; exiting with requests still running");
         }
+        flush_usage(&app).await;
         for p in bound_here {
             let _removed = std::fs::remove_file(p);
         }

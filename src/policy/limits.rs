@@ -116,9 +116,11 @@ impl Limits {
     }
 }
 
-/// A tenant's counters since the daemon started (the durable usage store arrives with
-/// accounting; until then a restart resets them).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+/// A tenant's counters. They live in memory and are written to `<tenant>/usage.json`
+/// within a second of changing and at shutdown, and read back at start, so a restart
+/// does not reset a day's quota (a crash loses at most the last second).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Usage {
     /// Requests that passed authentication and scopes.
     pub requests: u64,
@@ -133,10 +135,8 @@ pub struct Usage {
     /// Their wall time, in milliseconds.
     pub exec_wall_ms: u64,
     /// Their CPU time, all processes, in milliseconds.
-    #[serde(default)]
     pub cpu_ms: u64,
     /// CPU time on the current UTC day, in milliseconds.
-    #[serde(default)]
     pub cpu_ms_today: u64,
 }
 
@@ -173,6 +173,8 @@ pub struct Meters {
     buckets: Mutex<HashMap<String, Bucket>>,
     /// Bytes in each tenant's work/, once measured.
     disk: Mutex<HashMap<String, u64>>,
+    /// Tenants whose usage changed since it was last written.
+    dirty: Mutex<std::collections::HashSet<String>>,
     usage: Mutex<HashMap<String, Usage>>,
 }
 
@@ -226,7 +228,39 @@ impl Meters {
             u.steps += 1;
             u.steps_today += 1;
         }
+        drop(all);
+        self.mark(tenant);
         Ok(())
+    }
+
+    fn mark(&self, tenant: &str) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if !dirty.contains(tenant) {
+            dirty.insert(tenant.to_string());
+        }
+    }
+
+    /// Seeds a tenant's counters (from its stored usage, at start).
+    pub fn load(&self, tenant: &str, usage: Usage) {
+        self.usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_string(), usage);
+    }
+
+    /// The counters changed since the last call, to be written out.
+    pub fn take_dirty(&self) -> Vec<(String, Usage)> {
+        let names: Vec<String> = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        let all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        names
+            .into_iter()
+            .filter_map(|n| all.get(&n).cloned().map(|u| (n, u)))
+            .collect()
     }
 
     /// Records a finished sandbox run.
@@ -239,6 +273,8 @@ impl Meters {
         let cpu_ms = cpu_us.div_ceil(1000);
         u.cpu_ms += cpu_ms;
         u.cpu_ms_today += cpu_ms;
+        drop(all);
+        self.mark(tenant);
     }
 
     /// The whole CPU seconds left today under `cpu_s_per_day` (at least 1), or a refusal
@@ -348,6 +384,10 @@ impl Meters {
 
     /// Forgets a deleted tenant.
     pub fn forget(&self, tenant: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant);
         self.disk
             .lock()
             .unwrap_or_else(|p| p.into_inner())

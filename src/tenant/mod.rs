@@ -11,7 +11,7 @@
 
 pub mod files;
 mod registry;
-mod store;
+pub mod store;
 
 pub use registry::{
     HostIdPolicy, Registry, RegistryError, TenantRecord, TenantSummary, TokenRecord,
