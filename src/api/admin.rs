@@ -106,7 +106,10 @@ pub async fn route(
                     "host_ids": if app.root { "per-tenant" } else { "daemon user" },
                     "halted": app.is_halted(),
                     "cgroups": app.cgroups,
-                    "limits_enforced_by": "rlimits",
+                    "limits_enforced_by": match app.cgroups {
+                        crate::policy::cgroups::Cgroups::Delegated { .. } => "cgroup v2",
+                        crate::policy::cgroups::Cgroups::Unavailable { .. } => "rlimits",
+                    },
                 }),
                 &t,
             ))

@@ -126,6 +126,7 @@ pub struct Prepared {
     overlays: std::collections::HashMap<String, crate::config::TenantSettings>,
     limits: std::collections::HashMap<String, crate::policy::limits::Limits>,
     usage: std::collections::HashMap<String, crate::policy::limits::Usage>,
+    cgroups: crate::policy::cgroups::Cgroups,
     admin: AdminRecord,
     spawner: (PathBuf, std::os::fd::OwnedFd, std::process::Child),
     listen_fds: Vec<(String, std::os::fd::OwnedFd)>,
@@ -138,6 +139,8 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
     let listen_fds = crate::sandbox::channel::take_listen_fds();
     let exe =
         std::env::current_exe().map_err(|e| ServeError::Start(format!("current_exe: {e}")))?;
+    // Before the spawner starts, so that it is placed with the daemon.
+    let cgroups = crate::policy::cgroups::setup();
     let (sock, child) = crate::spawner::start_process(&exe).map_err(start_err)?;
     let root = nix::unistd::geteuid().is_root();
     {
@@ -211,6 +214,7 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
         overlays,
         limits,
         usage,
+        cgroups,
         admin,
         spawner: (exe, sock, child),
         listen_fds,
@@ -483,7 +487,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         .build()
         .map_err(start_err)?;
     rt.block_on(async move {
-        let Prepared { paths, config, registry, overlays, limits, usage, admin, spawner, mut listen_fds } = prepared;
+        let Prepared { paths, config, registry, overlays, limits, usage, cgroups, admin, spawner, mut listen_fds } = prepared;
         let (exe, sock, child) = spawner;
         let spawner = SpawnerClient::new(exe, sock, child).map_err(start_err)?;
         let audit = AuditLog::open(&paths.state_dir).map_err(start_err)?;
@@ -525,7 +529,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             tenant_limits: std::sync::Mutex::new(limits),
             meters: Default::default(),
             scheduler,
-            cgroups: crate::policy::cgroups::detect(),
+            cgroups,
             idempotency: Default::default(),
         });
         for (tenant, u) in usage {
@@ -558,8 +562,8 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         let t = tokio::spawn(accept_loop(app.clone(), tenant_listener, Side::Tenant, tenant_limit, graceful.clone(), stop_rx.clone()));
         let a = tokio::spawn(accept_loop(app.clone(), admin_listener, Side::Admin, admin_limit, graceful.clone(), stop_rx));
         match &app.cgroups {
-            crate::policy::cgroups::Cgroups::Delegated { path } => tracing::info!(%path, "cgroup v2 subtree delegated; limits are still rlimits in this release"),
-            crate::policy::cgroups::Cgroups::Unavailable { reason } => tracing::info!(%reason, "cgroup v2 limits unavailable; limits are rlimits"),
+            crate::policy::cgroups::Cgroups::Delegated { path } => tracing::info!(%path, "cgroup v2 subtree delegated: memory and pids limited per run by cgroup, CPU shared per tenant"),
+            crate::policy::cgroups::Cgroups::Unavailable { reason } => tracing::info!(%reason, "cgroup v2 limits unavailable; memory, pids and CPU limited by rlimits"),
         }
         tracing::info!(tenant = %paths.tenant_socket().display(), admin = %paths.admin_socket().display(), state = %paths.state_dir.display(), host_ids = if root { "per-tenant" } else { "daemon user" }, "bulkhead serving");
         sd_notify("READY=1");

@@ -584,6 +584,7 @@ async fn exec(
         pids: limits.pids.unwrap_or(app.config.exec.pids),
         memory_bytes: limits.memory_bytes.unwrap_or(app.config.exec.memory_bytes),
         cpu_s,
+        cgroup: crate::policy::cgroups::placement(&app.cgroups, b.tenant().as_str()),
     };
     let env: Vec<(String, String)> = req.env.into_iter().collect();
     let started = app

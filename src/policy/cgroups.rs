@@ -1,7 +1,9 @@
-//! Detects, once at start, whether cgroup v2 limits could be used: a cgroup2 mount, our
+//! Detects, once at start, whether cgroup v2 limits can be used: a cgroup2 mount, our
 //! own cgroup in it, the memory, pids and cpu controllers available there, and a subtree
-//! we may write (systemd `Delegate=yes`). Limits are rlimits until then; the daemon logs
-//! and reports which, and why.
+//! we may write (systemd `Delegate=yes`). If so, [`setup`] lays out the tree the spawner
+//! places runs in (see `spawner::cgroup`): memory and pids are then limited per run, and
+//! CPU is shared per tenant. Otherwise limits are rlimits. The daemon logs and reports
+//! which, and why.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +11,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Cgroups {
-    /// A delegated cgroup v2 subtree with the needed controllers.
+    /// A delegated cgroup v2 subtree with the needed controllers, set up and in use.
     Delegated {
         /// Our cgroup directory.
         path: String,
@@ -23,13 +25,63 @@ pub enum Cgroups {
 
 const NEEDED: [&str; 3] = ["memory", "pids", "cpu"];
 
-/// Looks at `/proc/self/cgroup` and `/proc/self/mountinfo`.
-pub fn detect() -> Cgroups {
-    match find() {
+/// Detects a delegated subtree and lays out the tree in it. Call while the process is
+/// single-threaded and before the spawner starts, so that both live in `<path>/daemon`.
+pub fn setup() -> Cgroups {
+    match find().and_then(|p| layout(&p).map(|()| p)) {
         Ok(path) => Cgroups::Delegated {
             path: path.display().to_string(),
         },
         Err(reason) => Cgroups::Unavailable { reason },
+    }
+}
+
+fn write(path: &Path, value: &str) -> Result<(), String> {
+    std::fs::write(path, value).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn mkdir(path: &Path) -> Result<(), String> {
+    match std::fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// `<path>/daemon` takes this process (a cgroup with children may hold no processes),
+/// then the controllers are enabled for `<path>`'s children and for `<path>/runs`'s.
+fn layout(path: &Path) -> Result<(), String> {
+    // Only a cgroup of our own: never the root cgroup, never one shared with others
+    // (moving them or enabling controllers there would change processes not ours).
+    let procs = std::fs::read_to_string(path.join("cgroup.procs"))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let me = std::process::id().to_string();
+    if procs.lines().any(|p| p.trim() != me) {
+        return Err(format!(
+            "{} holds other processes; give the daemon a cgroup of its own (systemd Delegate=yes)",
+            path.display()
+        ));
+    }
+    let home = path.join("daemon");
+    mkdir(&home)?;
+    write(&home.join("cgroup.procs"), "0")?;
+    write(&path.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
+    let runs = path.join("runs");
+    mkdir(&runs)?;
+    write(&runs.join("cgroup.subtree_control"), "+cpu +memory +pids")
+}
+
+/// Where a tenant's runs go, when cgroups are in use.
+pub fn placement(c: &Cgroups, tenant: &str) -> Option<crate::spawner::cgroup::Placement> {
+    match c {
+        Cgroups::Delegated { path } => {
+            let base = Path::new(path);
+            Some(crate::spawner::cgroup::Placement {
+                tenant_dir: base.join("runs").join(tenant).display().to_string(),
+                home: base.join("daemon").display().to_string(),
+            })
+        }
+        Cgroups::Unavailable { .. } => None,
     }
 }
 
@@ -47,6 +99,9 @@ fn find_in(own: &str, mounts: &str) -> Result<PathBuf, String> {
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
         .ok_or("this process is in no cgroup v2 hierarchy")?;
+    if rel.trim() == "/" {
+        return Err("this process is in the root cgroup, not a delegated one".into());
+    }
     let mount = mounts
         .lines()
         .find(|l| {
@@ -112,10 +167,11 @@ mod tests {
                 .contains("no cgroup v2")
         );
         assert!(
-            find_in("0::/\n", "1 2 0:1 / /proc rw - proc proc rw\n")
+            find_in("0::/svc\n", "1 2 0:1 / /proc rw - proc proc rw\n")
                 .unwrap_err()
                 .contains("no cgroup2")
         );
+        assert!(find_in("0::/\n", "").unwrap_err().contains("root cgroup"));
         let (root, mi) = fake("hugetlb io", true);
         let e = find_in("0::/svc\n", &mi).unwrap_err();
         assert!(e.contains("memory, pids, cpu"), "{e}");

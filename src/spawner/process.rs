@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
+use super::cgroup::RunCgroup;
 use super::protocol::{Reply, Request};
 use crate::sandbox::{
     self, HostIds, OutputMode, Running, SandboxError, SandboxSpec, StdinSource, channel,
@@ -15,6 +16,7 @@ use crate::sandbox::{
 
 struct Live {
     running: Running,
+    cgroup: Option<RunCgroup>,
     work_dir: String,
     deadline: Instant,
     timed_out: bool,
@@ -86,13 +88,47 @@ fn start(req: Request, fds: Vec<OwnedFd>, live: &mut HashMap<u64, Live>) -> Repl
     spec.limits.nproc = limits.pids;
     spec.limits.address_space_bytes = limits.memory_bytes;
     spec.limits.cpu_seconds = limits.cpu_s;
-    match sandbox::spawn(spec) {
+    let failed = |message: String| Reply::Failed {
+        id,
+        message,
+        exec_failure: false,
+        invalid: false,
+    };
+    let cgroup = match &limits.cgroup {
+        Some(at) => {
+            let placed = RunCgroup::create(at, id, limits.memory_bytes, limits.pids)
+                .and_then(|cg| cg.enter().map(|()| cg));
+            match placed {
+                // memory.max limits what the sandbox really uses; an address-space limit
+                // would only break runtimes that reserve large ranges.
+                Ok(cg) => {
+                    spec.limits.address_space_bytes = libc::RLIM_INFINITY;
+                    Some(cg)
+                }
+                Err(m) => {
+                    if let Err(e) = RunCgroup::leave(at) {
+                        eprintln!("bulkhead spawner: {e}");
+                    }
+                    return failed(m);
+                }
+            }
+        }
+        None => None,
+    };
+    let spawned = sandbox::spawn(spec);
+    if let Some(at) = &limits.cgroup
+        && let Err(e) = RunCgroup::leave(at)
+    {
+        eprintln!("bulkhead spawner: {e}");
+    }
+    match spawned {
         Ok(running) => {
             let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
             live.insert(
                 id,
                 Live {
                     running,
+                    cgroup,
                     work_dir,
                     deadline,
                     timed_out: false,
@@ -192,15 +228,24 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
             match l.running.try_wait() {
                 Ok(Some(exit)) => {
                     let l = live.remove(&id);
-                    let (timed_out, killed, duration_ms) = l
+                    let (timed_out, killed, duration_ms, cgroup) = l
                         .map(|l| {
                             (
                                 l.timed_out,
                                 l.killed,
                                 l.running.elapsed().as_millis() as u64,
+                                l.cgroup,
                             )
                         })
                         .unwrap_or_default();
+                    // The cgroup counted every process of the run; rusage is the fallback.
+                    let cpu_us = cgroup
+                        .as_ref()
+                        .and_then(RunCgroup::cpu_us)
+                        .unwrap_or(exit.cpu_us);
+                    if let Some(cg) = cgroup {
+                        cg.remove();
+                    }
                     if send(
                         &sock,
                         &Reply::Exited {
@@ -210,7 +255,7 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                             timed_out,
                             killed,
                             duration_ms,
-                            cpu_us: exit.cpu_us,
+                            cpu_us,
                         },
                     )
                     .is_err()

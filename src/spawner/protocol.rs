@@ -15,6 +15,10 @@ pub struct RunLimits {
     /// RLIMIT_CPU in seconds (what is left of the tenant's daily CPU).
     #[serde(default)]
     pub cpu_s: Option<u64>,
+    /// The run's cgroup, when the daemon has a delegated cgroup v2 subtree: memory and
+    /// pids are then limited there instead of by RLIMIT_AS.
+    #[serde(default)]
+    pub cgroup: Option<super::cgroup::Placement>,
 }
 
 /// Daemon → spawner.
