@@ -108,9 +108,7 @@ mod tests {
         let base = std::env::temp_dir().join(format!("bulkhead-cgrun-{}", crate::auth::trace_id()));
         std::fs::create_dir_all(base.join("runs")).unwrap();
         std::fs::create_dir_all(base.join("daemon")).unwrap();
-        for f in ["daemon/cgroup.procs"] {
-            std::fs::write(base.join(f), "").unwrap();
-        }
+        std::fs::write(base.join("daemon/cgroup.procs"), "").unwrap();
         let at = Placement {
             tenant_dir: base.join("runs/acme").display().to_string(),
             home: base.join("daemon").display().to_string(),
