@@ -1246,6 +1246,17 @@ async fn a_client_hanging_up_ends_its_run_and_the_change_is_still_audited() {
 async fn freeze_kills_runs_whatever_their_client_did() {
     let d = Daemon::start(As::Nobody);
     let token = d.create("acme").await;
+    // Two run, the third waits in acme's queue.
+    let r = d
+        .admin()
+        .json(
+            Method::PUT,
+            "/admin/tenants/acme/limits",
+            &serde_json::json!({"max_concurrent": 2}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
     let sock = d.state.join("bulkhead.sock");
     let t = tag();
     // Runs started by clients that keep their connections open and idle.
@@ -1259,7 +1270,7 @@ async fn freeze_kills_runs_whatever_their_client_did() {
         held.push(s);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pids_with_cmdline(&format!("sleep {t}")).len() < 3 {
+    while pids_with_cmdline(&format!("sleep {t}")).len() < 2 {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -1279,7 +1290,12 @@ async fn freeze_kills_runs_whatever_their_client_did() {
             .await
             .unwrap()
             .json();
-        if pids_with_cmdline(&format!("sleep {t}")).is_empty() && status["running_sandboxes"] == 0 {
+        // The queued run is refused when its turn comes instead of starting.
+        if pids_with_cmdline(&format!("sleep {t}")).is_empty()
+            && status["running_sandboxes"] == 0
+            && status["slots"]["queued"] == 0
+            && status["slots"]["in_use"] == 0
+        {
             break;
         }
         assert!(
