@@ -11,6 +11,8 @@ use std::fmt::Write as _;
 fn main() {
     println!("cargo:rerun-if-changed=seccomp/x86_64.json");
     println!("cargo:rerun-if-changed=seccomp/aarch64.json");
+    println!("cargo:rerun-if-changed=seccomp/holder-x86_64.json");
+    println!("cargo:rerun-if-changed=seccomp/holder-aarch64.json");
     println!("cargo:rerun-if-changed=src/sandbox/seccomp_tree.rs");
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let (file, target) = match arch.as_str() {
@@ -26,6 +28,28 @@ fn main() {
         program.len()
     );
     for i in &program {
+        let _ = writeln!(
+            src,
+            "    libc::sock_filter {{ code: {:#06x}, jt: {}, jf: {}, k: {:#010x} }},",
+            i.code, i.jt, i.jf, i.k
+        );
+    }
+    src.push_str("];\n");
+    // The cell holder's filter is six calls; seccompiler's linear program is what we embed.
+    let holder_file = format!("seccomp/holder-{arch}.json");
+    let holder_json =
+        std::fs::read_to_string(&holder_file).unwrap_or_else(|e| panic!("{holder_file}: {e}"));
+    let mut filters = seccompiler::compile_from_json(holder_json.as_bytes(), target)
+        .unwrap_or_else(|e| panic!("{holder_file}: {e}"));
+    let holder = filters
+        .remove("holder")
+        .unwrap_or_else(|| panic!("{holder_file}: no `holder` filter"));
+    let _ = writeln!(
+        src,
+        "/// Built from `{holder_file}` by build.rs.\npub static HOLDER_PROGRAM: [libc::sock_filter; {}] = [",
+        holder.len()
+    );
+    for i in &holder {
         let _ = writeln!(
             src,
             "    libc::sock_filter {{ code: {:#06x}, jt: {}, jf: {}, k: {:#010x} }},",

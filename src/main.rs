@@ -209,6 +209,11 @@ struct SandboxArgs {
     /// Run even if the kernel lacks Landlock (a weaker sandbox; a warning is printed).
     #[arg(long)]
     allow_degraded_landlock: bool,
+    /// Run the way the daemon does: make a cell first (a holder process with the user and
+    /// network namespaces), then run the command in it with fresh mount, pid, ipc, uts
+    /// and cgroup namespaces.
+    #[arg(long)]
+    cell: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     cmd: Vec<String>,
@@ -523,6 +528,22 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
         );
     }
     spec.host_ids = host_ids;
+    if args.cell {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&spec.work_dir)
+            .map_err(|e| (125, format!("{}: {e}", spec.work_dir.display())))?;
+        let (ids, _) = sandbox::resolve_host_ids(
+            host_ids,
+            HostIds {
+                uid: meta.uid(),
+                gid: meta.gid(),
+            },
+        )
+        .map_err(|e| (125, e.to_string()))?;
+        let root = nix::unistd::geteuid().is_root();
+        let cell = sandbox::Cell::create(root.then_some(ids)).map_err(|e| (125, e.to_string()))?;
+        spec.cell = Some(std::sync::Arc::new(cell));
+    }
     {
         use std::os::fd::AsFd;
         spec.stdout = output_mode(std::io::stdout().as_fd())?;

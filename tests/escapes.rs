@@ -601,3 +601,30 @@ fn pseudo_filesystems_and_system_dirs_are_not_work_dirs() {
     victim.kill().unwrap();
     let _ = victim.wait();
 }
+
+/// Every escape above again, with each sandbox run in a cell the way the daemon runs
+/// them: this test re-runs this test binary with `--cell` added to every sandbox.
+#[test]
+fn every_escape_also_fails_inside_a_cell() {
+    if std::env::var_os(IN_CELL_ENV).is_some() {
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--test-threads",
+            "2",
+            "--skip",
+            "every_escape_also_fails_inside_a_cell",
+        ])
+        .env(IN_CELL_ENV, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The re-run really ran the suite.
+    assert!(text.contains("test result: ok. 2"), "{text}");
+}

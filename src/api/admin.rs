@@ -88,6 +88,28 @@ pub async fn route(
     let t = s.trace_id().to_string();
     match (method, &parts[..]) {
         (Method::GET, ["", "admin", "status"]) => {
+            let cells: Vec<serde_json::Value> = app
+                .spawner
+                .cells()
+                .await
+                .into_iter()
+                .map(|c| {
+                    // <state>/tenants/<name>/work: the tenant is the work dir's parent.
+                    let tenant = std::path::Path::new(&c.work_dir)
+                        .parent()
+                        .and_then(|p| p.file_name())
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    serde_json::json!({
+                        "tenant": tenant,
+                        "holder_pid": c.holder_pid,
+                        "age_ms": c.age_ms,
+                        "idle_ms": c.idle_ms,
+                        "runs": c.runs,
+                        "running": c.running,
+                    })
+                })
+                .collect();
             let running: usize = app
                 .running
                 .lock()
@@ -101,6 +123,7 @@ pub async fn route(
                     "tenants": app.registry.list().len(),
                     "running_sandboxes": running,
                     "slots": app.scheduler.load(),
+                    "cells": cells,
                     "spawner_restarts": app.spawner.restarts(),
                     "uptime_s": app.started.elapsed().as_secs(),
                     "host_ids": if app.root { "per-tenant" } else { "daemon user" },

@@ -585,6 +585,11 @@ async fn exec(
         memory_bytes: limits.memory_bytes.unwrap_or(app.config.exec.memory_bytes),
         cpu_s,
         cgroup: crate::policy::cgroups::placement(&app.cgroups, b.tenant().as_str()),
+        cell_idle_ms: app
+            .config
+            .exec
+            .cells
+            .then_some(app.config.exec.cell_idle_ms),
     };
     let env: Vec<(String, String)> = req.env.into_iter().collect();
     let started = app

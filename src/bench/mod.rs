@@ -209,6 +209,37 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
         }
         Ok(d)
     };
+    // One warm cell for the whole run, as a tenant's runs share one.
+    let cell = std::sync::Arc::new(sandbox::Cell::create(None).map_err(|e| format!("cell: {e}"))?);
+    let in_cell = || -> Result<Duration, String> {
+        let mut spec = SandboxSpec::new(work, vec!["/bin/true".into()]);
+        spec.stdout = OutputMode::Null;
+        spec.stderr = OutputMode::Null;
+        spec.cell = Some(cell.clone());
+        let t = Instant::now();
+        let out = sandbox::run(spec).map_err(|e| format!("library in a cell: {e}"))?;
+        let d = t.elapsed();
+        if out.exit_code != Some(0) {
+            return Err(format!("run in a cell ended with {out:?}"));
+        }
+        Ok(d)
+    };
+    // A new tenant's first run: the cell is made, then the run.
+    let first_in_new_cell = || -> Result<Duration, String> {
+        let t = Instant::now();
+        let fresh =
+            std::sync::Arc::new(sandbox::Cell::create(None).map_err(|e| format!("cell: {e}"))?);
+        let mut spec = SandboxSpec::new(work, vec!["/bin/true".into()]);
+        spec.stdout = OutputMode::Null;
+        spec.stderr = OutputMode::Null;
+        spec.cell = Some(fresh);
+        let out = sandbox::run(spec).map_err(|e| format!("first run in a new cell: {e}"))?;
+        let d = t.elapsed();
+        if out.exit_code != Some(0) {
+            return Err(format!("first run in a new cell ended with {out:?}"));
+        }
+        Ok(d)
+    };
     let process = || {
         let mut c = Command::new(bulkhead_exe);
         c.arg("sandbox")
@@ -228,6 +259,8 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
     // Warm-up: page cache, the policy compile and the host layout of the library path.
     for _ in 0..10 {
         library()?;
+        in_cell()?;
+        first_in_new_cell()?;
         process()?;
         plain()?;
         daemon.exec(0)?;
@@ -241,6 +274,8 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
         "bulkhead_library",
         "plain_spawn",
         "bulkhead_daemon_exec",
+        "bulkhead_library_cell",
+        "bulkhead_new_cell_first_run",
     ];
     let mut samples: Vec<Vec<Duration>> = (0..names.len())
         .map(|_| Vec::with_capacity(args.runs))
@@ -257,7 +292,9 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
                 1 => process()?,
                 2 => library()?,
                 3 => plain()?,
-                _ => daemon.exec(0)?,
+                4 => daemon.exec(0)?,
+                5 => in_cell()?,
+                _ => first_in_new_cell()?,
             };
             samples[v].push(d);
         }
@@ -276,6 +313,8 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
             "bulkhead_library",
             "plain_spawn",
             "bulkhead_daemon_exec",
+            "bulkhead_library_cell",
+            "bulkhead_new_cell_first_run",
         ] {
             if let Some(s) = variants.get(name) {
                 ratios.insert(
@@ -298,7 +337,7 @@ pub fn print_table(report: &Report) {
         report.uid
     );
     println!(
-        "{:<18} {:>8} {:>8} {:>8} {:>12} {:>12}",
+        "{:<28} {:>8} {:>8} {:>8} {:>12} {:>12}",
         "variant", "p50", "p90", "p99", "p50/bwrap", "p99/bwrap"
     );
     for (name, s) in &report.variants {
@@ -308,7 +347,7 @@ pub fn print_table(report: &Report) {
             .map(|(a, b)| (format!("{a:.2}x"), format!("{b:.2}x")))
             .unwrap_or_else(|| ("-".into(), "-".into()));
         println!(
-            "{:<18} {:>8} {:>8} {:>8} {:>12} {:>12}",
+            "{:<28} {:>8} {:>8} {:>8} {:>12} {:>12}",
             name, s.p50_us, s.p90_us, s.p99_us, r50, r99
         );
     }
@@ -340,6 +379,8 @@ pub fn target_lines(report: &Report) -> Vec<String> {
         check("bulkhead_process", 50, 0.80, "bulkhead sandbox (process)"),
         check("bulkhead_library", 50, 0.45, "library in-process"),
         check("bulkhead_library", 99, 0.75, "library in-process"),
+        check("bulkhead_library_cell", 50, 0.30, "library in a warm cell"),
+        check("bulkhead_library_cell", 99, 0.40, "library in a warm cell"),
     ]
 }
 

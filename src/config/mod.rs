@@ -142,6 +142,11 @@ pub struct ExecConfig {
     pub tenant_slots: u32,
     /// Runs one tenant may have waiting for a slot; beyond it, `429 rate_limited`.
     pub queue_per_tenant: usize,
+    /// Run each tenant's sandboxes in its cell (user and network namespaces made once
+    /// and held); `false`: fresh ones for every run.
+    pub cells: bool,
+    /// How long a cell is kept after its last run.
+    pub cell_idle_ms: u64,
 }
 
 impl ExecConfig {
@@ -176,6 +181,8 @@ impl Default for ExecConfig {
             slots: 0,
             tenant_slots: 0,
             queue_per_tenant: 1024,
+            cells: true,
+            cell_idle_ms: 300_000,
         }
     }
 }

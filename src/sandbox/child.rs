@@ -54,6 +54,20 @@ pub(crate) struct ChildArgs {
     pub report_fd: c_int,
     /// Read end of the "id maps written" pipe (root path), or -1.
     pub sync_fd: c_int,
+    /// Entering a tenant's cell (its user and network namespaces already exist and the
+    /// shim has joined them): no id maps to write, only the switch to the sandbox user.
+    pub cell: CellEntry,
+}
+
+/// How the run's child reaches its user namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CellEntry {
+    /// A fresh user namespace made by this clone.
+    No,
+    /// Joined a cell whose namespace lets us drop supplementary groups (root caller).
+    DropGroups,
+    /// Joined a cell made by an unprivileged caller (setgroups is denied there).
+    KeepGroups,
 }
 
 /// Exit status of a child that failed during setup (the report says why).
@@ -268,7 +282,40 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             );
         }
 
-        if args.sync_fd >= 0 {
+        if args.cell != CellEntry::No {
+            // In a cell: the shim joined the tenant's user namespace, where the sandbox user
+            // is mapped to the tenant's host uid. Become it; with a root caller that also
+            // leaves root's supplementary groups and host uid 0 behind.
+            let parent = libc::getppid();
+            if args.cell == CellEntry::DropGroups {
+                check!(
+                    libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>()),
+                    report,
+                    Step::SetgroupsClear
+                );
+            }
+            check!(
+                libc::syscall(libc::SYS_setresgid, SANDBOX_GID, SANDBOX_GID, SANDBOX_GID),
+                report,
+                Step::Setresgid
+            );
+            check!(
+                libc::syscall(libc::SYS_setresuid, SANDBOX_UID, SANDBOX_UID, SANDBOX_UID),
+                report,
+                Step::Setresuid
+            );
+            // A credential change clears the parent-death signal; set it again and make
+            // sure the shim did not die in between.
+            check!(
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
+                report,
+                Step::PrctlPdeathsig
+            );
+            if libc::getppid() != parent {
+                *libc::__errno_location() = libc::ESRCH;
+                return fail(report, Step::ParentGone, 0);
+            }
+        } else if args.sync_fd >= 0 {
             // Root caller: the parent maps the tenant's host ids for us; then we become the
             // sandbox user inside the namespace (dropping root's supplementary groups) and
             // never hold host uid 0 again.
@@ -742,4 +789,245 @@ struct CapData {
 struct SockFprog {
     len: u16,
     filter: *const c_void,
+}
+
+/// What the shim of a run in a cell receives.
+pub(crate) struct ShimArgs {
+    /// For the run's child: the plan, the report pipe, and `cell` set.
+    pub child: ChildArgs,
+    /// The cell's user and network namespaces (descriptors of ours, copied to the shim).
+    pub userns: c_int,
+    pub netns: c_int,
+    /// Top of the stack the run's child uses (in the shim's copy of our memory).
+    pub child_stack: *mut c_void,
+    /// The caller's pid: the shim dies with it.
+    pub caller: libc::pid_t,
+}
+
+/// The shim of a run in a cell: cloned without `CLONE_VM` (its own copy of the caller's
+/// memory), it joins the cell's user and network namespaces, makes the run's fresh mount,
+/// pid, ipc, uts and cgroup namespaces, and clones the run's child (pid 1 of the new pid
+/// namespace) with `CLONE_VM|CLONE_VFORK`. Once that child has exec'd, the shim closes
+/// every descriptor, waits for it and ends the same way, so its caller sees the run's
+/// status and (through rusage) its CPU time. Killing the shim kills the run: the child's
+/// parent-death signal is SIGKILL, and it is the pid namespace's init.
+pub(crate) extern "C" fn cell_shim_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is our own copy of the ShimArgs the caller passed to clone.
+    let args = unsafe { &*(arg as *const ShimArgs) };
+    let report = Sink {
+        shared: ptr::null_mut(),
+        fd: args.child.report_fd,
+    };
+    // SAFETY: plain syscalls on integers and live local structs; every result is checked.
+    unsafe {
+        check!(
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
+            report,
+            Step::PrctlPdeathsig
+        );
+        if libc::getppid() != args.caller {
+            *libc::__errno_location() = libc::ESRCH;
+            return fail(report, Step::ParentGone, 0);
+        }
+        check!(
+            libc::setns(args.userns, libc::CLONE_NEWUSER),
+            report,
+            Step::SetnsUser
+        );
+        check!(
+            libc::setns(args.netns, libc::CLONE_NEWNET),
+            report,
+            Step::SetnsNet
+        );
+        check!(
+            libc::unshare(
+                libc::CLONE_NEWNS
+                    | libc::CLONE_NEWPID
+                    | libc::CLONE_NEWIPC
+                    | libc::CLONE_NEWUTS
+                    | libc::CLONE_NEWCGROUP
+            ),
+            report,
+            Step::UnshareRun
+        );
+        libc::close(args.userns);
+        libc::close(args.netns);
+        // The shim re-raises the run's fatal signal on itself: never as a core dump.
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        check!(
+            libc::setrlimit(libc::RLIMIT_CORE, &no_core),
+            report,
+            Step::Setrlimit
+        );
+        let child_args: *const ChildArgs = &args.child;
+        let pid = libc::clone(
+            sandbox_main,
+            args.child_stack,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            child_args as *mut c_void,
+        );
+        check!(pid, report, Step::CloneRun);
+        // The child has exec'd (or failed and reported). Hold nothing of the caller's: its
+        // pipes must reach EOF when the run's processes close them, not when we exit.
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        loop {
+            let r = libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED);
+            if r == 0 || errno() != libc::EINTR {
+                break;
+            }
+        }
+        let status = info.si_status();
+        if info.si_code == libc::CLD_EXITED {
+            return status;
+        }
+        // Killed by a signal: end the same way, so the caller sees what the run saw.
+        libc::signal(status, libc::SIG_DFL);
+        let mut only: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut only);
+        libc::sigaddset(&mut only, status);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &only, ptr::null_mut());
+        libc::kill(libc::getpid(), status);
+        128 + status
+    }
+}
+
+/// What a cell's holder receives.
+pub(crate) struct HolderArgs {
+    /// Read end of the "id maps written" pipe.
+    pub sync_fd: c_int,
+    /// Write end of the report pipe: a failure is written there; success closes it.
+    pub report_fd: c_int,
+    /// The caller's pid: the holder dies with it.
+    pub caller: libc::pid_t,
+    /// The holder's own seccomp filter.
+    pub seccomp: &'static [libc::sock_filter],
+}
+
+/// A cell's holder: cloned into a new user and network namespace, it waits for its id
+/// maps, brings up `lo`, becomes the sandbox user, drops every capability, installs its
+/// own filter (which allows nothing but waiting for signals and exiting) and waits to be
+/// killed. It holds the namespaces; it never runs anything.
+pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is our own copy of the HolderArgs the caller passed to clone.
+    let args = unsafe { &*(arg as *const HolderArgs) };
+    let report = Sink {
+        shared: ptr::null_mut(),
+        fd: args.report_fd,
+    };
+    // SAFETY: plain syscalls on integers and live local structs; every result is checked.
+    unsafe {
+        // Keep only the two pipes: everything else is the caller's.
+        let (lo, hi) = if args.sync_fd < args.report_fd {
+            (args.sync_fd, args.report_fd)
+        } else {
+            (args.report_fd, args.sync_fd)
+        };
+        for (first, last) in [(0, lo - 1), (lo + 1, hi - 1), (hi + 1, c_int::MAX)] {
+            if first <= last {
+                check!(
+                    libc::syscall(libc::SYS_close_range, first as u32, last as u32, 0u32),
+                    report,
+                    Step::CloseRange
+                );
+            }
+        }
+        check!(
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
+            report,
+            Step::PrctlPdeathsig
+        );
+        if libc::getppid() != args.caller {
+            *libc::__errno_location() = libc::ESRCH;
+            return fail(report, Step::ParentGone, 0);
+        }
+        let mut byte = 0u8;
+        loop {
+            let n = libc::read(args.sync_fd, (&mut byte as *mut u8).cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n == 0 {
+                *libc::__errno_location() = libc::EPIPE;
+            }
+            if n == 0 || errno() != libc::EINTR {
+                return fail(report, Step::AwaitIdMaps, 0);
+            }
+        }
+        libc::close(args.sync_fd);
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        check!(sock, report, Step::LoopbackSocket);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        check!(
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr as *const libc::ifreq),
+            report,
+            Step::LoopbackUp
+        );
+        libc::close(sock);
+        check!(
+            libc::syscall(libc::SYS_setresgid, SANDBOX_GID, SANDBOX_GID, SANDBOX_GID),
+            report,
+            Step::Setresgid
+        );
+        check!(
+            libc::syscall(libc::SYS_setresuid, SANDBOX_UID, SANDBOX_UID, SANDBOX_UID),
+            report,
+            Step::Setresuid
+        );
+        check!(
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
+            report,
+            Step::PrctlPdeathsig
+        );
+        if libc::getppid() != args.caller {
+            *libc::__errno_location() = libc::ESRCH;
+            return fail(report, Step::ParentGone, 1);
+        }
+        let header = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let data = [CapData::default(); 2];
+        check!(
+            libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()),
+            report,
+            Step::Capset
+        );
+        check!(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            report,
+            Step::PrctlNoNewPrivs
+        );
+        let prog = SockFprog {
+            len: args.seccomp.len() as u16,
+            filter: args.seccomp.as_ptr().cast(),
+        };
+        check!(
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0u32,
+                &prog as *const SockFprog
+            ),
+            report,
+            Step::SeccompSetModeFilter
+        );
+        // Success is the report pipe closing with the holder still alive.
+        libc::close(args.report_fd);
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        loop {
+            libc::syscall(
+                libc::SYS_rt_sigsuspend,
+                &all as *const libc::sigset_t,
+                8usize,
+            );
+        }
+    }
 }

@@ -63,11 +63,16 @@ pub enum Step {
     Capset,
     SeccompSetModeFilter,
     Execve,
+    ParentGone,
+    SetnsUser,
+    SetnsNet,
+    UnshareRun,
+    CloneRun,
 }
 
 impl Step {
     /// Every step, in declaration order; used to decode the child's report.
-    const ALL: [Step; 49] = [
+    const ALL: [Step; 54] = [
         Step::PrctlPdeathsig,
         Step::ResetSignal,
         Step::SigprocmaskClear,
@@ -117,6 +122,11 @@ impl Step {
         Step::Capset,
         Step::SeccompSetModeFilter,
         Step::Execve,
+        Step::ParentGone,
+        Step::SetnsUser,
+        Step::SetnsNet,
+        Step::UnshareRun,
+        Step::CloneRun,
     ];
 
     pub(crate) fn from_raw(raw: u32) -> Option<Step> {
@@ -175,6 +185,11 @@ impl Step {
             Step::Capset => "capset",
             Step::SeccompSetModeFilter => "seccomp(SECCOMP_SET_MODE_FILTER)",
             Step::Execve => "execve",
+            Step::ParentGone => "getppid(parent gone)",
+            Step::SetnsUser => "setns(cell user namespace)",
+            Step::SetnsNet => "setns(cell network namespace)",
+            Step::UnshareRun => "unshare(run namespaces)",
+            Step::CloneRun => "clone(run)",
         }
     }
 }

@@ -10,6 +10,7 @@
 //! place that lifts the crate-wide `unsafe_code = "deny"`.
 #![allow(unsafe_code)]
 
+pub mod cell;
 pub mod channel;
 mod child;
 pub mod error;
@@ -21,6 +22,7 @@ mod spawn;
 pub mod spec;
 mod sys;
 
+pub use cell::Cell;
 pub use error::{SandboxError, Step};
 pub use spawn::{Exit, Outcome, Running, resolve_host_ids, run, spawn};
 pub use spec::{HostIds, Limits, OutputMode, SandboxSpec, StdinSource};

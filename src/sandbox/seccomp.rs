@@ -39,6 +39,11 @@ pub fn native_program() -> &'static [libc::sock_filter] {
     &generated::NATIVE_PROGRAM
 }
 
+/// The cell holder's filter (`seccomp/holder-<arch>.json`): waiting and exiting only.
+pub fn holder_program() -> &'static [libc::sock_filter] {
+    &generated::HOLDER_PROGRAM
+}
+
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/seccomp_program.rs"));
 }

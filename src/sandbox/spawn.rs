@@ -13,7 +13,10 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::{Pid, pipe2};
 
-use super::child::{ChildArgs, REPORT_BYTES, Report, sandbox_main};
+use super::cell::Cell;
+use super::child::{
+    CellEntry, ChildArgs, REPORT_BYTES, Report, ShimArgs, cell_shim_main, sandbox_main,
+};
 use super::error::{SandboxError, Step};
 use super::landlock;
 use super::plan::{ChildCtx, SystemLayout, landlock_plan};
@@ -221,7 +224,7 @@ const PSEUDO_FS: [(i64, &str); 14] = [
 
 /// A pipe whose both ends are at fd >= 3 and close-on-exec, so the child's dup2 onto
 /// 0/1/2 can never clobber a source.
-fn pipe_high() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+pub(super) fn pipe_high() -> Result<(OwnedFd, OwnedFd), SandboxError> {
     let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::parent("pipe2", e))?;
     Ok((high(r)?, high(w)?))
 }
@@ -247,7 +250,7 @@ fn dev_null() -> Result<OwnedFd, SandboxError> {
 }
 
 /// A private stack region for the clone children, with a guard page below each stack.
-struct Stacks {
+pub(super) struct Stacks {
     base: *mut c_void,
     len: usize,
 }
@@ -256,7 +259,7 @@ const STACK_SIZE: usize = 256 * 1024;
 const GUARD: usize = 4096;
 
 impl Stacks {
-    fn new() -> Result<Stacks, SandboxError> {
+    pub(super) fn new() -> Result<Stacks, SandboxError> {
         let len = 2 * (STACK_SIZE + GUARD);
         // SAFETY: anonymous private mapping with no address hint; checked for MAP_FAILED.
         let base = unsafe {
@@ -294,7 +297,7 @@ impl Stacks {
     }
 
     /// Top of stack `i` (stacks grow down on every supported architecture).
-    fn top(&self, i: usize) -> *mut c_void {
+    pub(super) fn top(&self, i: usize) -> *mut c_void {
         // SAFETY: the offset is the end of stack i, inside the mapping; 16-byte aligned since
         // the mapping is page aligned and the sizes are multiples of 4096.
         unsafe {
@@ -318,10 +321,10 @@ impl Drop for Stacks {
 
 /// Blocks every signal for the calling thread while alive, so no handler of ours runs on
 /// the child's stack between clone and exec; restores the old mask on drop.
-struct SignalsBlocked(SigSet);
+pub(super) struct SignalsBlocked(SigSet);
 
 impl SignalsBlocked {
-    fn new() -> Result<SignalsBlocked, SandboxError> {
+    pub(super) fn new() -> Result<SignalsBlocked, SandboxError> {
         let mut old = SigSet::empty();
         pthread_sigmask(
             SigmaskHow::SIG_SETMASK,
@@ -398,6 +401,7 @@ fn clone_as_root(ctx: &ChildCtx, stacks: &Stacks) -> Result<(c_int, c_int, Repor
         report: &mut unused,
         report_fd: rep_w.as_raw_fd(),
         sync_fd: sync_r.as_raw_fd(),
+        cell: CellEntry::No,
     };
     let mut pidfd: c_int = -1;
     let pid = {
@@ -477,6 +481,88 @@ fn clone_as_root(ctx: &ChildCtx, stacks: &Stacks) -> Result<(c_int, c_int, Repor
     Ok((pid, owned_pidfd.into_raw_fd(), report))
 }
 
+/// Starts a run in `cell` through a shim (see `child::cell_shim_main`): the shim is our
+/// direct child and the run's pid 1 is its child, so the run's status, CPU time and
+/// lifetime all go through the shim. Failures come back through a close-on-exec pipe; its
+/// closing without a report means the command was executed.
+fn clone_into_cell(
+    ctx: &ChildCtx,
+    stacks: &Stacks,
+    cell: &Cell,
+) -> Result<(c_int, c_int, Report), SandboxError> {
+    let (rep_r, rep_w) = pipe_high()?;
+    let (userns, netns, entry) = cell.join_fds();
+    let mut unused = Report::default();
+    let mut args = ShimArgs {
+        child: ChildArgs {
+            ctx,
+            report: &mut unused,
+            report_fd: rep_w.as_raw_fd(),
+            sync_fd: -1,
+            cell: entry,
+        },
+        userns,
+        netns,
+        child_stack: stacks.top(1),
+        caller: nix::unistd::getpid().as_raw(),
+    };
+    let mut pidfd: c_int = -1;
+    let pid = {
+        let _blocked = SignalsBlocked::new()?;
+        let args_ptr: *mut ShimArgs = &mut args;
+        // SAFETY: without CLONE_VM the shim runs on its own copy of our memory (both
+        // stacks, `ctx` and `args` included), so nothing it does can touch ours.
+        unsafe {
+            libc::clone(
+                cell_shim_main,
+                stacks.top(0),
+                libc::CLONE_PIDFD | libc::SIGCHLD,
+                args_ptr.cast(),
+                &mut pidfd as *mut c_int,
+            )
+        }
+    };
+    if pid < 0 {
+        return Err(SandboxError::parent("clone(cell shim)", Errno::last()));
+    }
+    drop(rep_w);
+    // SAFETY: clone stored a fresh pidfd that only we own.
+    let owned_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let mut buf = [0u8; REPORT_BYTES];
+    let mut got = 0usize;
+    loop {
+        let mut fds = [PollFd::new(rep_r.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ROOT_SETUP_TIMEOUT_MS)) {
+            Ok(0) => {
+                let _killed = sys::pidfd_send_signal(owned_pidfd.as_fd(), libc::SIGKILL);
+                let _reaped = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+                return Err(SandboxError::parent("sandbox setup", Errno::ETIMEDOUT));
+            }
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::parent("poll(report)", e)),
+        }
+        match nix::unistd::read(&rep_r, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if got == REPORT_BYTES {
+                    break;
+                }
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(SandboxError::parent("read(report)", e)),
+        }
+    }
+    let report = if got == REPORT_BYTES {
+        Report::from_bytes(&buf)
+    } else {
+        Report::default()
+    };
+    use std::os::fd::IntoRawFd;
+    Ok((pid, owned_pidfd.into_raw_fd(), report))
+}
+
 /// Starts `spec` in a fresh sandbox and returns once the command has been executed (or
 /// setup has failed, which is reported as the failing step and errno).
 pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
@@ -488,13 +574,25 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     let landlock_abi = landlock_decision(landlock::abi(), spec.allow_degraded_landlock)?;
     let landlock = landlock_abi.map(|abi| landlock_plan(layout, abi));
     let (work_abs, _work_fd, st) = open_work_dir(&spec.work_dir)?;
-    let (ids, switch) = resolve_host_ids(
-        spec.host_ids,
-        HostIds {
-            uid: st.st_uid,
-            gid: st.st_gid,
-        },
-    )?;
+    let (ids, switch) = match &spec.cell {
+        Some(cell) => {
+            let ids = cell.host_ids();
+            if spec.host_ids.is_some_and(|h| h != ids) {
+                return Err(SandboxError::HostIdentity(format!(
+                    "the cell maps to {}:{}, not the requested host ids",
+                    ids.uid, ids.gid
+                )));
+            }
+            (ids, false)
+        }
+        None => resolve_host_ids(
+            spec.host_ids,
+            HostIds {
+                uid: st.st_uid,
+                gid: st.st_gid,
+            },
+        )?,
+    };
 
     let mut strings = Vec::with_capacity(spec.argv.len() + env.len());
     for a in &spec.argv {
@@ -604,7 +702,9 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     let stacks = Stacks::new()?;
     let mut report = Report::default();
     let started = Instant::now();
-    let (pid, pidfd, report) = if switch {
+    let (pid, pidfd, report) = if let Some(cell) = &spec.cell {
+        clone_into_cell(&ctx, &stacks, cell)?
+    } else if switch {
         clone_as_root(&ctx, &stacks)?
     } else {
         let mut args = ChildArgs {
@@ -612,6 +712,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
             report: &mut report,
             report_fd: -1,
             sync_fd: -1,
+            cell: CellEntry::No,
         };
         let _blocked = SignalsBlocked::new()?;
         let mut pidfd: c_int = -1;

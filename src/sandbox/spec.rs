@@ -121,6 +121,9 @@ pub struct SandboxSpec {
     pub host_ids: Option<HostIds>,
     /// Run even if the kernel has no Landlock (the sandbox is then weaker; say so).
     pub allow_degraded_landlock: bool,
+    /// Run inside this tenant cell (joining its user and network namespaces) instead of
+    /// making fresh ones. Its host ids are the run's; `host_ids`, if set, must match.
+    pub cell: Option<std::sync::Arc<super::cell::Cell>>,
 }
 
 impl SandboxSpec {
@@ -137,6 +140,7 @@ impl SandboxSpec {
             stderr: OutputMode::Capture,
             host_ids: None,
             allow_degraded_landlock: false,
+            cell: None,
         }
     }
 }

@@ -189,7 +189,10 @@ impl SpawnerClient {
                 Ok(Some((n, _fds))) => match serde_json::from_slice::<Reply>(&buf[..n]) {
                     Ok(reply) => {
                         let id = reply.id();
-                        let done = matches!(reply, Reply::Exited { .. } | Reply::Failed { .. });
+                        let done = matches!(
+                            reply,
+                            Reply::Exited { .. } | Reply::Failed { .. } | Reply::Cells { .. }
+                        );
                         let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
                         if let Some(tx) = pending.get(&id) {
                             let _delivered = tx.send(reply);
@@ -334,8 +337,36 @@ impl SpawnerClient {
                 exec_failure,
                 invalid,
             }),
-            Some(Reply::Exited { .. }) | None => Err(SpawnerError::Died),
+            Some(Reply::Exited { .. } | Reply::Cells { .. }) | None => Err(SpawnerError::Died),
         }
+    }
+
+    /// The cells the spawner holds (empty if it cannot be asked).
+    pub async fn cells(&self) -> Vec<super::protocol::CellInfo> {
+        let Ok(conn) = self.conn() else {
+            return Vec::new();
+        };
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        conn.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let answer = match self.send(&conn, &Request::Cells { id }, &[]).await {
+            Ok(()) => match rx.recv().await {
+                Some(Reply::Cells { cells, .. }) => cells,
+                _ => Vec::new(),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cells request not delivered");
+                Vec::new()
+            }
+        };
+        conn.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        answer
     }
 }
 

@@ -9,10 +9,57 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::cgroup::RunCgroup;
-use super::protocol::{Reply, Request};
+use super::protocol::{CellInfo, Reply, Request};
 use crate::sandbox::{
-    self, HostIds, OutputMode, Running, SandboxError, SandboxSpec, StdinSource, channel,
+    self, Cell, HostIds, OutputMode, Running, SandboxError, SandboxSpec, StdinSource, channel,
 };
+
+/// A tenant's cell, held between runs.
+struct Held {
+    cell: std::sync::Arc<Cell>,
+    created: Instant,
+    last_used: Instant,
+    runs: u64,
+    idle: Duration,
+}
+
+/// Cells by the work dir of their tenant.
+type Cells = HashMap<String, Held>;
+
+/// The tenant's cell: the held one if its holder lives (and maps the same ids), else a
+/// new one.
+fn cell_for(
+    cells: &mut Cells,
+    work_dir: &str,
+    ids: HostIds,
+    idle: Duration,
+) -> Result<std::sync::Arc<Cell>, SandboxError> {
+    let now = Instant::now();
+    if let Some(h) = cells.get_mut(work_dir)
+        && h.cell.is_alive()
+        && h.cell.host_ids() == ids
+    {
+        h.last_used = now;
+        h.runs += 1;
+        h.idle = idle;
+        return Ok(h.cell.clone());
+    }
+    // A dead or stale cell goes first (dropping it reaps its holder).
+    cells.remove(work_dir);
+    let host = nix::unistd::geteuid().is_root().then_some(ids);
+    let cell = std::sync::Arc::new(Cell::create(host)?);
+    cells.insert(
+        work_dir.to_string(),
+        Held {
+            cell: cell.clone(),
+            created: now,
+            last_used: now,
+            runs: 1,
+            idle,
+        },
+    );
+    Ok(cell)
+}
 
 struct Live {
     running: Running,
@@ -37,7 +84,12 @@ fn send(sock: &OwnedFd, reply: &Reply) -> Result<(), String> {
     }
 }
 
-fn start(req: Request, fds: Vec<OwnedFd>, live: &mut HashMap<u64, Live>) -> Reply {
+fn start(
+    req: Request,
+    fds: Vec<OwnedFd>,
+    live: &mut HashMap<u64, Live>,
+    cells: &mut Cells,
+) -> Reply {
     let Request::Run {
         id,
         argv,
@@ -94,6 +146,24 @@ fn start(req: Request, fds: Vec<OwnedFd>, live: &mut HashMap<u64, Live>) -> Repl
         exec_failure: false,
         invalid: false,
     };
+    if let Some(idle_ms) = limits.cell_idle_ms {
+        let ids = HostIds {
+            uid: host_uid,
+            gid: host_gid,
+        };
+        let ids = if nix::unistd::geteuid().is_root() {
+            ids
+        } else {
+            HostIds {
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+            }
+        };
+        match cell_for(cells, &work_dir, ids, Duration::from_millis(idle_ms)) {
+            Ok(cell) => spec.cell = Some(cell),
+            Err(e) => return failed(format!("cell: {e}")),
+        }
+    }
     let cgroup = match &limits.cgroup {
         Some(at) => {
             let placed = RunCgroup::create(at, id, limits.memory_bytes, limits.pids)
@@ -186,13 +256,21 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
         eprintln!("bulkhead spawner: setsid: {e}");
     }
     let mut live: HashMap<u64, Live> = HashMap::new();
+    let mut cells: Cells = HashMap::new();
     let mut buf = vec![0u8; channel::MAX_MESSAGE];
     loop {
         let now = Instant::now();
+        // Idle cells (no run in them for their idle time) and dead ones go.
+        cells.retain(|wd, h| {
+            h.cell.is_alive()
+                && (live.values().any(|l| &l.work_dir == wd)
+                    || now.duration_since(h.last_used) < h.idle)
+        });
         let next = live
             .values()
             .filter(|l| !l.timed_out && !l.killed)
             .map(|l| l.deadline)
+            .chain(cells.values().map(|h| h.last_used + h.idle))
             .min();
         let timeout = match next {
             Some(d) if d <= now => PollTimeout::ZERO,
@@ -228,6 +306,9 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
             match l.running.try_wait() {
                 Ok(Some(exit)) => {
                     let l = live.remove(&id);
+                    if let Some(h) = l.as_ref().and_then(|l| cells.get_mut(&l.work_dir)) {
+                        h.last_used = Instant::now();
+                    }
                     let (timed_out, killed, duration_ms, cgroup) = l
                         .map(|l| {
                             (
@@ -292,6 +373,7 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                                 None
                             }
                             Ok(Request::KillAll) => {
+                                cells.clear();
                                 for l in live.values_mut() {
                                     l.killed = true;
                                     if let Err(e) = l.running.kill() {
@@ -301,6 +383,7 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                                 None
                             }
                             Ok(Request::KillTenant { work_dir }) => {
+                                cells.remove(&work_dir);
                                 for l in live.values_mut().filter(|l| l.work_dir == work_dir) {
                                     l.killed = true;
                                     if let Err(e) = l.running.kill() {
@@ -309,7 +392,25 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                                 }
                                 None
                             }
-                            Ok(req) => Some(start(req, fds, &mut live)),
+                            Ok(Request::Cells { id }) => {
+                                let now = Instant::now();
+                                let list = cells
+                                    .iter()
+                                    .map(|(wd, h)| CellInfo {
+                                        work_dir: wd.clone(),
+                                        holder_pid: h.cell.pid(),
+                                        age_ms: now.duration_since(h.created).as_millis() as u64,
+                                        idle_ms: now.duration_since(h.last_used).as_millis() as u64,
+                                        runs: h.runs,
+                                        running: live
+                                            .values()
+                                            .filter(|l| &l.work_dir == wd)
+                                            .count(),
+                                    })
+                                    .collect();
+                                Some(Reply::Cells { id, cells: list })
+                            }
+                            Ok(req) => Some(start(req, fds, &mut live, &mut cells)),
                             Err(e) => Some(Reply::Failed {
                                 id: 0,
                                 message: format!("bad request: {e}"),

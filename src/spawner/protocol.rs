@@ -19,6 +19,28 @@ pub struct RunLimits {
     /// pids are then limited there instead of by RLIMIT_AS.
     #[serde(default)]
     pub cgroup: Option<super::cgroup::Placement>,
+    /// Run in the tenant's cell (made on first use, kept this many milliseconds after its
+    /// last run ends); `None`: a sandbox with fresh user and network namespaces.
+    #[serde(default)]
+    pub cell_idle_ms: Option<u64>,
+}
+
+/// One held cell, for `GET /admin/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CellInfo {
+    /// The tenant's work dir (the daemon maps it back to the tenant).
+    pub work_dir: String,
+    /// The holder's pid.
+    pub holder_pid: i32,
+    /// Since it was made.
+    pub age_ms: u64,
+    /// Since its last run started or ended.
+    pub idle_ms: u64,
+    /// Runs it has served.
+    pub runs: u64,
+    /// Runs in it now.
+    pub running: usize,
 }
 
 /// Daemon → spawner.
@@ -50,10 +72,15 @@ pub enum Request {
         /// Its id.
         id: u64,
     },
-    /// Kill every running sandbox (daemon-wide halt).
+    /// Kill every running sandbox and every cell (daemon-wide halt).
     KillAll,
+    /// List the held cells; answered with `Cells` under this id.
+    Cells {
+        /// Daemon-chosen id, from the same sequence as runs.
+        id: u64,
+    },
     /// Kill every running sandbox of one tenant (identified by its work dir), including
-    /// runs the daemon no longer tracks.
+    /// runs the daemon no longer tracks, and its cell.
     KillTenant {
         /// The tenant's host work dir, as sent in `Run`.
         work_dir: String,
@@ -97,13 +124,23 @@ pub enum Reply {
         /// CPU time of all the sandbox's processes, in microseconds.
         cpu_us: u64,
     },
+    /// The held cells.
+    Cells {
+        /// The request's id.
+        id: u64,
+        /// One entry per cell.
+        cells: Vec<CellInfo>,
+    },
 }
 
 impl Reply {
     /// The run this reply is about.
     pub fn id(&self) -> u64 {
         match self {
-            Reply::Started { id } | Reply::Failed { id, .. } | Reply::Exited { id, .. } => *id,
+            Reply::Started { id }
+            | Reply::Failed { id, .. }
+            | Reply::Exited { id, .. }
+            | Reply::Cells { id, .. } => *id,
         }
     }
 }

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// When set, every `bulkhead sandbox` the tests start runs in a cell (`--cell`).
+pub const IN_CELL_ENV: &str = "BULKHEAD_TEST_IN_CELL";
+
 /// The unprivileged uid/gid the tests run the sandbox as (and that owns the work dirs).
 pub const NOBODY: u32 = 65534;
 
@@ -77,12 +80,12 @@ pub const BOTH: [As; 2] = [As::Nobody, As::Root];
 
 pub fn sandbox_cmd(who: As, work: &Path, extra: &[&str], argv: &[&str]) -> Command {
     let mut c = Command::new(bin());
-    c.arg("sandbox")
-        .arg("--work")
-        .arg(work)
-        .args(extra)
-        .arg("--")
-        .args(argv);
+    c.arg("sandbox").arg("--work").arg(work).args(extra);
+    // Set by the escape suite's re-run against cells (see tests/escapes.rs).
+    if std::env::var_os(IN_CELL_ENV).is_some() {
+        c.arg("--cell");
+    }
+    c.arg("--").args(argv);
     c.stdin(Stdio::null());
     if who == As::Nobody {
         c.uid(NOBODY).gid(NOBODY);
