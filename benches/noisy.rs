@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     let runs = std::env::var("BULKHEAD_BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+        .unwrap_or(1000);
     let args = NoisyArgs {
         runs,
         flood: 200,

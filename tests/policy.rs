@@ -1074,3 +1074,108 @@ async fn memory_and_pids_limits_hold_by_the_reported_mechanism() {
     let v = exec(&d.tenant(&b), &forks).await.json();
     assert_eq!(v["stdout"], "", "beta made all 20: {v}");
 }
+
+/// Without cgroups, each sandbox is one autogroup; a run that lasts has it lowered to the
+/// configured nice value (19 by default), so a tenant's CPU hog or fork bomb weighs less
+/// than the daemon starting the next tenant's run.
+#[tokio::test]
+async fn lasting_runs_yield_the_cpu_to_the_daemon() {
+    let d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    let (needle, h) = start_sleep_with(&d, &a, "2").await;
+    let pid = pids_with_cmdline(&needle)[0];
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = stat.rsplit(')').next().unwrap();
+    // Field 19 of stat is the nice value; after "comm)" the fields start at 3.
+    let nice = after_comm.split_whitespace().nth(19 - 3).unwrap();
+    assert_eq!(nice, "19", "{stat}");
+    let path = format!("/proc/{pid}/autogroup");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut group = String::new();
+    while Instant::now() < deadline {
+        match std::fs::read_to_string(&path) {
+            Ok(g) if g.trim_end().ends_with("nice 19") => {
+                group = g;
+                break;
+            }
+            Ok(g) => group = g,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && group.is_empty() => {
+                eprintln!("NOTE: this kernel has no autogroups; only the nice value applies");
+                break;
+            }
+            Err(e) => panic!("{path}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        group.is_empty() || group.trim_end().ends_with("nice 19"),
+        "{group:?}"
+    );
+    h.abort();
+    wait_gone(&needle).await;
+}
+
+/// A run queued by a tenant that is then deleted and made again under the same name
+/// belongs to the old tenant: it is refused when its turn comes, and nothing of it
+/// reaches the new tenant's work dir or counters.
+#[tokio::test]
+async fn a_deleted_tenants_queued_run_never_lands_in_its_namesake() {
+    let state = common::daemon::temp_state("incarnation");
+    let d = Daemon::start_with(As::Nobody, state, Some("[exec]\nslots = 1\n"));
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    // beta holds the only slot; acme's run waits for it.
+    let (needle, held) = start_sleep_with(&d, &b, "3").await;
+    let c = d.tenant(&a);
+    let queued = tokio::spawn(async move { exec(&c, &["touch", "/work/marker"]).await });
+    let mut waiting = 0;
+    for _ in 0..100 {
+        let v = d
+            .admin()
+            .request(Method::GET, "/admin/status", vec![])
+            .await
+            .unwrap()
+            .json();
+        waiting = v["slots"]["queued"].as_u64().unwrap();
+        if waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(waiting, 1);
+    let r = d
+        .admin()
+        .request(Method::DELETE, "/admin/tenants/acme", vec![])
+        .await
+        .unwrap();
+    assert!(r.status.is_success(), "{:?}", r.json());
+    let a2 = d.create("acme").await;
+    assert_ne!(a, a2);
+    // Free the slot: the old run's turn comes after its tenant was made again.
+    let out = std::process::Command::new(bin())
+        .args(["tenants", "--state-dir"])
+        .arg(&d.state)
+        .args(["stop", "beta"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    held.await.unwrap();
+    wait_gone(&needle).await;
+    let r = queued.await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (401, Some("invalid_token")),
+        "{:?}",
+        r.json()
+    );
+    assert!(!d.state.join("tenants/acme/work/marker").exists());
+    let usage = d
+        .tenant(&a2)
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(usage["usage"]["execs"], 0, "{usage}");
+    // The new tenant itself runs normally.
+    assert_eq!(exec(&d.tenant(&a2), &["true"]).await.status, 200);
+}

@@ -150,7 +150,13 @@ pub async fn route(
             let r = match name {
                 Ok(name) => {
                     let app2 = app.clone();
-                    blocking(move || Ok(app2.registry.create(name)?)).await
+                    let key = name.as_str().to_string();
+                    let r = blocking(move || Ok(app2.registry.create(name)?)).await;
+                    // Counters a run of a deleted namesake recorded late do not carry over.
+                    if r.is_ok() {
+                        app.meters.forget(&key);
+                    }
+                    r
                 }
                 Err(e) => Err(e),
             };

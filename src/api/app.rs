@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::audit::AuditLog;
-use crate::auth::{TenantName, TokenDigest};
+use crate::auth::{AuthError, Boundary, TenantName, TokenDigest};
 use crate::config::{AdminConfig, TenantSettings};
 use crate::spawner::{Killer, SpawnerClient};
 use crate::tenant::Registry;
@@ -71,8 +71,24 @@ impl App {
 
     /// Whether `tenant` may still run: it exists, is not frozen, and the daemon is not
     /// halted.
-    pub fn may_run(&self, tenant: &TenantName) -> bool {
-        !self.is_halted() && self.registry.record(tenant).is_some_and(|r| !r.frozen)
+    pub fn may_run(&self, b: &Boundary) -> bool {
+        !self.is_halted() && self.registry.is_current(b)
+    }
+
+    /// Why `b` may no longer act after a wait: halted, frozen, or its tenant deleted (or
+    /// deleted and made again, which its token does not belong to). `None`: it may.
+    pub fn refusal(&self, b: &Boundary) -> Option<super::ApiError> {
+        if self.is_halted() {
+            return Some(super::ApiError::Policy(crate::policy::Denial::Halted));
+        }
+        match self.registry.record(b.tenant()) {
+            Some(r) if r.incarnation != b.incarnation() => {
+                Some(super::ApiError::Auth(AuthError::UnknownToken))
+            }
+            Some(r) if r.frozen => Some(super::ApiError::Frozen),
+            Some(_) => None,
+            None => Some(super::ApiError::Auth(AuthError::UnknownToken)),
+        }
     }
 
     /// The tenant's effective limits: admin defaults with its own values on top.

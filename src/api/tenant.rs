@@ -109,6 +109,10 @@ pub async fn route(
     } else {
         (Bytes::new(), None)
     };
+    // The tenant may have been frozen or deleted while the body arrived.
+    if let Some(e) = app.refusal(&boundary) {
+        return Err(e);
+    }
     let mutating = matches!(
         action_of(&method, &path),
         Some(crate::policy::Action::Exec | crate::policy::Action::FilesWrite)
@@ -228,6 +232,7 @@ fn work_dir(app: &App, b: &Boundary) -> Result<WorkDir, ApiError> {
     let rec = app
         .registry
         .record(b.tenant())
+        .filter(|r| r.incarnation == b.incarnation())
         .ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
     let owner = app.root.then_some((rec.host_uid, rec.host_gid));
     Ok(WorkDir::open(&app.registry.work_dir(b.tenant()), owner)?)
@@ -556,12 +561,8 @@ async fn exec(
         },
     };
     // Frozen, deleted or halted while queued.
-    if !app.may_run(b.tenant()) {
-        return Err(if app.is_halted() {
-            ApiError::Policy(crate::policy::Denial::Halted)
-        } else {
-            ApiError::Frozen
-        });
+    if let Some(e) = app.refusal(b) {
+        return Err(e);
     }
     let cpu_s = app
         .meters
@@ -570,6 +571,7 @@ async fn exec(
     let rec = app
         .registry
         .record(b.tenant())
+        .filter(|r| r.incarnation == b.incarnation())
         .ok_or(ApiError::Auth(crate::auth::AuthError::UnknownToken))?;
     let (program, argv_sha256) = ExecDetails::describe(&req.argv);
     let pipe = || {
@@ -590,6 +592,7 @@ async fn exec(
             .exec
             .cells
             .then_some(app.config.exec.cell_idle_ms),
+        nice: app.config.exec.nice,
     };
     let env: Vec<(String, String)> = req.env.into_iter().collect();
     let started = app
@@ -631,7 +634,7 @@ async fn exec(
     };
     // Frozen or deleted while this run was being started: the kill for the tenant may
     // have reached the spawner before this run did.
-    if !app.may_run(b.tenant()) {
+    if !app.may_run(b) {
         killer.kill().await;
     }
     let stdin = req.stdin.unwrap_or_default();
@@ -683,8 +686,11 @@ async fn exec(
         signal,
         duration_ms,
     });
-    app.meters
-        .record_exec(b.tenant().as_str(), duration_ms, cpu_us);
+    // A run of a tenant deleted meanwhile is not counted against a new one of that name.
+    if app.registry.is_current(b) {
+        app.meters
+            .record_exec(b.tenant().as_str(), duration_ms, cpu_us);
+    }
     if limits.disk_bytes.is_some() {
         // What the run wrote counts from the next request on. A failed measurement keeps
         // the last figure; the run itself has happened and is still answered and audited.

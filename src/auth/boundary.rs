@@ -42,9 +42,14 @@ pub struct Boundary {
     pub(in crate::auth) role: Role,
     pub(in crate::auth) allowed_tools: Option<Vec<String>>,
     pub(in crate::auth) trace_id: String,
+    pub(in crate::auth) incarnation: String,
 }
 
 impl Boundary {
+    /// Which creation of the tenant issued the token (see `Registry::is_current`).
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
     /// The token's tool allowlist; `None` means every tool its role allows.
     pub fn allowed_tools(&self) -> Option<&[String]> {
         self.allowed_tools.as_deref()

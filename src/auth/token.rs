@@ -185,6 +185,7 @@ impl TokenParts {
     pub fn authenticate<'a>(
         self,
         creds: impl IntoIterator<Item = Credential<'a>>,
+        incarnation: &str,
     ) -> Result<Boundary, AuthError> {
         let mut found: Option<(String, Role, Option<Vec<String>>)> = None;
         for c in creds {
@@ -205,6 +206,7 @@ impl TokenParts {
             role,
             allowed_tools,
             trace_id: trace_id(),
+            incarnation: incarnation.to_string(),
         })
     }
 }
@@ -296,7 +298,7 @@ mod tests {
         };
         let b = parse_bearer(Some(header.as_bytes()))
             .unwrap()
-            .authenticate(creds())
+            .authenticate(creds(), "")
             .unwrap();
         assert_eq!(
             (b.tenant().as_str(), b.workspace(), b.role()),
@@ -311,7 +313,7 @@ mod tests {
         assert_eq!(
             parse_bearer(Some(forged.as_bytes()))
                 .unwrap()
-                .authenticate(creds())
+                .authenticate(creds(), "")
                 .unwrap_err(),
             AuthError::UnknownToken
         );

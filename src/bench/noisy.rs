@@ -15,7 +15,7 @@ use super::{BenchDaemon, ColdstartArgs, Stats, prepare, stats};
 #[derive(clap::Args, Debug, Clone)]
 pub struct NoisyArgs {
     /// B's timed runs per phase.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 1000)]
     pub runs: usize,
     /// A's concurrent requests while flooding.
     #[arg(long, default_value_t = 200)]

@@ -147,6 +147,10 @@ pub struct ExecConfig {
     pub cells: bool,
     /// How long a cell is kept after its last run.
     pub cell_idle_ms: u64,
+    /// Nice value (0..=19) of every sandbox and its autogroup: sandboxes yield the CPU to
+    /// the daemon, so one tenant's CPU hogs and fork bombs cannot delay the start of
+    /// another tenant's run. 0 runs them at the daemon's own priority.
+    pub nice: u8,
 }
 
 impl ExecConfig {
@@ -183,6 +187,7 @@ impl Default for ExecConfig {
             queue_per_tenant: 1024,
             cells: true,
             cell_idle_ms: 300_000,
+            nice: 19,
         }
     }
 }
@@ -282,6 +287,12 @@ impl AdminConfig {
                     path: path.display().to_string(),
                     why,
                 })?;
+                if c.exec.nice > 19 {
+                    return Err(ConfigError::Invalid {
+                        path: path.display().to_string(),
+                        why: format!("exec.nice = {}: must be 0..=19", c.exec.nice),
+                    });
+                }
                 Ok(c)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AdminConfig::default()),

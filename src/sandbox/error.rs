@@ -55,6 +55,7 @@ pub enum Step {
     LandlockRestrictSelf,
     Setrlimit,
     Setsid,
+    Setpriority,
     Dup2,
     CloseRange,
     CapbsetDrop,
@@ -72,7 +73,7 @@ pub enum Step {
 
 impl Step {
     /// Every step, in declaration order; used to decode the child's report.
-    const ALL: [Step; 54] = [
+    const ALL: [Step; 55] = [
         Step::PrctlPdeathsig,
         Step::ResetSignal,
         Step::SigprocmaskClear,
@@ -114,6 +115,7 @@ impl Step {
         Step::LandlockRestrictSelf,
         Step::Setrlimit,
         Step::Setsid,
+        Step::Setpriority,
         Step::Dup2,
         Step::CloseRange,
         Step::CapbsetDrop,
@@ -177,6 +179,7 @@ impl Step {
             Step::LandlockRestrictSelf => "landlock_restrict_self",
             Step::Setrlimit => "setrlimit",
             Step::Setsid => "setsid",
+            Step::Setpriority => "setpriority",
             Step::Dup2 => "dup2",
             Step::CloseRange => "close_range",
             Step::CapbsetDrop => "prctl(PR_CAPBSET_DROP)",

@@ -228,6 +228,8 @@ pub(crate) struct ChildCtx {
     pub landlock: Option<LandlockPlan>,
     /// (resource, limit) pairs.
     pub rlimits: [(u32, u64); 7],
+    /// The nice value (1..=19) of the sandbox's processes; `None` leaves it alone.
+    pub nice: Option<libc::c_int>,
     /// Descriptors to install as 0, 1, 2; `None` keeps the caller's.
     pub stdio: [Option<RawFd>; 3],
     pub seccomp: &'static [libc::sock_filter],

@@ -691,6 +691,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
             // No raising of scheduling priority, whatever the daemon was allowed.
             (libc::RLIMIT_NICE, 0),
         ],
+        nice: (l.nice > 0).then(|| c_int::from(l.nice)),
         stdio,
         seccomp: program,
         exec_candidates: exec_candidates(&spec.argv[0], &env)?,

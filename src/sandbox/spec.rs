@@ -38,6 +38,11 @@ pub struct Limits {
     pub tmp_size_bytes: u64,
     /// Inode cap of the `/tmp` tmpfs.
     pub tmp_inodes: u64,
+    /// Nice value (0..=19) of the sandbox's processes. Each sandbox is its own session,
+    /// and on kernels with autogroups the CPU is shared between sessions, not processes:
+    /// the daemon's spawner also sets this value on the session's autogroup of runs that
+    /// last. 0 leaves the priority alone.
+    pub nice: u8,
 }
 
 impl Default for Limits {
@@ -52,6 +57,7 @@ impl Default for Limits {
             cpu_seconds: None,
             tmp_size_bytes: 128 << 20,
             tmp_inodes: 16_384,
+            nice: 0,
         }
     }
 }
@@ -201,6 +207,9 @@ pub(crate) fn validate(spec: &SandboxSpec) -> Result<(), SandboxError> {
         || l.tmp_inodes < 16
     {
         return Err(invalid("limits too small to start a process"));
+    }
+    if l.nice > 19 {
+        return Err(invalid("nice must be 0..=19"));
     }
     Ok(())
 }

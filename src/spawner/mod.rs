@@ -9,6 +9,7 @@
 //! anyway, the daemon fails the runs in flight and starts a new one.
 #![forbid(unsafe_code)]
 
+mod autogroup;
 pub mod cgroup;
 mod client;
 mod process;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
+use super::autogroup::{self, Lowered};
 use super::cgroup::RunCgroup;
 use super::protocol::{CellInfo, Reply, Request};
 use crate::sandbox::{
@@ -68,6 +69,10 @@ struct Live {
     deadline: Instant,
     timed_out: bool,
     killed: bool,
+    started: Instant,
+    in_cell: bool,
+    /// The nice value its autogroup is still to get (0: nothing left to do).
+    nice: u8,
 }
 
 fn send(sock: &OwnedFd, reply: &Reply) -> Result<(), String> {
@@ -140,6 +145,7 @@ fn start(
     spec.limits.nproc = limits.pids;
     spec.limits.address_space_bytes = limits.memory_bytes;
     spec.limits.cpu_seconds = limits.cpu_s;
+    spec.limits.nice = limits.nice;
     let failed = |message: String| Reply::Failed {
         id,
         message,
@@ -185,6 +191,7 @@ fn start(
         }
         None => None,
     };
+    let in_cell = spec.cell.is_some();
     let spawned = sandbox::spawn(spec);
     if let Some(at) = &limits.cgroup
         && let Err(e) = RunCgroup::leave(at)
@@ -203,6 +210,9 @@ fn start(
                     deadline,
                     timed_out: false,
                     killed: false,
+                    started: Instant::now(),
+                    in_cell,
+                    nice: limits.nice,
                 },
             );
             Reply::Started { id }
@@ -258,6 +268,7 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
     let mut live: HashMap<u64, Live> = HashMap::new();
     let mut cells: Cells = HashMap::new();
     let mut buf = vec![0u8; channel::MAX_MESSAGE];
+    let mut next_lowering = Instant::now();
     loop {
         let now = Instant::now();
         // Idle cells (no run in them for their idle time) and dead ones go.
@@ -271,6 +282,11 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
             .filter(|l| !l.timed_out && !l.killed)
             .map(|l| l.deadline)
             .chain(cells.values().map(|h| h.last_used + h.idle))
+            .chain(
+                live.values()
+                    .filter(|l| l.nice > 0)
+                    .map(|l| (l.started + autogroup::GRACE).max(next_lowering)),
+            )
             .min();
         let timeout = match next {
             Some(d) if d <= now => PollTimeout::ZERO,
@@ -349,6 +365,24 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
             }
         }
         let now = Instant::now();
+        if now >= next_lowering {
+            let mut due: Vec<&mut Live> = live
+                .values_mut()
+                .filter(|l| l.nice > 0 && now >= l.started + autogroup::GRACE)
+                .collect();
+            due.sort_by_key(|l| l.started);
+            for l in due {
+                let lowered = match autogroup::session_pid(l.running.pid(), l.in_cell) {
+                    Some(pid) => autogroup::lower(pid, l.nice),
+                    None => Lowered::Done,
+                };
+                if lowered == Lowered::Later {
+                    next_lowering = now + autogroup::SPACING;
+                    break;
+                }
+                l.nice = 0;
+            }
+        }
         for l in live.values_mut() {
             if !l.timed_out && !l.killed && l.deadline <= now {
                 l.timed_out = true;

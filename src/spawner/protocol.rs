@@ -23,6 +23,9 @@ pub struct RunLimits {
     /// last run ends); `None`: a sandbox with fresh user and network namespaces.
     #[serde(default)]
     pub cell_idle_ms: Option<u64>,
+    /// Nice value of the run's processes and autogroup (0: unchanged).
+    #[serde(default)]
+    pub nice: u8,
 }
 
 /// One held cell, for `GET /admin/status`.

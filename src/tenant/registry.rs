@@ -69,6 +69,11 @@ pub struct TenantRecord {
     pub frozen: bool,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
+    /// Random id of this creation of the tenant: a request authenticated before a delete
+    /// must not act on a new tenant of the same name (records from before it was kept
+    /// read as empty, which no new creation has).
+    #[serde(default)]
+    pub incarnation: String,
     /// The tenant's tokens.
     pub tokens: Vec<TokenRecord>,
 }
@@ -258,7 +263,16 @@ impl Registry {
             role: t.role,
             allowed_tools: t.allowed_tools.as_deref(),
         });
-        Ok((parts.authenticate(creds)?, frozen))
+        Ok((parts.authenticate(creds, &rec.incarnation)?, frozen))
+    }
+
+    /// Whether the boundary's tenant is still the one its token was issued by (not
+    /// deleted, nor deleted and made again under the same name) and not frozen. Checked
+    /// again after every wait: queueing for a slot, reading a body, running.
+    pub fn is_current(&self, b: &Boundary) -> bool {
+        self.read()
+            .get(b.tenant())
+            .is_some_and(|r| r.incarnation == b.incarnation() && !r.frozen)
     }
 
     /// A copy of one tenant's record.
@@ -371,6 +385,7 @@ impl Registry {
             host_gid,
             frozen: false,
             created_unix: now_unix(),
+            incarnation: auth::trace_id(),
             tokens: vec![token],
         };
         let tmp = self
