@@ -1179,3 +1179,47 @@ async fn a_deleted_tenants_queued_run_never_lands_in_its_namesake() {
     // The new tenant itself runs normally.
     assert_eq!(exec(&d.tenant(&a2), &["true"]).await.status, 200);
 }
+
+/// A sandbox cannot hide bytes from the disk quota by making a directory unreadable: the
+/// daemon, as the files' owner, restores its owner's permissions and counts them.
+#[tokio::test]
+async fn disk_quota_counts_what_a_run_hides_in_an_unreadable_directory() {
+    let d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    set_limits(&d, "acme", serde_json::json!({"disk_bytes": 10_000})).await;
+    let ta = d.tenant(&a);
+    let r = exec(
+        &ta,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p hide/deeper && head -c 20000 /dev/zero > hide/deeper/blob && chmod 000 hide/deeper hide",
+        ],
+    )
+    .await;
+    assert_eq!(r.json()["exit_code"], 0, "{:?}", r.json());
+    let r = put(&ta, "small", 1).await;
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (403, Some("quota_exceeded")),
+        "{:?}",
+        r.json()
+    );
+    let v = ta
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["disk_bytes"], 20_000, "{v}");
+    // Lifting the limit drops the figure; setting one again measures afresh.
+    set_limits(&d, "acme", serde_json::json!({"disk_bytes": null})).await;
+    assert_eq!(put(&ta, "small", 1).await.status, 200);
+    set_limits(&d, "acme", serde_json::json!({"disk_bytes": 100_000})).await;
+    assert_eq!(put(&ta, "second", 1).await.status, 200);
+    let v = ta
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(v["disk_bytes"], 20_002, "{v}");
+}

@@ -71,6 +71,11 @@ pub enum ApiError {
     /// The tenant's work/ is at or over its `disk_bytes` limit.
     #[error("work/ holds {} bytes; the limit disk_bytes is {} (this write adds {}); delete files to continue", .0.used, .0.limit, .0.adding)]
     QuotaExceeded(crate::policy::limits::OverQuota),
+    /// The tenant's work/ cannot be measured, so it counts as over its `disk_bytes` limit.
+    #[error(
+        "{0}; with disk_bytes set, writes and runs are refused until it can (delete files, or the admin lifts the limit)"
+    )]
+    Unmeasurable(String),
     /// The client went away before its request could be served.
     #[error("the client went away")]
     ClientGone,
@@ -103,7 +108,9 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ApiError::ClientGone => (StatusCode::REQUEST_TIMEOUT, "client_gone"),
-            ApiError::QuotaExceeded(_) => (StatusCode::FORBIDDEN, "quota_exceeded"),
+            ApiError::QuotaExceeded(_) | ApiError::Unmeasurable(_) => {
+                (StatusCode::FORBIDDEN, "quota_exceeded")
+            }
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::Policy(crate::policy::Denial::Halted) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "halted")
@@ -141,6 +148,11 @@ impl From<FilesError> for ApiError {
             FilesError::NotFound => ApiError::NotFound(e.to_string()),
             FilesError::NotEmpty => ApiError::Conflict(e.to_string()),
             FilesError::TooLarge(_) => ApiError::TooLarge(e.to_string()),
+            FilesError::Unmeasurable(_) => ApiError::Unmeasurable(e.to_string()),
+            FilesError::Os {
+                errno: nix::errno::Errno::EACCES | nix::errno::Errno::EPERM,
+                ..
+            } => ApiError::Conflict(format!("{e}: the sandbox changed its permissions")),
             FilesError::Os { .. } => ApiError::Internal(e.to_string()),
         }
     }

@@ -508,9 +508,14 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         write_socket_pointer(&paths)?;
         let config_inflight_kib = config.server.max_inflight_bytes / 1024;
         let halted = paths.state_dir.join("halted").exists();
+        // Every queued run holds a connection: one tenant's queue may fill at most half
+        // of the tenant socket's connections, so the others can still reach the daemon.
         let scheduler = crate::policy::schedule::Scheduler::new(
             config.exec.effective_slots(),
-            config.exec.queue_per_tenant,
+            config
+                .exec
+                .queue_per_tenant
+                .min((config.server.max_connections / 2).max(1)),
             config.exec.effective_tenant_slots(),
         );
         let app = Arc::new(App {

@@ -223,9 +223,12 @@ async fn measure_disk(app: &Arc<App>, b: &Boundary, fresh: bool) -> Result<u64, 
         return Ok(used);
     }
     let wd = work_dir(app, b)?;
-    let used = blocking(move || Ok(wd.usage(MAX_USAGE_ENTRIES)?)).await?;
-    app.meters.set_disk(b.tenant().as_str(), used);
-    Ok(used)
+    let tenant = b.tenant().as_str();
+    app.meters.begin_walk(tenant);
+    let walked = blocking(move || Ok(wd.usage(MAX_USAGE_ENTRIES)?)).await;
+    app.meters.end_walk(tenant, walked.as_ref().ok().copied());
+    let used = walked?;
+    Ok(app.meters.disk_used(tenant).unwrap_or(used))
 }
 
 fn work_dir(app: &App, b: &Boundary) -> Result<WorkDir, ApiError> {
@@ -299,6 +302,8 @@ async fn put_file(
     let r = async {
         if limit.is_some() {
             measure_disk(app, b, false).await?;
+        } else {
+            app.meters.forget_disk(tenant);
         }
         // Replacing a file needs room only for the growth; the write is settled to what
         // it really replaced afterwards.
@@ -536,9 +541,14 @@ async fn exec(
                 .map_err(ApiError::RateLimited)?;
         }
     }
-    // At or over the disk quota, nothing more runs until files are deleted.
+    // At or over the disk quota, nothing more runs until files are deleted. Without a
+    // limit no figure is kept: one set later starts from a fresh walk.
     if let Some(limit) = limits.disk_bytes {
-        let used = measure_disk(app, b, false).await?;
+        let mut used = measure_disk(app, b, false).await?;
+        // Over by the running figure: look again, files may have gone since.
+        if used >= limit {
+            used = measure_disk(app, b, true).await?;
+        }
         if used >= limit {
             return Err(ApiError::QuotaExceeded(crate::policy::limits::OverQuota {
                 used,
@@ -546,6 +556,8 @@ async fn exec(
                 adding: 0,
             }));
         }
+    } else {
+        app.meters.forget_disk(b.tenant().as_str());
     }
     // A run waits in its tenant's queue for a fair turn at a slot; a client that goes
     // away while waiting leaves the queue.

@@ -167,12 +167,25 @@ struct Bucket {
     at: Instant,
 }
 
+/// One tenant's work/ figure. A walk takes a while; writes reserved while one runs may
+/// or may not be in what it finds, so they are added to its result (an overestimate
+/// until the next walk, never an underestimate).
+#[derive(Debug, Default)]
+struct Disk {
+    /// Bytes, once a walk has finished.
+    used: Option<u64>,
+    /// Walks in progress.
+    walks: u32,
+    /// Bytes reserved since the oldest walk in progress began.
+    during_walks: u64,
+}
+
 /// Rate limiters and usage counters, keyed by tenant and actor.
 #[derive(Debug, Default)]
 pub struct Meters {
     buckets: Mutex<HashMap<String, Bucket>>,
     /// Bytes in each tenant's work/, once measured.
-    disk: Mutex<HashMap<String, u64>>,
+    disk: Mutex<HashMap<String, Disk>>,
     /// Tenants whose usage changed since it was last written.
     dirty: Mutex<std::collections::HashSet<String>>,
     usage: Mutex<HashMap<String, Usage>>,
@@ -310,21 +323,42 @@ impl Meters {
             .unwrap_or_default()
     }
 
-    /// The bytes in `tenant`'s work/, if measured since the daemon started.
+    /// The last measured size of `tenant`'s work/ with the writes since.
     pub fn disk_used(&self, tenant: &str) -> Option<u64> {
         self.disk
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(tenant)
-            .copied()
+            .and_then(|d| d.used)
     }
 
-    /// Records a fresh measurement of `tenant`'s work/.
-    pub fn set_disk(&self, tenant: &str, bytes: u64) {
-        self.disk
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(tenant.to_string(), bytes);
+    /// Announces a walk of `tenant`'s work/; `end_walk` must follow.
+    pub fn begin_walk(&self, tenant: &str) {
+        let mut all = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(tenant.to_string()).or_default().walks += 1;
+    }
+
+    /// Ends a walk: its result plus what was reserved meanwhile becomes the figure. A
+    /// failed walk (`None`) leaves none, so the next check walks again and fails the same
+    /// way until work/ can be measured.
+    pub fn end_walk(&self, tenant: &str, measured: Option<u64>) {
+        let mut all = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(d) = all.get_mut(tenant) else {
+            return;
+        };
+        d.used = measured.map(|m| m.saturating_add(d.during_walks));
+        d.walks = d.walks.saturating_sub(1);
+        if d.walks == 0 {
+            d.during_walks = 0;
+        }
+    }
+
+    /// Drops the figure (no `disk_bytes` limit any more: a later one measures afresh).
+    pub fn forget_disk(&self, tenant: &str) {
+        let mut all = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        if all.get(tenant).is_some_and(|d| d.walks == 0) {
+            all.remove(tenant);
+        }
     }
 
     /// Reserves `adding` bytes for a write under `limit` (check and add under one lock,
@@ -337,7 +371,13 @@ impl Meters {
         adding: u64,
     ) -> Result<(), OverQuota> {
         let mut all = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(used) = all.get_mut(tenant) else {
+        let Some(d) = all.get_mut(tenant) else {
+            return Ok(());
+        };
+        if d.walks > 0 {
+            d.during_walks = d.during_walks.saturating_add(adding);
+        }
+        let Some(used) = d.used.as_mut() else {
             return Ok(());
         };
         if let Some(limit) = limit
@@ -361,6 +401,7 @@ impl Meters {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(tenant)
+            .and_then(|d| d.used.as_mut())
         {
             *used = used.saturating_sub(freed);
         }
@@ -374,6 +415,7 @@ impl Meters {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(tenant)
+            .and_then(|d| d.used.as_mut())
         {
             *used = used
                 .saturating_sub(reserved)

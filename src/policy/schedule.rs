@@ -207,6 +207,8 @@ impl Scheduler {
         if !had_waiters && !st.turn.iter().any(|t| t == tenant) {
             st.turn.push_back(tenant.to_string());
         }
+        // A raised `max_concurrent` may let waiting runs (this one among them) start now.
+        Self::hand_out(&mut st);
         Ok(Admission::Queued(Waiting {
             sched: self.clone(),
             tenant: tenant.to_string(),

@@ -36,6 +36,10 @@ pub enum FilesError {
     /// The file is larger than the configured maximum.
     #[error("file larger than {0} bytes")]
     TooLarge(u64),
+    /// `work/` could not be measured whole (too many entries, or a part the daemon cannot
+    /// read even after restoring its owner's permissions), so it counts as over quota.
+    #[error("work/ cannot be measured: {0}")]
+    Unmeasurable(String),
     /// The kernel refused for another reason.
     #[error("{op}: {errno:?}")]
     Os {
@@ -270,47 +274,76 @@ impl WorkDir {
 
     /// The apparent size of everything under the work dir (regular files' lengths), the
     /// figure `disk_bytes` limits. Walks with directory handles and never follows a
-    /// symlink; stops counting after `max_entries` entries (the sum so far is returned).
+    /// symlink. A directory its owner made unreadable gets its owner's `rwx` back (the
+    /// daemon is that owner, or root) so nothing can be hidden from the count; more than
+    /// `max_entries` entries, or anything still unreadable, is `Unmeasurable`.
     pub fn usage(&self, max_entries: usize) -> Result<u64, FilesError> {
+        let unmeasurable = |what: &str, e: Errno| FilesError::Unmeasurable(format!("{what}: {e}"));
         let root = self.open_beneath(Path::new(""), OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
         let mut stack = vec![root];
         let (mut total, mut seen) = (0u64, 0usize);
         while let Some(fd) = stack.pop() {
             let mut dir = nix::dir::Dir::from_fd(fd).map_err(os("fdopendir"))?;
-            let mut subdirs = Vec::new();
+            let mut names = Vec::new();
             for e in dir.iter() {
-                let e = e.map_err(os("readdir"))?;
+                let e = e.map_err(|e| unmeasurable("readdir", e))?;
                 let name = e.file_name();
                 if name.to_bytes() == b"." || name.to_bytes() == b".." {
                     continue;
                 }
                 seen += 1;
                 if seen > max_entries {
-                    return Ok(total);
+                    return Err(FilesError::Unmeasurable(format!(
+                        "more than {max_entries} entries"
+                    )));
                 }
-                subdirs.push(name.to_owned());
+                names.push(name.to_owned());
             }
-            for name in subdirs {
-                let Ok(st) = nix::sys::stat::fstatat(
+            for name in names {
+                let st = match nix::sys::stat::fstatat(
                     &dir,
                     name.as_c_str(),
                     nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                ) else {
-                    // Gone since the listing (the sandbox may be deleting): nothing to count.
-                    continue;
+                ) {
+                    Ok(st) => st,
+                    // Gone since the listing (a sandbox may be deleting): nothing to count.
+                    Err(Errno::ENOENT) => continue,
+                    Err(e) => return Err(unmeasurable("fstatat", e)),
                 };
                 let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
                 if kind == SFlag::S_IFREG {
                     total = total.saturating_add(st.st_size.max(0) as u64);
-                } else if kind == SFlag::S_IFDIR
-                    && let Ok(sub) = nix::fcntl::openat(
-                        &dir,
-                        name.as_c_str(),
-                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                        Mode::empty(),
-                    )
-                {
-                    stack.push(sub);
+                } else if kind == SFlag::S_IFDIR {
+                    let open = || {
+                        nix::fcntl::openat(
+                            &dir,
+                            name.as_c_str(),
+                            OFlag::O_RDONLY
+                                | OFlag::O_DIRECTORY
+                                | OFlag::O_NOFOLLOW
+                                | OFlag::O_CLOEXEC,
+                            Mode::empty(),
+                        )
+                    };
+                    let sub = match open() {
+                        Err(Errno::EACCES) => {
+                            let mode = Mode::from_bits_truncate(st.st_mode) | Mode::S_IRWXU;
+                            nix::sys::stat::fchmodat(
+                                &dir,
+                                name.as_c_str(),
+                                mode,
+                                nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+                            )
+                            .map_err(|e| unmeasurable("fchmodat", e))?;
+                            open()
+                        }
+                        r => r,
+                    };
+                    match sub {
+                        Ok(sub) => stack.push(sub),
+                        Err(Errno::ENOENT) => {}
+                        Err(e) => return Err(unmeasurable("openat", e)),
+                    }
                 }
             }
         }
