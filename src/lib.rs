@@ -11,6 +11,7 @@ pub mod auth;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod egress;
 pub mod policy;
 pub mod sandbox;
 pub mod spawner;

@@ -133,7 +133,9 @@ enum TenantOp {
     Stop { name: String },
     /// Show a tenant's limits, or set them: KEY=VALUE (a number, or `none` to unset).
     /// Keys: max_concurrent requests_per_s exec_per_s max_wall_ms max_output_bytes
-    /// steps_per_day cpu_s_per_day memory_bytes pids disk_bytes.
+    /// steps_per_day cpu_s_per_day memory_bytes pids disk_bytes egress_bytes_per_day, and
+    /// egress=HOST:PORT,... (destinations for the sandbox's proxy, e.g.
+    /// egress=pypi.org:443,*.github.com:443; `egress=` allows none).
     Limits { name: String, pairs: Vec<String> },
     /// Tokens.
     Token {
@@ -541,7 +543,8 @@ fn sandbox_status(args: SandboxArgs) -> Result<u8, (u8, String)> {
         )
         .map_err(|e| (125, e.to_string()))?;
         let root = nix::unistd::geteuid().is_root();
-        let cell = sandbox::Cell::create(root.then_some(ids)).map_err(|e| (125, e.to_string()))?;
+        let cell =
+            sandbox::Cell::create(root.then_some(ids), None).map_err(|e| (125, e.to_string()))?;
         spec.cell = Some(std::sync::Arc::new(cell));
     }
     {
@@ -754,6 +757,13 @@ async fn tenants(at: StateArgs, op: TenantOp) -> Result<u8, String> {
                         .ok_or(format!("{kv:?}: expected KEY=VALUE"))?;
                     let value = if v == "none" {
                         serde_json::Value::Null
+                    } else if k == "egress" {
+                        serde_json::Value::Array(
+                            v.split(',')
+                                .filter(|p| !p.is_empty())
+                                .map(|p| serde_json::Value::String(p.to_string()))
+                                .collect(),
+                        )
                     } else {
                         serde_json::from_str::<serde_json::Number>(v)
                             .map(serde_json::Value::Number)

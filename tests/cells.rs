@@ -43,8 +43,8 @@ fn ns_ino(link: &str) -> u64 {
 #[test]
 fn runs_of_one_tenant_share_its_cell_and_never_another() {
     let fx = Fixture::new();
-    let a = Arc::new(Cell::create(Some(nobody())).unwrap());
-    let b = Arc::new(Cell::create(Some(nobody())).unwrap());
+    let a = Arc::new(Cell::create(Some(nobody()), None).unwrap());
+    let b = Arc::new(Cell::create(Some(nobody()), None).unwrap());
     // Alive at the same time, so that no namespace inode number can be reused between them.
     let probe = "readlink /proc/self/ns/user /proc/self/ns/net /proc/self/ns/pid /proc/self/ns/mnt; sleep 0.5";
     let start = |cell: &Arc<Cell>| {
@@ -76,7 +76,7 @@ fn runs_of_one_tenant_share_its_cell_and_never_another() {
 #[test]
 fn every_per_run_guarantee_holds_in_a_cell() {
     let fx = Fixture::new();
-    let cell = Arc::new(Cell::create(Some(nobody())).unwrap());
+    let cell = Arc::new(Cell::create(Some(nobody()), None).unwrap());
     let o = run_in(
         &cell,
         &fx,
@@ -138,7 +138,7 @@ fn every_per_run_guarantee_holds_in_a_cell() {
 #[test]
 fn a_timeout_kills_the_runs_namespace_and_leaves_the_cell() {
     let fx = Fixture::new();
-    let cell = Arc::new(Cell::create(Some(nobody())).unwrap());
+    let cell = Arc::new(Cell::create(Some(nobody()), None).unwrap());
     let t = tag();
     let mut s = SandboxSpec::new(
         &fx.work,
@@ -162,7 +162,7 @@ fn a_timeout_kills_the_runs_namespace_and_leaves_the_cell() {
 
 #[test]
 fn the_holder_is_confined_and_its_death_is_seen() {
-    let cell = Arc::new(Cell::create(Some(nobody())).unwrap());
+    let cell = Arc::new(Cell::create(Some(nobody()), None).unwrap());
     let status = std::fs::read_to_string(format!("/proc/{}/status", cell.pid())).unwrap();
     for want in ["Seccomp:\t2", "CapEff:\t0000000000000000", "NoNewPrivs:\t1"] {
         assert!(status.contains(want), "holder: missing {want:?}\n{status}");
@@ -185,9 +185,9 @@ fn the_holder_is_confined_and_its_death_is_seen() {
 
 #[test]
 fn a_root_caller_must_give_unprivileged_host_ids() {
-    assert!(Cell::create(None).is_err());
+    assert!(Cell::create(None, None).is_err());
     assert!(
-        Cell::create(Some(HostIds { uid: 0, gid: 0 }))
+        Cell::create(Some(HostIds { uid: 0, gid: 0 }), None)
             .unwrap_err()
             .to_string()
             .contains("uid or gid 0")

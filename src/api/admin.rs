@@ -48,6 +48,7 @@ fn event(
         reason_code: reason.map(String::from),
         trace_id: Some(s.trace_id().to_string()),
         exec: None,
+        egress: None,
     }
 }
 
@@ -422,6 +423,15 @@ pub async fn route(
             if r.is_ok() {
                 app.halted.store(halt, std::sync::atomic::Ordering::SeqCst);
                 if halt {
+                    let proxies: Vec<_> = app
+                        .egress
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .drain()
+                        .collect();
+                    for (_, task) in proxies {
+                        task.abort();
+                    }
                     app.spawner.kill_all().await;
                 }
             }

@@ -57,6 +57,65 @@ pub struct App {
     pub scheduler: std::sync::Arc<crate::policy::schedule::Scheduler>,
     /// Whether cgroup v2 limits could be used (detected at start).
     pub cgroups: crate::policy::cgroups::Cgroups,
+    /// The egress proxy served for each tenant's current cell.
+    pub egress: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+}
+
+/// The egress proxy's view of one tenant: its allowlist and byte limit as they are now,
+/// and the audit log.
+struct EgressTenant {
+    app: std::sync::Weak<App>,
+    tenant: TenantName,
+}
+
+impl crate::egress::Tenant for EgressTenant {
+    fn allowlist(&self) -> Option<crate::egress::Allowlist> {
+        let app = self.app.upgrade()?;
+        if app.is_halted() || app.registry.record(&self.tenant).is_none_or(|r| r.frozen) {
+            return None;
+        }
+        let patterns = app.limits(&self.tenant).egress?;
+        // Validated when set; a pattern that no longer parses allows nothing.
+        crate::egress::Allowlist::parse(&patterns)
+            .ok()
+            .filter(|_| !patterns.is_empty())
+    }
+
+    fn take_bytes(&self, want: u64) -> u64 {
+        let Some(app) = self.app.upgrade() else {
+            return 0;
+        };
+        let limit = app.limits(&self.tenant).egress_bytes_per_day;
+        app.meters.take_egress(self.tenant.as_str(), want, limit)
+    }
+
+    fn has_bytes(&self) -> bool {
+        self.app.upgrade().is_some_and(|app| {
+            let limit = app.limits(&self.tenant).egress_bytes_per_day;
+            app.meters.egress_left(self.tenant.as_str(), limit)
+        })
+    }
+
+    fn audit(&self, record: crate::egress::Connection) {
+        let Some(app) = self.app.upgrade() else {
+            return;
+        };
+        let event = crate::audit::Event {
+            actor: "sandbox".into(),
+            tenant: Some(self.tenant.to_string()),
+            action: "egress".into(),
+            target: Some(record.destination.clone()),
+            outcome: record.outcome.clone(),
+            reason_code: record.reason_code.clone(),
+            egress: Some(record),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            if let Err(e) = app.audit.record(event).await {
+                tracing::error!(error = %e, "audit of an egress connection failed");
+            }
+        });
+    }
 }
 
 impl App {
@@ -64,9 +123,55 @@ impl App {
     /// work dir, tracked here or not. Callers first mark the tenant frozen or gone, so a run
     /// that starts after this message sees that and kills itself (see `tenant::exec`).
     pub async fn kill_tenant_runs(&self, tenant: &TenantName) {
+        self.stop_egress(tenant.as_str());
         self.spawner
             .kill_tenant(&self.registry.work_dir(tenant))
             .await;
+    }
+
+    /// Serves the egress proxy listening in `tenant`'s new cell (replacing the one of its
+    /// previous cell).
+    pub fn serve_egress(
+        self: &std::sync::Arc<Self>,
+        tenant: &TenantName,
+        listener: std::os::fd::OwnedFd,
+    ) {
+        let std_listener = std::net::TcpListener::from(listener);
+        let listener = match std_listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(std_listener))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(tenant = %tenant, error = %e, "egress proxy listener unusable");
+                return;
+            }
+        };
+        let view = std::sync::Arc::new(EgressTenant {
+            app: std::sync::Arc::downgrade(self),
+            tenant: tenant.clone(),
+        });
+        let task = tokio::spawn(crate::egress::serve(listener, view));
+        let previous = self
+            .egress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant.to_string(), task.abort_handle());
+        if let Some(old) = previous {
+            old.abort();
+        }
+    }
+
+    /// Stops serving `tenant`'s egress proxy (its cell is being killed).
+    pub fn stop_egress(&self, tenant: &str) {
+        if let Some(task) = self
+            .egress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(tenant)
+        {
+            task.abort();
+        }
     }
 
     /// Whether `tenant` may still run: it exists, is not frozen, and the daemon is not

@@ -536,6 +536,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             scheduler,
             cgroups,
             idempotency: Default::default(),
+            egress: Default::default(),
         });
         for (tenant, u) in usage {
             app.meters.load(&tenant, u);

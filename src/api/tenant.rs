@@ -257,6 +257,7 @@ fn event(
         reason_code: reason.map(String::from),
         trace_id: Some(b.trace_id().to_string()),
         exec: None,
+        egress: None,
     }
 }
 
@@ -593,6 +594,8 @@ async fn exec(
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    // Egress needs the tenant's cell: its proxy listens in the cell's network namespace.
+    let egress = app.config.exec.cells && limits.egress.as_ref().is_some_and(|e| !e.is_empty());
     let run_limits = RunLimits {
         timeout_ms,
         pids: limits.pids.unwrap_or(app.config.exec.pids),
@@ -605,8 +608,16 @@ async fn exec(
             .cells
             .then_some(app.config.exec.cell_idle_ms),
         nice: app.config.exec.nice,
+        egress_proxy_port: egress.then_some(crate::egress::PROXY_PORT),
     };
-    let env: Vec<(String, String)> = req.env.into_iter().collect();
+    let mut env: Vec<(String, String)> = req.env.into_iter().collect();
+    if egress {
+        for (k, v) in crate::egress::proxy_env() {
+            if !env.iter().any(|(have, _)| *have == k) {
+                env.push((k, v));
+            }
+        }
+    }
     let started = app
         .spawner
         .run(
@@ -619,7 +630,7 @@ async fn exec(
             [in_r, out_w, err_w],
         )
         .await;
-    let handle = match started {
+    let mut handle = match started {
         Ok(h) => h,
         Err(e) => {
             let e = ApiError::from(e);
@@ -635,6 +646,9 @@ async fn exec(
             return Err(e);
         }
     };
+    if let Some(listener) = handle.take_proxy_listener() {
+        app.serve_egress(b.tenant(), listener);
+    }
     let id = handle.id();
     let t_started = t0.elapsed();
     let killer = handle.killer();

@@ -43,6 +43,9 @@ pub struct Event {
     /// For exec: details without content.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub exec: Option<ExecDetails>,
+    /// For egress: the connection's destination, bytes and outcome (no payload).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub egress: Option<crate::egress::Connection>,
 }
 
 /// What an exec line records.

@@ -210,7 +210,8 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
         Ok(d)
     };
     // One warm cell for the whole run, as a tenant's runs share one.
-    let cell = std::sync::Arc::new(sandbox::Cell::create(None).map_err(|e| format!("cell: {e}"))?);
+    let cell =
+        std::sync::Arc::new(sandbox::Cell::create(None, None).map_err(|e| format!("cell: {e}"))?);
     let in_cell = || -> Result<Duration, String> {
         let mut spec = SandboxSpec::new(work, vec!["/bin/true".into()]);
         spec.stdout = OutputMode::Null;
@@ -227,8 +228,9 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
     // A new tenant's first run: the cell is made, then the run.
     let first_in_new_cell = || -> Result<Duration, String> {
         let t = Instant::now();
-        let fresh =
-            std::sync::Arc::new(sandbox::Cell::create(None).map_err(|e| format!("cell: {e}"))?);
+        let fresh = std::sync::Arc::new(
+            sandbox::Cell::create(None, None).map_err(|e| format!("cell: {e}"))?,
+        );
         let mut spec = SandboxSpec::new(work, vec!["/bin/true".into()]);
         spec.stdout = OutputMode::Null;
         spec.stderr = OutputMode::Null;

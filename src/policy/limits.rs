@@ -42,6 +42,14 @@ pub struct Limits {
     /// at or over it, writes and execs get `quota_exceeded` until usage drops).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// Destinations the tenant's sandboxes may reach through the egress proxy
+    /// (`host:port`, `*.domain:port`, `address:port`); absent or empty: no network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Vec<String>>,
+    /// Bytes through the egress proxy per UTC day, both directions; past it, tunnels are
+    /// cut and new ones refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_bytes_per_day: Option<u64>,
 }
 
 fn bad(key: &str, why: &str) -> String {
@@ -76,6 +84,15 @@ impl Limits {
         range("memory_bytes", self.memory_bytes, 16 << 20, 1 << 44)?;
         range("pids", self.pids, 1, 65_536)?;
         range("disk_bytes", self.disk_bytes, 1, 1 << 50)?;
+        range(
+            "egress_bytes_per_day",
+            self.egress_bytes_per_day,
+            1,
+            1 << 50,
+        )?;
+        if let Some(patterns) = &self.egress {
+            crate::egress::Allowlist::parse(patterns).map_err(|e| bad("egress", &e))?;
+        }
         Ok(())
     }
 
@@ -92,6 +109,8 @@ impl Limits {
             memory_bytes: over.memory_bytes.or(self.memory_bytes),
             pids: over.pids.or(self.pids),
             disk_bytes: over.disk_bytes.or(self.disk_bytes),
+            egress: over.egress.clone().or_else(|| self.egress.clone()),
+            egress_bytes_per_day: over.egress_bytes_per_day.or(self.egress_bytes_per_day),
         }
     }
 
@@ -138,6 +157,10 @@ pub struct Usage {
     pub cpu_ms: u64,
     /// CPU time on the current UTC day, in milliseconds.
     pub cpu_ms_today: u64,
+    /// Bytes through the egress proxy, both directions.
+    pub egress_bytes: u64,
+    /// The same on the current UTC day.
+    pub egress_bytes_today: u64,
 }
 
 impl Usage {
@@ -147,6 +170,7 @@ impl Usage {
             self.day = day;
             self.steps_today = 0;
             self.cpu_ms_today = 0;
+            self.egress_bytes_today = 0;
         }
     }
 }
@@ -288,6 +312,36 @@ impl Meters {
         u.cpu_ms_today += cpu_ms;
         drop(all);
         self.mark(tenant);
+    }
+
+    /// Grants up to `want` egress bytes under `per_day` (all of them without a limit) and
+    /// counts what it grants, under one lock so parallel tunnels cannot overshoot.
+    pub fn take_egress(&self, tenant: &str, want: u64, per_day: Option<u64>) -> u64 {
+        let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let u = all.entry(tenant.to_string()).or_default();
+        u.roll(today());
+        let granted = match per_day {
+            Some(max) => want.min(max.saturating_sub(u.egress_bytes_today)),
+            None => want,
+        };
+        u.egress_bytes += granted;
+        u.egress_bytes_today += granted;
+        drop(all);
+        if granted > 0 {
+            self.mark(tenant);
+        }
+        granted
+    }
+
+    /// Whether egress bytes are left today under `per_day`.
+    pub fn egress_left(&self, tenant: &str, per_day: Option<u64>) -> bool {
+        let Some(max) = per_day else {
+            return true;
+        };
+        let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let u = all.entry(tenant.to_string()).or_default();
+        u.roll(today());
+        u.egress_bytes_today < max
     }
 
     /// The whole CPU seconds left today under `cpu_s_per_day` (at least 1), or a refusal

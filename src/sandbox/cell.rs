@@ -9,7 +9,7 @@
 //! nothing but waiting and exiting. It dies with the thread that created it. Dropping a
 //! [`Cell`] kills and reaps it; the namespaces then go away with the last run in them.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -34,12 +34,17 @@ pub struct Cell {
     netns: OwnedFd,
     entry: CellEntry,
     ids: HostIds,
+    proxy: Option<(u16, OwnedFd)>,
 }
 
 impl Cell {
     /// Makes a cell whose sandbox user maps to `host` (required for a root caller, and
-    /// never uid/gid 0; an unprivileged caller can only map its own ids).
-    pub fn create(host: Option<HostIds>) -> Result<Cell, SandboxError> {
+    /// never uid/gid 0; an unprivileged caller can only map its own ids). With
+    /// `proxy_port`, the cell's network namespace gets a TCP socket listening on
+    /// 127.0.0.1:`proxy_port`, made by the holder in that namespace and handed to the
+    /// caller ([`Cell::proxy_listener`]), who serves it; runs in the cell may connect to
+    /// that port and no other.
+    pub fn create(host: Option<HostIds>, proxy_port: Option<u16>) -> Result<Cell, SandboxError> {
         let root = nix::unistd::geteuid().is_root();
         let ids = if root {
             let ids = host.ok_or_else(|| {
@@ -57,11 +62,16 @@ impl Cell {
         let (sync_r, sync_w) = pipe_high()?;
         let (rep_r, rep_w) = pipe_high()?;
         let stacks = Stacks::new()?;
+        // The holder closes everything but its two pipes, so the number after theirs is
+        // free there for the listener.
+        let proxy_fd = sync_r.as_raw_fd().max(rep_w.as_raw_fd()) + 1;
         let mut args = HolderArgs {
             sync_fd: sync_r.as_raw_fd(),
             report_fd: rep_w.as_raw_fd(),
             caller: nix::unistd::getpid().as_raw(),
             seccomp: seccomp::holder_program(),
+            proxy_fd: if proxy_port.is_some() { proxy_fd } else { -1 },
+            proxy_port: proxy_port.unwrap_or(0),
         };
         let mut pidfd: libc::c_int = -1;
         let pid = {
@@ -161,6 +171,13 @@ impl Cell {
             (Ok(u), Ok(n)) => (u, n),
             (Err(e), _) | (_, Err(e)) => return Err(abort("open(/proc/<holder>/ns)", e)),
         };
+        let proxy = match proxy_port {
+            Some(port) => match sys::pidfd_getfd(pidfd.as_fd(), proxy_fd) {
+                Ok(fd) => Some((port, fd)),
+                Err(e) => return Err(abort("pidfd_getfd(egress proxy listener)", e)),
+            },
+            None => None,
+        };
         let cell = Cell {
             pid,
             pidfd,
@@ -172,6 +189,7 @@ impl Cell {
                 CellEntry::KeepGroups
             },
             ids,
+            proxy,
         };
         if !cell.is_alive() {
             return Err(SandboxError::parent("cell holder", Errno::ESRCH));
@@ -183,6 +201,17 @@ impl Cell {
     pub fn is_alive(&self) -> bool {
         let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+    }
+
+    /// The egress proxy's port in the cell, if it has one.
+    pub fn proxy_port(&self) -> Option<u16> {
+        self.proxy.as_ref().map(|(port, _)| *port)
+    }
+
+    /// The listening socket of the egress proxy (in the cell's network namespace), for
+    /// the caller to serve.
+    pub fn proxy_listener(&self) -> Option<BorrowedFd<'_>> {
+        self.proxy.as_ref().map(|(_, fd)| fd.as_fd())
     }
 
     /// The holder's pid.

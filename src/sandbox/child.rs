@@ -664,6 +664,23 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
                     return fail(report, Step::LandlockAddRule, i as u32);
                 }
             }
+            if let Some(port) = ll.connect_port {
+                let rule = super::landlock::NetPortAttr {
+                    allowed_access: super::landlock::NET_CONNECT_TCP,
+                    port,
+                };
+                check!(
+                    libc::syscall(
+                        libc::SYS_landlock_add_rule,
+                        ruleset,
+                        super::landlock::RULE_NET_PORT,
+                        &rule as *const _,
+                        0u32,
+                    ),
+                    report,
+                    Step::LandlockAddPortRule
+                );
+            }
             check!(
                 libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32),
                 report,
@@ -917,6 +934,11 @@ pub(crate) struct HolderArgs {
     pub caller: libc::pid_t,
     /// The holder's own seccomp filter.
     pub seccomp: &'static [libc::sock_filter],
+    /// Where to leave the egress proxy's listening socket (on 127.0.0.1:`proxy_port` of
+    /// the cell's network namespace) for the caller to take with `pidfd_getfd`; -1: none.
+    pub proxy_fd: c_int,
+    /// The proxy's port.
+    pub proxy_port: u16,
 }
 
 /// A cell's holder: cloned into a new user and network namespace, it waits for its id
@@ -982,6 +1004,32 @@ pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
             Step::LoopbackUp
         );
         libc::close(sock);
+        if args.proxy_fd >= 0 {
+            let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            check!(sock, report, Step::ProxySocket);
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: args.proxy_port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+                },
+                sin_zero: [0; 8],
+            };
+            check!(
+                libc::bind(
+                    sock,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t
+                ),
+                report,
+                Step::ProxyBind
+            );
+            check!(libc::listen(sock, 1024), report, Step::ProxyListen);
+            if sock != args.proxy_fd {
+                check!(libc::dup2(sock, args.proxy_fd), report, Step::ProxyDup);
+                libc::close(sock);
+            }
+        }
         check!(
             libc::syscall(libc::SYS_setresgid, SANDBOX_GID, SANDBOX_GID, SANDBOX_GID),
             report,

@@ -69,11 +69,16 @@ pub enum Step {
     SetnsNet,
     UnshareRun,
     CloneRun,
+    ProxySocket,
+    ProxyBind,
+    ProxyListen,
+    ProxyDup,
+    LandlockAddPortRule,
 }
 
 impl Step {
     /// Every step, in declaration order; used to decode the child's report.
-    const ALL: [Step; 55] = [
+    const ALL: [Step; 60] = [
         Step::PrctlPdeathsig,
         Step::ResetSignal,
         Step::SigprocmaskClear,
@@ -129,6 +134,11 @@ impl Step {
         Step::SetnsNet,
         Step::UnshareRun,
         Step::CloneRun,
+        Step::ProxySocket,
+        Step::ProxyBind,
+        Step::ProxyListen,
+        Step::ProxyDup,
+        Step::LandlockAddPortRule,
     ];
 
     pub(crate) fn from_raw(raw: u32) -> Option<Step> {
@@ -193,6 +203,11 @@ impl Step {
             Step::SetnsNet => "setns(cell network namespace)",
             Step::UnshareRun => "unshare(run namespaces)",
             Step::CloneRun => "clone(run)",
+            Step::ProxySocket => "socket(egress proxy listener)",
+            Step::ProxyBind => "bind(127.0.0.1, egress proxy port)",
+            Step::ProxyListen => "listen(egress proxy)",
+            Step::ProxyDup => "dup2(egress proxy listener)",
+            Step::LandlockAddPortRule => "landlock_add_rule(net port)",
         }
     }
 }

@@ -49,6 +49,17 @@ pub(crate) struct PathBeneathAttr {
     pub parent_fd: i32,
 }
 
+/// `struct landlock_net_port_attr` (packed in the UAPI).
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NetPortAttr {
+    pub allowed_access: u64,
+    pub port: u64,
+}
+
+/// `LANDLOCK_RULE_NET_PORT`.
+pub(crate) const RULE_NET_PORT: u32 = 2;
+
 /// What a path in the sandbox is allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {

@@ -211,6 +211,9 @@ pub(crate) struct LandlockPlan {
     pub attr_size: usize,
     /// (path inside the sandbox, rights).
     pub rules: Vec<(*const c_char, u64)>,
+    /// The one TCP port the sandbox may connect to (its cell's egress proxy); with none,
+    /// every TCP connect is refused (ABI 4 and later).
+    pub connect_port: Option<u64>,
 }
 
 /// The per-spawn part of the plan plus references to the static part.
@@ -253,5 +256,6 @@ pub(crate) fn landlock_plan(layout: &'static SystemLayout, abi: u32) -> Landlock
         attr,
         attr_size,
         rules,
+        connect_port: None,
     }
 }

@@ -572,7 +572,17 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     let layout = SystemLayout::get()?;
     let program = seccomp::native_program();
     let landlock_abi = landlock_decision(landlock::abi(), spec.allow_degraded_landlock)?;
-    let landlock = landlock_abi.map(|abi| landlock_plan(layout, abi));
+    let landlock = landlock_abi.map(|abi| {
+        let mut plan = landlock_plan(layout, abi);
+        if abi >= 4 {
+            plan.connect_port = spec
+                .cell
+                .as_ref()
+                .and_then(|c| c.proxy_port())
+                .map(u64::from);
+        }
+        plan
+    });
     let (work_abs, _work_fd, st) = open_work_dir(&spec.work_dir)?;
     let (ids, switch) = match &spec.cell {
         Some(cell) => {

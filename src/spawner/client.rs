@@ -47,7 +47,9 @@ fn to_errno(e: std::io::Error) -> Errno {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>>;
+/// A reply and the descriptors that came with it.
+type Delivered = (Reply, Vec<OwnedFd>);
+type Pending = Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Delivered>>>>;
 
 /// The channel socket. tokio has no `SOCK_SEQPACKET` type; a `UnixStream` over the same
 /// descriptor serves as the readiness handle, and every send/receive is our own
@@ -186,7 +188,7 @@ impl SpawnerClient {
             });
             match got.map_err(to_errno) {
                 Ok(None) => return,
-                Ok(Some((n, _fds))) => match serde_json::from_slice::<Reply>(&buf[..n]) {
+                Ok(Some((n, fds))) => match serde_json::from_slice::<Reply>(&buf[..n]) {
                     Ok(reply) => {
                         let id = reply.id();
                         let done = matches!(
@@ -195,7 +197,7 @@ impl SpawnerClient {
                         );
                         let mut pending = conn.pending.lock().unwrap_or_else(|p| p.into_inner());
                         if let Some(tx) = pending.get(&id) {
-                            let _delivered = tx.send(reply);
+                            let _delivered = tx.send((reply, fds));
                         }
                         if done {
                             pending.remove(&id);
@@ -321,23 +323,27 @@ impl SpawnerClient {
         }
         drop(stdio);
         match rx.recv().await {
-            Some(Reply::Started { .. }) => Ok(RunHandle {
+            Some((Reply::Started { .. }, fds)) => Ok(RunHandle {
                 id,
                 rx,
                 client: self.clone(),
                 conn,
+                proxy_listener: fds.into_iter().next(),
             }),
-            Some(Reply::Failed {
+            Some((
+                Reply::Failed {
+                    message,
+                    exec_failure,
+                    invalid,
+                    ..
+                },
+                _,
+            )) => Err(SpawnerError::Failed {
                 message,
                 exec_failure,
                 invalid,
-                ..
-            }) => Err(SpawnerError::Failed {
-                message,
-                exec_failure,
-                invalid,
             }),
-            Some(Reply::Exited { .. } | Reply::Cells { .. }) | None => Err(SpawnerError::Died),
+            Some((Reply::Exited { .. } | Reply::Cells { .. }, _)) | None => Err(SpawnerError::Died),
         }
     }
 
@@ -354,7 +360,7 @@ impl SpawnerClient {
             .insert(id, tx);
         let answer = match self.send(&conn, &Request::Cells { id }, &[]).await {
             Ok(()) => match rx.recv().await {
-                Some(Reply::Cells { cells, .. }) => cells,
+                Some((Reply::Cells { cells, .. }, _)) => cells,
                 _ => Vec::new(),
             },
             Err(e) => {
@@ -373,9 +379,10 @@ impl SpawnerClient {
 /// A run in progress.
 pub struct RunHandle {
     id: u64,
-    rx: mpsc::UnboundedReceiver<Reply>,
+    rx: mpsc::UnboundedReceiver<Delivered>,
     client: SpawnerClient,
     conn: Arc<Conn>,
+    proxy_listener: Option<OwnedFd>,
 }
 
 /// How a run ended.
@@ -410,10 +417,16 @@ impl RunHandle {
         }
     }
 
+    /// The listening socket of the egress proxy in the tenant's cell, when this run is the
+    /// first in a new cell that has one: the daemon serves it from then on.
+    pub fn take_proxy_listener(&mut self) -> Option<OwnedFd> {
+        self.proxy_listener.take()
+    }
+
     /// Waits for the run to end.
     pub async fn wait(mut self) -> Result<RunExit, SpawnerError> {
         loop {
-            match self.rx.recv().await {
+            match self.rx.recv().await.map(|(r, _)| r) {
                 Some(Reply::Exited {
                     exit_code,
                     signal,

@@ -2,7 +2,7 @@
 //! pidfds of its sandboxes.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -22,23 +22,27 @@ struct Held {
     last_used: Instant,
     runs: u64,
     idle: Duration,
+    /// Its egress proxy's listener has gone to the daemon.
+    listener_sent: bool,
 }
 
 /// Cells by the work dir of their tenant.
 type Cells = HashMap<String, Held>;
 
-/// The tenant's cell: the held one if its holder lives (and maps the same ids), else a
-/// new one.
+/// The tenant's cell: the held one if its holder lives, maps the same ids and has the
+/// egress proxy port asked for, else a new one.
 fn cell_for(
     cells: &mut Cells,
     work_dir: &str,
     ids: HostIds,
     idle: Duration,
+    proxy_port: Option<u16>,
 ) -> Result<std::sync::Arc<Cell>, SandboxError> {
     let now = Instant::now();
     if let Some(h) = cells.get_mut(work_dir)
         && h.cell.is_alive()
         && h.cell.host_ids() == ids
+        && h.cell.proxy_port() == proxy_port
     {
         h.last_used = now;
         h.runs += 1;
@@ -48,7 +52,7 @@ fn cell_for(
     // A dead or stale cell goes first (dropping it reaps its holder).
     cells.remove(work_dir);
     let host = nix::unistd::geteuid().is_root().then_some(ids);
-    let cell = std::sync::Arc::new(Cell::create(host)?);
+    let cell = std::sync::Arc::new(Cell::create(host, proxy_port)?);
     cells.insert(
         work_dir.to_string(),
         Held {
@@ -57,6 +61,7 @@ fn cell_for(
             last_used: now,
             runs: 1,
             idle,
+            listener_sent: false,
         },
     );
     Ok(cell)
@@ -76,9 +81,13 @@ struct Live {
 }
 
 fn send(sock: &OwnedFd, reply: &Reply) -> Result<(), String> {
+    send_with(sock, reply, &[])
+}
+
+fn send_with(sock: &OwnedFd, reply: &Reply, fds: &[BorrowedFd<'_>]) -> Result<(), String> {
     let bytes = serde_json::to_vec(reply).map_err(|e| e.to_string())?;
     loop {
-        match channel::send(sock.as_fd(), &bytes, &[]) {
+        match channel::send(sock.as_fd(), &bytes, fds) {
             Ok(()) => return Ok(()),
             Err(Errno::EAGAIN) | Err(Errno::EINTR) => {
                 let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
@@ -89,7 +98,33 @@ fn send(sock: &OwnedFd, reply: &Reply) -> Result<(), String> {
     }
 }
 
+/// Starts a run. The first run started in a cell with an egress proxy also returns the
+/// cell, whose listening socket goes to the daemon with the `Started` reply.
 fn start(
+    req: Request,
+    fds: Vec<OwnedFd>,
+    live: &mut HashMap<u64, Live>,
+    cells: &mut Cells,
+) -> (Reply, Option<std::sync::Arc<Cell>>) {
+    let work_dir = match &req {
+        Request::Run { work_dir, .. } => Some(work_dir.clone()),
+        _ => None,
+    };
+    let reply = start_run(req, fds, live, cells);
+    let unsent = match (&reply, work_dir) {
+        (Reply::Started { .. }, Some(wd)) => cells
+            .get_mut(&wd)
+            .filter(|h| !h.listener_sent && h.cell.proxy_port().is_some())
+            .map(|h| {
+                h.listener_sent = true;
+                h.cell.clone()
+            }),
+        _ => None,
+    };
+    (reply, unsent)
+}
+
+fn start_run(
     req: Request,
     fds: Vec<OwnedFd>,
     live: &mut HashMap<u64, Live>,
@@ -165,7 +200,13 @@ fn start(
                 gid: nix::unistd::getegid().as_raw(),
             }
         };
-        match cell_for(cells, &work_dir, ids, Duration::from_millis(idle_ms)) {
+        match cell_for(
+            cells,
+            &work_dir,
+            ids,
+            Duration::from_millis(idle_ms),
+            limits.egress_proxy_port,
+        ) {
             Ok(cell) => spec.cell = Some(cell),
             Err(e) => return failed(format!("cell: {e}")),
         }
@@ -444,7 +485,14 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                                     .collect();
                                 Some(Reply::Cells { id, cells: list })
                             }
-                            Ok(req) => Some(start(req, fds, &mut live, &mut cells)),
+                            Ok(req) => {
+                                let (reply, cell) = start(req, fds, &mut live, &mut cells);
+                                let listener = cell.as_ref().and_then(|c| c.proxy_listener());
+                                if send_with(&sock, &reply, listener.as_slice()).is_err() {
+                                    return 1;
+                                }
+                                None
+                            }
                             Err(e) => Some(Reply::Failed {
                                 id: 0,
                                 message: format!("bad request: {e}"),

@@ -26,6 +26,10 @@ pub struct RunLimits {
     /// Nice value of the run's processes and autogroup (0: unchanged).
     #[serde(default)]
     pub nice: u8,
+    /// The tenant has egress: its cell gets a proxy listening on this port, and runs may
+    /// connect to it (cells only).
+    #[serde(default)]
+    pub egress_proxy_port: Option<u16>,
 }
 
 /// One held cell, for `GET /admin/status`.
