@@ -235,6 +235,15 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Throughput: /bin/true runs per second with concurrent clients, bubblewrap against
+    /// POST /v1/exec (one tenant per client, in warm cells), and idle memory per cell.
+    Throughput {
+        #[command(flatten)]
+        args: bulkhead::bench::throughput::ThroughputArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Noisy neighbour: tenant B's exec latency with tenant A idle, then while A floods
     /// (200 concurrent execs: CPU hogs, fork bombs, output floods), in one run.
     Noisy {
@@ -352,6 +361,27 @@ fn main() -> ExitCode {
                 }
                 Ok(r) => {
                     bulkhead::bench::noisy::print(&r);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bulkhead: bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Bench {
+            which: BenchCommand::Throughput { args, json },
+        } => {
+            let report = std::env::current_exe()
+                .map_err(|e| e.to_string())
+                .and_then(|exe| bulkhead::bench::throughput::throughput(&args, &exe));
+            match report {
+                Ok(r) if json => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    bulkhead::bench::throughput::print(&r);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

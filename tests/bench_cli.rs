@@ -109,3 +109,37 @@ fn noisy_neighbour_benchmark_reports_both_phases_and_b_sees_no_error() {
         .sum();
     assert!(answered > 0, "{v}");
 }
+
+#[test]
+fn throughput_benchmark_reports_runs_per_second_and_cell_memory() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args([
+            "bench",
+            "throughput",
+            "--clients",
+            "3",
+            "--seconds",
+            "0.3",
+            "--rounds",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["errors"], serde_json::json!([]), "{v}");
+    assert!(v["daemon_runs_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["bwrap_runs_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    // One held cell per client's tenant, its memory read from the holder.
+    assert_eq!(v["cells"], 3, "{v}");
+    let (rss, uss) = (
+        v["cell_rss_kib"].as_f64().unwrap(),
+        v["cell_uss_kib"].as_f64().unwrap(),
+    );
+    assert!(rss > 0.0 && uss > 0.0 && uss <= rss, "{v}");
+}

@@ -108,6 +108,9 @@ pub async fn route(
                         "idle_ms": c.idle_ms,
                         "runs": c.runs,
                         "running": c.running,
+                        "rss_kib": c.rss_kib,
+                        "pss_kib": c.pss_kib,
+                        "uss_kib": c.uss_kib,
                     })
                 })
                 .collect();

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::sandbox::{self, OutputMode, SandboxSpec};
 
 pub mod noisy;
+pub mod throughput;
 
 /// Options of `bulkhead bench coldstart`.
 #[derive(clap::Args, Debug, Clone)]
@@ -127,7 +128,7 @@ pub fn bwrap_command(bwrap: &Path, work: &Path) -> Command {
     c
 }
 
-fn find_bwrap() -> Option<PathBuf> {
+pub(crate) fn find_bwrap() -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
@@ -135,7 +136,7 @@ fn find_bwrap() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn time_command(mut c: Command) -> Result<Duration, String> {
+pub(crate) fn time_command(mut c: Command) -> Result<Duration, String> {
     c.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -152,7 +153,7 @@ fn time_command(mut c: Command) -> Result<Duration, String> {
 
 /// Drops to `uid` when running as root (before any thread exists), and prepares a work
 /// dir that uid owns.
-fn prepare(args: &ColdstartArgs) -> Result<(PathBuf, u32), String> {
+pub(crate) fn prepare(args: &ColdstartArgs) -> Result<(PathBuf, u32), String> {
     let base = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
     let work = base.join("work");
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
@@ -492,6 +493,63 @@ impl BenchDaemon {
             return Err(format!("daemon exec: {:?}", r.json()));
         }
         Ok(d)
+    }
+
+    /// `clients` concurrent loops of `POST /v1/exec` of `/bin/true`, client `i` as tenant
+    /// `i`, for `window`: the runs finished and the errors seen.
+    pub fn exec_concurrently(&self, clients: usize, window: Duration) -> (u64, Vec<String>) {
+        let t = Instant::now();
+        let body = serde_json::json!({"argv": ["/bin/true"]});
+        self.rt.block_on(async {
+            let tasks: Vec<_> = self
+                .clients
+                .iter()
+                .take(clients)
+                .cloned()
+                .map(|c| {
+                    let body = body.clone();
+                    tokio::spawn(async move {
+                        let (mut runs, mut errors) = (0u64, Vec::new());
+                        while t.elapsed() < window {
+                            match c.json(hyper::Method::POST, "/v1/exec", &body).await {
+                                Ok(r) if r.json()["exit_code"] == 0 => runs += 1,
+                                Ok(r) => {
+                                    errors.push(format!("daemon exec: {:?}", r.json()));
+                                    break;
+                                }
+                                Err(e) => {
+                                    errors.push(e);
+                                    break;
+                                }
+                            }
+                        }
+                        (runs, errors)
+                    })
+                })
+                .collect();
+            let (mut runs, mut errors) = (0, Vec::new());
+            for task in tasks {
+                match task.await {
+                    Ok((r, e)) => {
+                        runs += r;
+                        errors.extend(e);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (runs, errors)
+        })
+    }
+
+    /// `GET /admin/status`.
+    pub fn admin_status(&self) -> Result<serde_json::Value, String> {
+        let key =
+            std::fs::read_to_string(self.state.join("admin.key")).map_err(|e| e.to_string())?;
+        let admin = crate::client::SocketClient::new(&self.state.join("admin.sock"), &key);
+        let r = self
+            .rt
+            .block_on(admin.request(hyper::Method::GET, "/admin/status", Vec::new()))?;
+        Ok(r.json())
     }
 
     /// One `GET /v1/config` for tenant `i` (the HTTP and auth path without a sandbox).

@@ -67,6 +67,25 @@ fn cell_for(
     Ok(cell)
 }
 
+/// (RSS, PSS, USS) of `pid` in KiB from `/proc/<pid>/smaps_rollup`; zeros if unreadable.
+fn memory_kib(pid: i32) -> (u64, u64, u64) {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) else {
+        return (0, 0, 0);
+    };
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("Rss:"),
+        field("Pss:"),
+        field("Private_Clean:") + field("Private_Dirty:"),
+    )
+}
+
 struct Live {
     running: Running,
     cgroup: Option<RunCgroup>,
@@ -471,7 +490,8 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                                 let now = Instant::now();
                                 let list = cells
                                     .iter()
-                                    .map(|(wd, h)| CellInfo {
+                                    .map(|(wd, h)| (wd, h, memory_kib(h.cell.pid())))
+                                    .map(|(wd, h, (rss_kib, pss_kib, uss_kib))| CellInfo {
                                         work_dir: wd.clone(),
                                         holder_pid: h.cell.pid(),
                                         age_ms: now.duration_since(h.created).as_millis() as u64,
@@ -481,6 +501,9 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                                             .values()
                                             .filter(|l| &l.work_dir == wd)
                                             .count(),
+                                        rss_kib,
+                                        pss_kib,
+                                        uss_kib,
                                     })
                                     .collect();
                                 Some(Reply::Cells { id, cells: list })

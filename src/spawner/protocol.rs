@@ -48,6 +48,15 @@ pub struct CellInfo {
     pub runs: u64,
     /// Runs in it now.
     pub running: usize,
+    /// The holder's resident set (pages shared with the spawner count in full), KiB.
+    #[serde(default)]
+    pub rss_kib: u64,
+    /// The holder's proportional share of memory, KiB.
+    #[serde(default)]
+    pub pss_kib: u64,
+    /// Memory only the holder uses (what dropping the cell frees), KiB.
+    #[serde(default)]
+    pub uss_kib: u64,
 }
 
 /// Daemon → spawner.
