@@ -833,8 +833,10 @@ pub(crate) struct ShimArgs {
     pub caller: libc::pid_t,
 }
 
-/// The shim of a run in a cell: cloned without `CLONE_VM` (its own copy of the caller's
-/// memory), it joins the cell's user and network namespaces, makes the run's fresh mount,
+/// The shim of a run in a cell: cloned with its own copy of the caller's memory for a
+/// root caller, sharing it otherwise (see `spawn::clone_into_cell`; joining a user
+/// namespace needs a single-threaded process with its own `fs`, not its own memory), it
+/// joins the cell's user and network namespaces, makes the run's fresh mount,
 /// pid, ipc, uts and cgroup namespaces, and clones the run's child (pid 1 of the new pid
 /// namespace) with `CLONE_VM|CLONE_VFORK`. Once that child has exec'd, the shim closes
 /// every descriptor, waits for it and ends the same way, so its caller sees the run's

@@ -88,6 +88,9 @@ pub struct Running {
     started: Instant,
     reaped: bool,
     landlock_abi: Option<u32>,
+    /// The stacks of a cell shim that shares our memory: unmapped only after `Drop` has
+    /// reaped it (fields drop after `drop` runs).
+    _stacks: Option<Stacks>,
 }
 
 /// Runs `spec` to completion.
@@ -250,6 +253,7 @@ fn dev_null() -> Result<OwnedFd, SandboxError> {
 }
 
 /// A private stack region for the clone children, with a guard page below each stack.
+#[derive(Debug)]
 pub(super) struct Stacks {
     base: *mut c_void,
     len: usize,
@@ -309,10 +313,16 @@ impl Stacks {
     }
 }
 
+// SAFETY: the region is owned by this value alone (children run on it only while the
+// owner waits for them or, for a shared-memory cell shim, until the owner reaps it); moving
+// the owner to another thread changes none of that.
+unsafe impl Send for Stacks {}
+
 impl Drop for Stacks {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region mmap returned; no child runs on it any more
-        // (both clones have exec'd or exited before clone returned).
+        // SAFETY: unmaps exactly the region mmap returned; no child runs on it any more:
+        // both clones have exec'd or exited before clone returned, or (a cell shim sharing
+        // our memory) the Running that holds these stacks has reaped it.
         unsafe {
             libc::munmap(self.base, self.len);
         }
@@ -485,13 +495,24 @@ fn clone_as_root(ctx: &ChildCtx, stacks: &Stacks) -> Result<(c_int, c_int, Repor
 /// direct child and the run's pid 1 is its child, so the run's status, CPU time and
 /// lifetime all go through the shim. Failures come back through a close-on-exec pipe; its
 /// closing without a report means the command was executed.
+///
+/// For an unprivileged caller the shim shares our memory (`CLONE_VM`, which spares
+/// copying our page tables on every run): it and the run's child have the same uid as
+/// we do, so nothing is exposed that was not already, and the shim only ever touches its
+/// own stack once the child has exec'd. The caller must then keep `stacks` mapped until
+/// the shim has been reaped (`true` in the result). A root caller's shim gets its own
+/// copy instead, so that no task holding a tenant uid shares a root process's memory.
+/// Setup failures written to `errno` by the shim or child land in our thread's `errno`
+/// too (same TLS), so this loop never trusts an error code while they run: any failed
+/// poll or read is retried until the deadline.
 fn clone_into_cell(
     ctx: &ChildCtx,
     stacks: &Stacks,
     cell: &Cell,
-) -> Result<(c_int, c_int, Report), SandboxError> {
+) -> Result<(c_int, c_int, Report, bool), SandboxError> {
     let (rep_r, rep_w) = pipe_high()?;
     let (userns, netns, entry) = cell.join_fds();
+    let shared = entry == CellEntry::KeepGroups;
     let mut unused = Report::default();
     let mut args = ShimArgs {
         child: ChildArgs {
@@ -510,13 +531,21 @@ fn clone_into_cell(
     let pid = {
         let _blocked = SignalsBlocked::new()?;
         let args_ptr: *mut ShimArgs = &mut args;
-        // SAFETY: without CLONE_VM the shim runs on its own copy of our memory (both
-        // stacks, `ctx` and `args` included), so nothing it does can touch ours.
+        let flags = if shared {
+            libc::CLONE_VM | libc::CLONE_PIDFD | libc::SIGCHLD
+        } else {
+            libc::CLONE_PIDFD | libc::SIGCHLD
+        };
+        // SAFETY: without CLONE_VM the shim runs on its own copy of our memory. With it,
+        // the shim runs on stack 0 and its child on stack 1 of `stacks`, which the caller
+        // keeps mapped until the shim is reaped; they read `ctx` and `args` only until the
+        // child has exec'd, which is when the report pipe reaches EOF below (both live
+        // until then), and afterwards the shim touches nothing but its own stack.
         unsafe {
             libc::clone(
                 cell_shim_main,
                 stacks.top(0),
-                libc::CLONE_PIDFD | libc::SIGCHLD,
+                flags,
                 args_ptr.cast(),
                 &mut pidfd as *mut c_int,
             )
@@ -530,16 +559,22 @@ fn clone_into_cell(
     let owned_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let mut buf = [0u8; REPORT_BYTES];
     let mut got = 0usize;
+    let deadline =
+        Instant::now() + std::time::Duration::from_millis(u64::from(ROOT_SETUP_TIMEOUT_MS));
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let _killed = sys::pidfd_send_signal(owned_pidfd.as_fd(), libc::SIGKILL);
+            let _reaped = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+            return Err(SandboxError::parent("sandbox setup", Errno::ETIMEDOUT));
+        }
+        let wait = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
         let mut fds = [PollFd::new(rep_r.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(ROOT_SETUP_TIMEOUT_MS)) {
-            Ok(0) => {
-                let _killed = sys::pidfd_send_signal(owned_pidfd.as_fd(), libc::SIGKILL);
-                let _reaped = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
-                return Err(SandboxError::parent("sandbox setup", Errno::ETIMEDOUT));
-            }
+        match poll(&mut fds, wait) {
+            Ok(0) => continue,
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
+            Err(_) if shared => continue,
             Err(e) => return Err(SandboxError::parent("poll(report)", e)),
         }
         match nix::unistd::read(&rep_r, &mut buf[got..]) {
@@ -551,6 +586,7 @@ fn clone_into_cell(
                 }
             }
             Err(Errno::EINTR) => continue,
+            Err(_) if shared => continue,
             Err(e) => return Err(SandboxError::parent("read(report)", e)),
         }
     }
@@ -560,7 +596,7 @@ fn clone_into_cell(
         Report::default()
     };
     use std::os::fd::IntoRawFd;
-    Ok((pid, owned_pidfd.into_raw_fd(), report))
+    Ok((pid, owned_pidfd.into_raw_fd(), report, shared))
 }
 
 /// Starts `spec` in a fresh sandbox and returns once the command has been executed (or
@@ -713,8 +749,11 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     let stacks = Stacks::new()?;
     let mut report = Report::default();
     let started = Instant::now();
+    let mut keep_stacks = false;
     let (pid, pidfd, report) = if let Some(cell) = &spec.cell {
-        clone_into_cell(&ctx, &stacks, cell)?
+        let (pid, pidfd, report, shared) = clone_into_cell(&ctx, &stacks, cell)?;
+        keep_stacks = shared;
+        (pid, pidfd, report)
     } else if switch {
         clone_as_root(&ctx, &stacks)?
     } else {
@@ -748,7 +787,8 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
         let report = unsafe { std::ptr::read_volatile(&report) };
         (pid, pidfd, report)
     };
-    drop(stacks);
+    // A shim sharing our memory runs on these stacks until it is reaped.
+    let stacks = keep_stacks.then_some(stacks);
     drop(keep_open);
     drop(ctx);
     if report.step != 0 {
@@ -797,6 +837,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
         started,
         reaped: false,
         landlock_abi,
+        _stacks: stacks,
     })
 }
 
