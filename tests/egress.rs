@@ -336,3 +336,82 @@ async fn bad_egress_limits_are_refused_and_change_nothing() {
     assert!(v["tenant"].as_object().is_some_and(|o| o.is_empty()), "{v}");
     assert!(v["effective"].get("egress").is_none(), "{v}");
 }
+
+/// An echo server on the host's loopback: what a long-lived tunnel talks to.
+fn echo_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn removing_egress_cuts_open_tunnels() {
+    let d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    let port = echo_server();
+    set_limits(
+        &d,
+        "acme",
+        serde_json::json!({"egress": [format!("127.0.0.1:{port}")]}),
+    )
+    .await;
+    let program = format!(
+        "import socket, time\ns = socket.create_connection(('127.0.0.1', 3128))\ns.sendall(b'CONNECT 127.0.0.1:{port} HTTP/1.1\\r\\n\\r\\n')\nassert b' 200 ' in s.recv(200)\nok, t = 0, time.time()\nwhile time.time() - t < 8:\n    try:\n        s.sendall(b'ping')\n        if s.recv(4) != b'ping':\n            break\n        ok += 1\n    except OSError:\n        break\n    time.sleep(0.1)\nprint(ok, round(time.time() - t, 1))\n"
+    );
+    let c = d.tenant(&a);
+    let run = tokio::spawn(async move { exec(&c, &["python3", "-c", &program]).await });
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    set_limits(&d, "acme", serde_json::json!({"egress": null})).await;
+    let v = run.await.unwrap().json();
+    let out = v["stdout"].as_str().unwrap();
+    let mut parts = out.split_whitespace();
+    let ok: u32 = parts.next().unwrap().parse().unwrap();
+    let secs: f64 = parts.next().unwrap().parse().unwrap();
+    // It worked until the removal, and stopped within about a second of it.
+    assert!(ok > 5, "{v}");
+    assert!(secs < 4.0, "{v}");
+    let lines = audit_lines(&d);
+    assert!(
+        lines.iter().any(|l| l["reason_code"] == "egress_revoked"),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_connections_is_rate_limited_and_not_audited_line_by_line() {
+    let d = Daemon::start(As::Nobody);
+    let a = d.create("acme").await;
+    let up = Upstream::start(0);
+    set_limits(
+        &d,
+        "acme",
+        serde_json::json!({"egress": [format!("127.0.0.1:{}", up.port)]}),
+    )
+    .await;
+    let program = "import socket\ncodes = {}\nfor i in range(300):\n    s = socket.create_connection(('127.0.0.1', 3128))\n    s.sendall(b'CONNECT 127.0.0.1:1 HTTP/1.1\\r\\n\\r\\n')\n    code = s.recv(100).split(b' ')[1].decode()\n    codes[code] = codes.get(code, 0) + 1\n    s.close()\nprint(sorted(codes.items()))\n";
+    let v = exec(&d.tenant(&a), &["python3", "-c", program])
+        .await
+        .json();
+    let out = v["stdout"].as_str().unwrap();
+    assert!(out.contains("('429',"), "{v}");
+    assert!(out.contains("('403',"), "{v}");
+    let lines = audit_lines(&d);
+    assert!(lines.len() < 300, "{}", lines.len());
+    // MPTCP, which Landlock's TCP rules do not cover, is refused outright.
+    let probe = "import socket, errno\ntry:\n    socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)\n    print('made')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n";
+    let v = exec(&d.tenant(&a), &["python3", "-c", probe]).await.json();
+    assert_eq!(v["stdout"], "EPERM\n", "{v}");
+}

@@ -96,6 +96,18 @@ impl crate::egress::Tenant for EgressTenant {
         })
     }
 
+    fn admit(&self) -> bool {
+        self.app.upgrade().is_some_and(|app| {
+            app.meters
+                .take(
+                    &format!("eg/{}", self.tenant),
+                    crate::egress::CONNECTIONS_PER_S,
+                    "egress connections",
+                )
+                .is_ok()
+        })
+    }
+
     fn audit(&self, record: crate::egress::Connection) {
         let Some(app) = self.app.upgrade() else {
             return;

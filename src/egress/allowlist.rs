@@ -143,7 +143,7 @@ impl Allowlist {
     /// This is what stops a listed name that resolves to a private address (DNS
     /// rebinding) from reaching the host's or the LAN's services.
     pub fn may_connect(&self, host: &str, port: u16, ip: IpAddr) -> bool {
-        if is_public(ip) {
+        if is_public(ip) && !is_local(ip) {
             return true;
         }
         let host = normalize(host);
@@ -162,12 +162,13 @@ fn normalize(host: &str) -> String {
 }
 
 /// A globally routable unicast address: not loopback, private, link-local, shared
-/// (CGNAT), unspecified, multicast, broadcast, documentation or benchmarking space, nor
-/// an IPv6 form of one of those.
+/// (CGNAT), unspecified, multicast, broadcast, documentation, benchmarking, IETF protocol
+/// assignments or 6to4 relay space, nor an IPv6 form that embeds or tunnels an IPv4
+/// address (mapped, compatible, NAT64, 6to4, Teredo) or is site-local or unique-local.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -178,22 +179,56 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
                 || (a == 198 && (b == 18 || b == 19))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 192 && b == 88 && c == 99)
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let s = v6.segments();
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || first == 0x2001 && v6.segments()[1] == 0x0db8
-                || first == 0x0064 && v6.segments()[1] == 0xff9b)
+                || s[..6] == [0; 6]
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                || s[0] == 0x2002
+                || (s[0] == 0x2001 && s[1] == 0)
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x0064 && s[1] == 0xff9b))
         }
     }
+}
+
+/// Whether `ip` is one of this host's own addresses (any interface): a listed name that
+/// resolves to the host itself must not reach the host's services, public address or
+/// not. The set is read again at most every 5 seconds.
+pub fn is_local(ip: IpAddr) -> bool {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static CACHE: Mutex<Option<(Instant, Vec<IpAddr>)>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let stale = cache
+        .as_ref()
+        .is_none_or(|(at, _)| at.elapsed() > Duration::from_secs(5));
+    if stale {
+        let addrs = nix::ifaddrs::getifaddrs()
+            .map(|all| {
+                all.filter_map(|i| i.address)
+                    .filter_map(|a| {
+                        a.as_sockaddr_in()
+                            .map(|v4| IpAddr::V4(v4.ip()))
+                            .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        *cache = Some((Instant::now(), addrs));
+    }
+    cache.as_ref().is_some_and(|(_, addrs)| addrs.contains(&ip))
 }
 
 #[cfg(test)]
@@ -251,6 +286,17 @@ mod tests {
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
+        for ip in [
+            "192.0.0.8",
+            "192.88.99.1",
+            "fec0::1",
+            "2002:7f00:1::1",
+            "2001:0:4136:e378::1",
+            "::7f00:1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
         assert!(is_public("2a00:1450::1".parse().unwrap()));
+        assert!(is_local("127.0.0.1".parse().unwrap()));
     }
 }

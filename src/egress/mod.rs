@@ -17,6 +17,10 @@ pub use proxy::{Connection, Tenant, serve};
 /// The proxy's port inside every cell that has one.
 pub const PROXY_PORT: u16 = 3128;
 
+/// New proxy connections one tenant may open per second (bursts of as many); more are
+/// answered 429 and counted, not audited one by one.
+pub const CONNECTIONS_PER_S: f64 = 50.0;
+
 /// The proxy's URL as sandboxes see it.
 pub const PROXY_URL: &str = "http://127.0.0.1:3128";
 

@@ -28,6 +28,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Connections one tenant's proxy serves at once; more are answered 429.
 const MAX_CONNECTIONS: usize = 256;
+/// Name lookups in flight for one tenant, and for all tenants: each holds a thread of the
+/// runtime's blocking pool until the resolver answers, which a slow resolver can make
+/// long, and that pool also serves the daemon's own file and admin work.
+const MAX_LOOKUPS: usize = 8;
+static ALL_LOOKUPS: Semaphore = Semaphore::const_new(32);
+/// How often an open connection checks that its destination is still allowed (egress
+/// removed or narrowed, tenant frozen, daemon halted).
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// What the proxy needs from the daemon for one tenant.
 pub trait Tenant: Send + Sync + 'static {
@@ -39,6 +47,8 @@ pub trait Tenant: Send + Sync + 'static {
     fn take_bytes(&self, want: u64) -> u64;
     /// Whether any bytes are left under that limit.
     fn has_bytes(&self) -> bool;
+    /// Takes one new connection from the tenant's connection rate; `false`: over it.
+    fn admit(&self) -> bool;
     /// Records one connection.
     fn audit(&self, record: Connection);
 }
@@ -62,6 +72,14 @@ pub struct Connection {
     /// Why it was refused or ended.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason_code: Option<String>,
+    /// Connections refused over the tenant's connection rate since the last audited one
+    /// (not audited one by one, so that a flood cannot fill the disk with audit lines).
+    #[serde(skip_serializing_if = "is_zero", default)]
+    pub suppressed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A refusal, answered to the sandbox as an HTTP error.
@@ -80,34 +98,54 @@ fn refuse(status: u16, code: &'static str, message: impl Into<String>) -> Refusa
 }
 
 /// Serves `listener` until the task is aborted (the tenant's cell went away, or its
-/// egress was revoked and a new cell made).
+/// egress was revoked and a new cell made); aborting it ends every connection it serves.
 pub async fn serve(listener: TcpListener, tenant: Arc<dyn Tenant>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let lookups = Arc::new(Semaphore::new(MAX_LOOKUPS));
+    let suppressed = Arc::new(AtomicU64::new(0));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "egress proxy: accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "egress proxy: accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            // Reap finished connections as they end.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
-        let tenant = tenant.clone();
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                tokio::spawn(async move {
-                    handle(stream, &*tenant).await;
-                    drop(permit);
-                });
-            }
-            Err(_) => {
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let r = refuse(429, "rate_limited", "too many egress connections at once");
-                    answer(&mut stream, &r).await;
-                });
-            }
-        }
+        let refusal = if !tenant.admit() {
+            Some(refuse(
+                429,
+                "rate_limited",
+                "too many new egress connections per second",
+            ))
+        } else {
+            None
+        };
+        let permit = match refusal {
+            None => slots.clone().try_acquire_owned().ok(),
+            Some(_) => None,
+        };
+        let Some(permit) = permit else {
+            suppressed.fetch_add(1, Ordering::Relaxed);
+            let r = refusal.unwrap_or_else(|| {
+                refuse(429, "rate_limited", "too many egress connections at once")
+            });
+            connections.spawn(async move {
+                let mut stream = stream;
+                answer(&mut stream, &r).await;
+            });
+            continue;
+        };
+        let (tenant, lookups, suppressed) = (tenant.clone(), lookups.clone(), suppressed.clone());
+        connections.spawn(async move {
+            handle(stream, &*tenant, &lookups, &suppressed).await;
+            drop(permit);
+        });
     }
 }
 
@@ -122,7 +160,12 @@ struct Head {
     rest: Vec<u8>,
 }
 
-async fn handle(mut client: TcpStream, tenant: &dyn Tenant) {
+async fn handle(
+    mut client: TcpStream,
+    tenant: &dyn Tenant,
+    lookups: &Semaphore,
+    suppressed: &AtomicU64,
+) {
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
     let mut record = Connection {
@@ -130,14 +173,18 @@ async fn handle(mut client: TcpStream, tenant: &dyn Tenant) {
         outcome: "ok".into(),
         ..Default::default()
     };
-    let result = proxy(&mut client, tenant, &mut record, &up, &down).await;
+    let result = proxy(&mut client, tenant, lookups, &mut record, &up, &down).await;
     record.bytes_up = up.load(Ordering::Relaxed);
     record.bytes_down = down.load(Ordering::Relaxed);
     match result {
-        Ok(None) => {}
-        Ok(Some(cut)) => {
+        Ok(Ended::Eof) => {}
+        Ok(Ended::Cut(code)) => {
             record.outcome = "cut".into();
-            record.reason_code = Some(cut.into());
+            record.reason_code = Some(code.into());
+        }
+        Ok(Ended::Failed) => {
+            record.outcome = "error".into();
+            record.reason_code = Some("egress_connection_failed".into());
         }
         Err(None) => return,
         Err(Some(r)) => {
@@ -146,18 +193,20 @@ async fn handle(mut client: TcpStream, tenant: &dyn Tenant) {
             answer(&mut client, &r).await;
         }
     }
+    record.suppressed = suppressed.swap(0, Ordering::Relaxed);
     tenant.audit(record);
 }
 
-/// Runs one connection. `Ok(Some(code))`: cut short; `Err(None)`: the client went away
-/// before asking for anything (nothing to audit).
+/// Runs one connection; `Err(None)`: the client went away before asking for anything
+/// (nothing to audit).
 async fn proxy(
     client: &mut TcpStream,
     tenant: &dyn Tenant,
+    lookups: &Semaphore,
     record: &mut Connection,
     up: &AtomicU64,
     down: &AtomicU64,
-) -> Result<Option<&'static str>, Option<Refusal>> {
+) -> Result<Ended, Option<Refusal>> {
     let head = read_head(client).await?;
     if !head.connect {
         record.kind = "http".into();
@@ -187,7 +236,7 @@ async fn proxy(
             "the tenant's egress byte limit is used up",
         )));
     }
-    let addresses = resolve(&head.host, head.port).await?;
+    let addresses = resolve(&head.host, head.port, lookups).await?;
     let allowed: Vec<SocketAddr> = addresses
         .iter()
         .copied()
@@ -211,11 +260,11 @@ async fn proxy(
     for addr in &allowed {
         if let Ok(Ok(s)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             record.address = Some(addr.to_string());
-            upstream = Some(s);
+            upstream = Some((s, *addr));
             break;
         }
     }
-    let Some(upstream) = upstream else {
+    let Some((upstream, addr)) = upstream else {
         return Err(Some(refuse(
             502,
             "egress_connect_failed",
@@ -227,7 +276,7 @@ async fn proxy(
         // The tunnel is open; the client's TLS starts now.
         let ok = b"HTTP/1.1 200 Connection established\r\n\r\n";
         if client.write_all(ok).await.is_err() {
-            return Ok(None);
+            return Ok(Ended::Failed);
         }
         head.rest
     } else {
@@ -235,7 +284,14 @@ async fn proxy(
         f.extend_from_slice(&head.rest);
         f
     };
-    Ok(tunnel(client, upstream, tenant, first_up, up, down).await)
+    // Still allowed: the tenant's allowlist (or the tenant) may change while this runs.
+    let still = || {
+        tenant.allowlist().is_some_and(|a| {
+            a.check(&head.host, head.port) == Verdict::Allowed
+                && a.may_connect(&head.host, head.port, addr.ip())
+        })
+    };
+    Ok(tunnel(client, upstream, tenant, first_up, up, down, &still).await)
 }
 
 async fn read_head(client: &mut TcpStream) -> Result<Head, Option<Refusal>> {
@@ -321,6 +377,13 @@ async fn read_head(client: &mut TcpStream) -> Result<Head, Option<Refusal>> {
         forward.extend_from_slice(h.value);
         forward.extend_from_slice(b"\r\n");
     }
+    if !req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("host"))
+    {
+        forward.extend_from_slice(format!("Host: {auth}\r\n").as_bytes());
+    }
     forward.extend_from_slice(b"Connection: close\r\n\r\n");
     Ok(Head {
         connect: false,
@@ -360,7 +423,11 @@ fn authority(s: &str, default_port: Option<u16>) -> Option<(String, u16)> {
     Some((host.to_ascii_lowercase(), port))
 }
 
-async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Option<Refusal>> {
+async fn resolve(
+    host: &str,
+    port: u16,
+    lookups: &Semaphore,
+) -> Result<Vec<SocketAddr>, Option<Refusal>> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
@@ -371,7 +438,14 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Option<Refusa
             format!("cannot resolve {host}: {why}"),
         ))
     };
-    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+    let lookup = async {
+        let _mine = lookups.acquire().await;
+        let _all = ALL_LOOKUPS.acquire().await;
+        // The lookup keeps its blocking thread until the resolver answers even if this
+        // wait ends first; the permits go with this future, so at most 32 can linger.
+        tokio::net::lookup_host((host, port)).await
+    };
+    match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
         Ok(Ok(addrs)) => {
             let v: Vec<SocketAddr> = addrs.collect();
             if v.is_empty() {
@@ -385,8 +459,8 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, Option<Refusa
     }
 }
 
-/// Copies both ways until both sides finish, one fails, or the byte limit is reached
-/// (`Some(code)`); the counters hold what went through either way.
+/// Copies both ways until both sides finish, one fails, the byte limit is reached, or
+/// the destination stops being allowed; the counters hold what went through either way.
 async fn tunnel(
     client: &mut TcpStream,
     upstream: TcpStream,
@@ -394,31 +468,40 @@ async fn tunnel(
     first_up: Vec<u8>,
     up: &AtomicU64,
     down: &AtomicU64,
-) -> Option<&'static str> {
+    still_allowed: &(dyn Fn() -> bool + Sync),
+) -> Ended {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.into_split();
     let to_upstream = copy_counted(&mut cr, &mut uw, tenant, first_up, up);
     let to_client = copy_counted(&mut ur, &mut cw, tenant, Vec::new(), down);
     tokio::pin!(to_upstream, to_client);
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.tick().await;
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         let ended = tokio::select! {
             e = &mut to_upstream, if !up_done => { up_done = true; e }
             e = &mut to_client, if !down_done => { down_done = true; e }
+            _ = recheck.tick() => {
+                if still_allowed() {
+                    continue;
+                }
+                Ended::Cut("egress_revoked")
+            }
         };
         match ended {
             Ended::Eof => {}
-            Ended::Failed => return None,
-            Ended::Cut => return Some("egress_quota_exceeded"),
+            other => return other,
         }
     }
-    None
+    Ended::Eof
 }
 
+/// How one direction (or the whole connection) ended.
 enum Ended {
     Eof,
     Failed,
-    Cut,
+    Cut(&'static str),
 }
 
 async fn copy_counted<R, W>(
@@ -468,7 +551,7 @@ async fn send_counted<W: AsyncWrite + Unpin>(
         }
         count.fetch_add(granted as u64, Ordering::Relaxed);
     }
-    (granted < bytes.len()).then_some(Ended::Cut)
+    (granted < bytes.len()).then_some(Ended::Cut("egress_quota_exceeded"))
 }
 
 /// Answers a refusal as a small HTTP response and closes.
