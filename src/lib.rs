@@ -12,6 +12,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod egress;
+pub mod llm;
 pub mod policy;
 pub mod sandbox;
 pub mod spawner;

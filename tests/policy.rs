@@ -19,11 +19,13 @@ fn probe(tool: &str) -> (Method, &'static str, Vec<u8>) {
         "files.write" => (Method::PUT, "/v1/files/probe.txt", b"x".to_vec()),
         "config.read" => (Method::GET, "/v1/config", vec![]),
         "config.write" => (Method::PUT, "/v1/config", br#"{"model":"m"}"#.to_vec()),
+        "llm" => (Method::GET, "/v1/models", vec![]),
         other => panic!("{other}"),
     }
 }
 
-const TOOLS: [&str; 5] = [
+const TOOLS: [&str; 6] = [
+    "llm",
     "exec",
     "files.read",
     "files.write",

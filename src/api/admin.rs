@@ -49,6 +49,7 @@ fn event(
         trace_id: Some(s.trace_id().to_string()),
         exec: None,
         egress: None,
+        llm: None,
     }
 }
 

@@ -59,6 +59,8 @@ pub struct App {
     pub cgroups: crate::policy::cgroups::Cgroups,
     /// The egress proxy served for each tenant's current cell.
     pub egress: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// LLM upstreams, shared by every tenant.
+    pub llm: crate::llm::upstream::Router,
 }
 
 /// The egress proxy's view of one tenant: its allowlist and byte limit as they are now,

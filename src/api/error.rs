@@ -71,6 +71,18 @@ pub enum ApiError {
     /// The tenant's work/ is at or over its `disk_bytes` limit.
     #[error("work/ holds {} bytes; the limit disk_bytes is {} (this write adds {}); delete files to continue", .0.used, .0.limit, .0.adding)]
     QuotaExceeded(crate::policy::limits::OverQuota),
+    /// No such model.
+    #[error("model {0:?} does not exist")]
+    ModelNotFound(String),
+    /// The tenant may not use the model.
+    #[error("model {0:?} is not allowed for this tenant")]
+    ModelNotAllowed(String),
+    /// The call could pass the tenant's budget.
+    #[error("{0}")]
+    BudgetExceeded(String),
+    /// Every upstream for the model failed.
+    #[error("{0}")]
+    UpstreamUnavailable(String),
     /// The tenant's work/ cannot be measured, so it counts as over its `disk_bytes` limit.
     #[error(
         "{0}; with disk_bytes set, writes and runs are refused until it can (delete files, or the admin lifts the limit)"
@@ -108,6 +120,10 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ApiError::ClientGone => (StatusCode::REQUEST_TIMEOUT, "client_gone"),
+            ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
+            ApiError::ModelNotAllowed(_) => (StatusCode::FORBIDDEN, "model_not_allowed"),
+            ApiError::BudgetExceeded(_) => (StatusCode::PAYMENT_REQUIRED, "tenant_budget_exceeded"),
+            ApiError::UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             ApiError::QuotaExceeded(_) | ApiError::Unmeasurable(_) => {
                 (StatusCode::FORBIDDEN, "quota_exceeded")
             }
@@ -135,6 +151,24 @@ impl ApiError {
             }
         }
         r
+    }
+}
+
+impl ApiError {
+    /// The API error an LLM routing failure becomes.
+    pub fn from_llm_ref(e: &crate::llm::upstream::LlmError) -> ApiError {
+        match e {
+            crate::llm::upstream::LlmError::UnknownModel(m) => ApiError::ModelNotFound(m.clone()),
+            crate::llm::upstream::LlmError::Unavailable(_) => {
+                ApiError::UpstreamUnavailable(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<crate::llm::upstream::LlmError> for ApiError {
+    fn from(e: crate::llm::upstream::LlmError) -> Self {
+        ApiError::from_llm_ref(&e)
     }
 }
 

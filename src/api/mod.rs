@@ -10,6 +10,7 @@ mod app;
 mod error;
 mod http;
 mod idempotency;
+mod llm;
 mod tenant;
 
 use std::path::{Path, PathBuf};
@@ -510,6 +511,10 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         let halted = paths.state_dir.join("halted").exists();
         // Every queued run holds a connection: one tenant's queue may fill at most half
         // of the tenant socket's connections, so the others can still reach the daemon.
+        let llm = crate::llm::upstream::Router::new(
+            config.llm(),
+            config.llm().load_keys().map_err(start_err)?,
+        );
         let scheduler = crate::policy::schedule::Scheduler::new(
             config.exec.effective_slots(),
             config
@@ -537,6 +542,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             cgroups,
             idempotency: Default::default(),
             egress: Default::default(),
+            llm,
         });
         for (tenant, u) in usage {
             app.meters.load(&tenant, u);

@@ -139,6 +139,18 @@ async fn dispatch(
     gone: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (app, boundary, method) = (app.clone(), boundary.clone(), method.clone());
+    if path == "/v1/chat/completions" {
+        if method != Method::POST {
+            return Err(ApiError::Method);
+        }
+        return super::llm::chat_completions(&app, &boundary, &body).await;
+    }
+    if path == "/v1/models" {
+        if method != Method::GET {
+            return Err(ApiError::Method);
+        }
+        return Ok(super::llm::models(&app, &boundary));
+    }
     if path == "/v1/exec" {
         if method != Method::POST {
             return Err(ApiError::Method);
@@ -205,6 +217,7 @@ fn action_of(method: &Method, path: &str) -> Option<crate::policy::Action> {
         .is_some_and(|r| r.is_empty() || r.starts_with('/'));
     match (method, path) {
         (&Method::POST, "/v1/exec") => Some(Action::Exec),
+        (&Method::POST, "/v1/chat/completions") | (&Method::GET, "/v1/models") => Some(Action::Llm),
         (&Method::GET, "/v1/config") => Some(Action::ConfigRead),
         (&Method::PUT, "/v1/config") => Some(Action::ConfigWrite),
         (&Method::GET, _) if files => Some(Action::FilesRead),
@@ -258,6 +271,7 @@ fn event(
         trace_id: Some(b.trace_id().to_string()),
         exec: None,
         egress: None,
+        llm: None,
     }
 }
 

@@ -46,6 +46,26 @@ pub struct Event {
     /// For egress: the connection's destination, bytes and outcome (no payload).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub egress: Option<crate::egress::Connection>,
+    /// For an LLM call: model, tokens, cost and latency (no prompt or answer).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub llm: Option<LlmDetails>,
+}
+
+/// What an LLM call's line records.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct LlmDetails {
+    /// The public model that answered.
+    pub model: String,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// What it cost, USD.
+    pub cost_usd: String,
+    /// From request to answer, milliseconds.
+    pub latency_ms: u64,
+    /// Models tried.
+    pub attempts: u64,
 }
 
 /// What an exec line records.

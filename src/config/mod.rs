@@ -272,6 +272,23 @@ pub struct AdminConfig {
     pub defaults: TenantSettings,
     /// Default per-tenant limits (the admin API sets per-tenant values on top).
     pub limits: crate::policy::limits::Limits,
+    /// LLM upstreams by name.
+    pub providers: std::collections::BTreeMap<String, crate::llm::config::ProviderConfig>,
+    /// Public model names.
+    pub models: std::collections::BTreeMap<String, crate::llm::config::ModelConfig>,
+    /// Prices per public model, USD per million tokens.
+    pub rate_card: std::collections::BTreeMap<String, crate::llm::config::Rate>,
+}
+
+impl AdminConfig {
+    /// The LLM tables.
+    pub fn llm(&self) -> crate::llm::config::LlmConfig {
+        crate::llm::config::LlmConfig {
+            providers: self.providers.clone(),
+            models: self.models.clone(),
+            rate_card: self.rate_card.clone(),
+        }
+    }
 }
 
 impl AdminConfig {
@@ -284,6 +301,10 @@ impl AdminConfig {
                     why: e.to_string(),
                 })?;
                 c.limits.validate().map_err(|why| ConfigError::Invalid {
+                    path: path.display().to_string(),
+                    why,
+                })?;
+                c.llm().validate().map_err(|why| ConfigError::Invalid {
                     path: path.display().to_string(),
                     why,
                 })?;
@@ -382,6 +403,25 @@ pub fn default_path(state_dir: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_readme_admin_config_loads() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("The admin `config.toml`")
+            .and_then(|i| readme[i..].find("```toml").map(|j| i + j + "```toml".len()))
+            .expect("README has the admin config block");
+        let end = start + readme[start..].find("```").expect("block ends");
+        let dir = std::env::temp_dir().join(format!("bulkhead-readme-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, &readme[start..end]).unwrap();
+        let loaded = AdminConfig::load(&path);
+        let _removed = std::fs::remove_dir_all(&dir);
+        let c = loaded.unwrap();
+        assert!(c.models.contains_key("fast") && c.rate_card.contains_key("careful"));
+    }
+
     use super::*;
 
     #[test]

@@ -50,6 +50,15 @@ pub struct Limits {
     /// cut and new ones refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_bytes_per_day: Option<u64>,
+    /// LLM spend per UTC day, USD (each call reserves its worst case first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_budget_usd: Option<f64>,
+    /// LLM spend per UTC month, USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_budget_usd: Option<f64>,
+    /// Public model names the tenant may call; absent: every configured model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_models: Option<Vec<String>>,
 }
 
 fn bad(key: &str, why: &str) -> String {
@@ -66,6 +75,21 @@ impl Limits {
             _ => Ok(()),
         };
         rate("requests_per_s", self.requests_per_s)?;
+        for (k, v) in [
+            ("daily_budget_usd", self.daily_budget_usd),
+            ("monthly_budget_usd", self.monthly_budget_usd),
+        ] {
+            if let Some(usd) = v
+                && (!usd.is_finite() || !(0.0..=1_000_000_000.0).contains(&usd))
+            {
+                return Err(bad(k, "must be 0..=1000000000 USD"));
+            }
+        }
+        if let Some(models) = &self.allowed_models
+            && (models.len() > 1000 || models.iter().any(|m| m.is_empty() || m.len() > 200))
+        {
+            return Err(bad("allowed_models", "at most 1000 names of 1..=200 bytes"));
+        }
         rate("exec_per_s", self.exec_per_s)?;
         let range = |k: &str, v: Option<u64>, lo: u64, hi: u64| match v {
             Some(x) if x < lo || x > hi => Err(bad(k, &format!("must be in {lo}..={hi}"))),
@@ -111,6 +135,12 @@ impl Limits {
             disk_bytes: over.disk_bytes.or(self.disk_bytes),
             egress: over.egress.clone().or_else(|| self.egress.clone()),
             egress_bytes_per_day: over.egress_bytes_per_day.or(self.egress_bytes_per_day),
+            daily_budget_usd: over.daily_budget_usd.or(self.daily_budget_usd),
+            monthly_budget_usd: over.monthly_budget_usd.or(self.monthly_budget_usd),
+            allowed_models: over
+                .allowed_models
+                .clone()
+                .or_else(|| self.allowed_models.clone()),
         }
     }
 
@@ -161,6 +191,18 @@ pub struct Usage {
     pub egress_bytes: u64,
     /// The same on the current UTC day.
     pub egress_bytes_today: u64,
+    /// LLM calls answered.
+    pub llm_calls: u64,
+    /// Their input tokens.
+    pub llm_input_tokens: u64,
+    /// Their output tokens.
+    pub llm_output_tokens: u64,
+    /// LLM spend on the current UTC day, micro-USD.
+    pub spend_micro_today: u64,
+    /// LLM spend in the current UTC month, micro-USD.
+    pub spend_micro_month: u64,
+    /// The month `spend_micro_month` counts (years × 12 + month - 1).
+    pub month: u64,
 }
 
 impl Usage {
@@ -171,8 +213,28 @@ impl Usage {
             self.steps_today = 0;
             self.cpu_ms_today = 0;
             self.egress_bytes_today = 0;
+            self.spend_micro_today = 0;
+        }
+        let month = month_of(day);
+        if self.month != month {
+            self.month = month;
+            self.spend_micro_month = 0;
         }
     }
+}
+
+/// The month (years × 12 + month - 1) of a day since the epoch, in the proleptic
+/// Gregorian calendar (Howard Hinnant's civil-from-days).
+fn month_of(day: u64) -> u64 {
+    let z = day + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    y * 12 + m - 1
 }
 
 /// Time until the next UTC midnight, when daily counters start again.
@@ -213,6 +275,8 @@ pub struct Meters {
     /// Tenants whose usage changed since it was last written.
     dirty: Mutex<std::collections::HashSet<String>>,
     usage: Mutex<HashMap<String, Usage>>,
+    /// LLM spend reserved by calls in flight, micro-USD per tenant.
+    reserved: Mutex<HashMap<String, u64>>,
 }
 
 fn today() -> u64 {
@@ -331,6 +395,56 @@ impl Meters {
             self.mark(tenant);
         }
         granted
+    }
+
+    /// Reserves `micro` (a call's worst case) against the daily and monthly budgets
+    /// (micro-USD) under one lock with everything already spent or reserved, so parallel
+    /// calls cannot pass the cap together; `Err` names the budget that would be passed.
+    pub fn reserve_spend(
+        &self,
+        tenant: &str,
+        micro: u64,
+        daily: Option<u64>,
+        monthly: Option<u64>,
+    ) -> Result<(), &'static str> {
+        let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let u = all.entry(tenant.to_string()).or_default();
+        u.roll(today());
+        let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+        let held = reserved.entry(tenant.to_string()).or_default();
+        let need = held.saturating_add(micro);
+        if daily.is_some_and(|cap| u.spend_micro_today.saturating_add(need) > cap) {
+            return Err("daily_budget_usd");
+        }
+        if monthly.is_some_and(|cap| u.spend_micro_month.saturating_add(need) > cap) {
+            return Err("monthly_budget_usd");
+        }
+        *held = need;
+        Ok(())
+    }
+
+    /// Replaces a reservation with what the call cost (0 when it failed) and counts it.
+    pub fn settle_spend(&self, tenant: &str, reserved: u64, spent: u64, tokens: (u64, u64)) {
+        let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        let u = all.entry(tenant.to_string()).or_default();
+        u.roll(today());
+        if let Some(held) = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(tenant)
+        {
+            *held = held.saturating_sub(reserved);
+        }
+        u.spend_micro_today = u.spend_micro_today.saturating_add(spent);
+        u.spend_micro_month = u.spend_micro_month.saturating_add(spent);
+        if spent > 0 || tokens != (0, 0) {
+            u.llm_calls += 1;
+            u.llm_input_tokens += tokens.0;
+            u.llm_output_tokens += tokens.1;
+        }
+        drop(all);
+        self.mark(tenant);
     }
 
     /// Whether egress bytes are left today under `per_day`.
@@ -515,6 +629,20 @@ impl Meters {
                 retry_after: Duration::from_secs_f64(wait.max(0.001)),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod month_tests {
+    use super::month_of;
+
+    #[test]
+    fn months() {
+        // 1970-01-01, 2024-02-29, 2024-03-01, 2026-12-06.
+        assert_eq!(month_of(0), 1970 * 12);
+        assert_eq!(month_of(19_782), 2024 * 12 + 1);
+        assert_eq!(month_of(19_783), 2024 * 12 + 2);
+        assert_eq!(month_of(20_793), 2026 * 12 + 11);
     }
 }
 

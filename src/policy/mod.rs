@@ -12,9 +12,10 @@ pub mod schedule;
 
 use crate::auth::{Boundary, Role};
 
-/// Tool names a token's allowlist may hold (later issues add `llm`, `retrieval.*`,
-/// `memory.*`, `jobs.*`).
+/// Tool names a token's allowlist may hold (later issues add `retrieval.*`, `memory.*`,
+/// `jobs.*`).
 pub const TOOLS: &[&str] = &[
+    "llm",
     "exec",
     "files.read",
     "files.write",
@@ -35,6 +36,8 @@ pub enum Action {
     ConfigRead,
     /// Change the tenant config overlay.
     ConfigWrite,
+    /// Call a model, or list them (`/v1/chat/completions`, `/v1/models`).
+    Llm,
 }
 
 impl Action {
@@ -46,6 +49,7 @@ impl Action {
             Action::FilesWrite => "files.write",
             Action::ConfigRead => "config.read",
             Action::ConfigWrite => "config.write",
+            Action::Llm => "llm",
         }
     }
 

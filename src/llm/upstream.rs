@@ -1,0 +1,227 @@
+//! Calling providers: one pooled client for every tenant, the model table with its
+//! fallbacks, and bounded retries with jittered backoff.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+
+use super::config::{Kind, LlmConfig, Rate};
+use super::cost::TokenUsage;
+use super::secret::Secret;
+
+/// The largest upstream answer read.
+const MAX_ANSWER: usize = 16 << 20;
+/// Models tried for one call (the asked one and its fallbacks).
+const MAX_ATTEMPTS: usize = 4;
+
+/// Why a call could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    /// No such public model.
+    #[error("model {0:?} does not exist")]
+    UnknownModel(String),
+    /// Every model in the chain failed (429, 5xx, timeout or no connection).
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// An upstream answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status the provider gave.
+    pub status: u16,
+    /// Its body, with `model` set back to the public name.
+    pub body: Bytes,
+    /// The public model that answered (a fallback, perhaps).
+    pub model: String,
+    /// Token usage, when the answer reported it.
+    pub usage: Option<TokenUsage>,
+    /// Models tried.
+    pub attempts: usize,
+}
+
+/// Routes calls to providers.
+pub struct Router {
+    config: LlmConfig,
+    keys: BTreeMap<String, Option<Secret>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("models", &self.config.models.keys().collect::<Vec<_>>())
+            .field("keys", &self.keys)
+            .finish()
+    }
+}
+
+enum Attempt {
+    Answered(Answer),
+    Retry(String),
+}
+
+impl Router {
+    /// A router over `config` (validated) with the providers' keys.
+    pub fn new(config: LlmConfig, keys: BTreeMap<String, Option<Secret>>) -> Router {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(http);
+        Router {
+            config,
+            keys,
+            client,
+        }
+    }
+
+    /// Public model names.
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.config.models.keys().map(String::as_str)
+    }
+
+    /// Whether `model` exists.
+    pub fn has(&self, model: &str) -> bool {
+        self.config.models.contains_key(model)
+    }
+
+    /// The price of `model`.
+    pub fn rate(&self, model: &str) -> Option<Rate> {
+        self.config.rate_card.get(model).copied()
+    }
+
+    /// The highest price among `model` and its fallbacks (what a reservation must cover,
+    /// since any of them may answer).
+    pub fn worst_rate(&self, model: &str) -> Option<Rate> {
+        let chain = self.chain(model);
+        let rates: Vec<Rate> = chain.iter().filter_map(|m| self.rate(m)).collect();
+        let first = *rates.first()?;
+        Some(rates.iter().fold(first, |a, r| Rate {
+            input: a.input.max(r.input),
+            output: a.output.max(r.output),
+            cached_input: None,
+        }))
+    }
+
+    fn chain(&self, model: &str) -> Vec<String> {
+        let mut chain = vec![model.to_string()];
+        if let Some(m) = self.config.models.get(model) {
+            for f in &m.fallbacks {
+                if chain.len() < MAX_ATTEMPTS && !chain.contains(f) {
+                    chain.push(f.clone());
+                }
+            }
+        }
+        chain
+    }
+
+    /// `POST /chat/completions` of `body` (an OpenAI request object) to `model`, then to
+    /// its fallbacks in order while answers are 429 or 5xx or do not come.
+    pub async fn chat(&self, model: &str, body: &serde_json::Value) -> Result<Answer, LlmError> {
+        if !self.has(model) {
+            return Err(LlmError::UnknownModel(model.to_string()));
+        }
+        let mut last = String::new();
+        for (i, public) in self.chain(model).iter().enumerate() {
+            if i > 0 {
+                // Jittered backoff: 50..150 ms times the attempt number.
+                let jitter = 50 + u64::from(rand::random::<u8>()) * 100 / 255;
+                tokio::time::sleep(Duration::from_millis(jitter * i as u64)).await;
+            }
+            match self.attempt(public, body, i + 1).await {
+                Attempt::Answered(a) => return Ok(a),
+                Attempt::Retry(why) => {
+                    tracing::warn!(model = %public, why = %why, "upstream attempt failed");
+                    last = format!("{public}: {why}");
+                }
+            }
+        }
+        Err(LlmError::Unavailable(last))
+    }
+
+    async fn attempt(&self, public: &str, body: &serde_json::Value, n: usize) -> Attempt {
+        let Some(m) = self.config.models.get(public) else {
+            return Attempt::Retry("not configured".into());
+        };
+        let Some(p) = self.config.providers.get(&m.provider) else {
+            return Attempt::Retry("no provider".into());
+        };
+        if p.kind != Kind::Openai {
+            return Attempt::Retry("anthropic providers are not routed yet".into());
+        }
+        if !p.base_url.starts_with("http://") {
+            return Attempt::Retry("https upstreams need TLS, which is not built yet".into());
+        }
+        let mut body = body.clone();
+        if let Some(obj) = body.as_object_mut() {
+            obj.insert(
+                "model".into(),
+                serde_json::Value::String(m.upstream.clone()),
+            );
+        }
+        let Ok(bytes) = serde_json::to_vec(&body) else {
+            return Attempt::Retry("unencodable body".into());
+        };
+        let url = format!("{}/chat/completions", p.base_url.trim_end_matches('/'));
+        let mut req = hyper::Request::post(url).header("content-type", "application/json");
+        if let Some(Some(key)) = self.keys.get(&m.provider) {
+            req = req.header("authorization", format!("Bearer {}", key.expose()));
+        }
+        let Ok(req) = req.body(Full::new(Bytes::from(bytes))) else {
+            return Attempt::Retry("bad upstream URL".into());
+        };
+        let call = async {
+            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let body = Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        };
+        let (status, raw) =
+            match tokio::time::timeout(Duration::from_millis(p.timeout_ms), call).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => return Attempt::Retry(e),
+                Err(_) => return Attempt::Retry("timed out".into()),
+            };
+        if status == 429 || status >= 500 {
+            return Attempt::Retry(format!("HTTP {status}"));
+        }
+        if !(200..300).contains(&status) {
+            // The request itself was refused: the client sees the provider's answer.
+            return Attempt::Answered(Answer {
+                status,
+                body: raw,
+                model: public.to_string(),
+                usage: None,
+                attempts: n,
+            });
+        }
+        let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+            return Attempt::Retry("answer is not JSON".into());
+        };
+        let usage = v.get("usage").and_then(TokenUsage::from_openai);
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert(
+                "model".into(),
+                serde_json::Value::String(public.to_string()),
+            );
+        }
+        let body = serde_json::to_vec(&v).map(Bytes::from).unwrap_or(raw);
+        Attempt::Answered(Answer {
+            status,
+            body,
+            model: public.to_string(),
+            usage,
+            attempts: n,
+        })
+    }
+}

@@ -1,0 +1,317 @@
+//! LLM routing through the tenant socket, driven by the official `openai` package, against
+//! a fake upstream (tests/python/fake_openai.py) that records every request.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::BufRead;
+
+use common::As;
+use common::daemon::{Daemon, temp_state};
+use hyper::Method;
+
+fn ensure_openai() {
+    let has = || {
+        std::process::Command::new("python3")
+            .args(["-c", "import openai, httpx"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !has() {
+        let st = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "openai", "httpx"])
+            .status()
+            .unwrap();
+        assert!(
+            st.success() && has(),
+            "openai could not be installed for python3"
+        );
+    }
+}
+
+/// The fake upstream: its port, its request log, and the process (killed on drop).
+struct Fake {
+    port: u16,
+    log: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Fake {
+    fn start(dir: &std::path::Path) -> Fake {
+        let log = dir.join("upstream.jsonl");
+        let mut child = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/python/fake_openai.py"
+            ))
+            .arg(&log)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Fake {
+            port: line.trim().parse().unwrap(),
+            log,
+            child,
+        }
+    }
+
+    fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn config(port: u16, key_file: &std::path::Path) -> String {
+    format!(
+        r#"
+[providers.fake]
+kind = "openai"
+base_url = "http://127.0.0.1:{port}/v1"
+api_key_file = "{}"
+
+[models."fast"]
+provider = "fake"
+upstream = "up-fast"
+
+[models."flaky"]
+provider = "fake"
+upstream = "flaky-upstream"
+fallbacks = ["fast"]
+
+[models."slow"]
+provider = "fake"
+upstream = "slow"
+
+[rate_card."fast"]
+input = 0.15
+output = 0.60
+
+[rate_card."flaky"]
+input = 1.0
+output = 2.0
+
+[rate_card."slow"]
+input = 1000.0
+output = 1000.0
+"#,
+        key_file.display()
+    )
+}
+
+#[tokio::test]
+async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_upstream() {
+    ensure_openai();
+    let state = temp_state("llm");
+    let dir = state.with_extension("fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = Fake::start(&dir);
+    let key = dir.join("key");
+    std::fs::write(&key, "sk-upstream-secret\n").unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    // acme's overlay: a system prompt and a max_tokens cap; beta has neither.
+    let r = d
+        .tenant(&a)
+        .json(
+            Method::PUT,
+            "/v1/config",
+            &serde_json::json!({"system_prompt": "Answer in one careful sentence.", "max_tokens": 50}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+
+    let mut results = Vec::new();
+    for token in [&a, &b] {
+        let out = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/python/openai_sdk.py"
+            ))
+            .arg(d.state.join("bulkhead.sock"))
+            .arg(token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        results.push(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap());
+    }
+    for v in &results {
+        assert_eq!(v["content"], "hi from upstream", "{v}");
+        assert_eq!(v["model"], "fast", "{v}");
+        assert_eq!(
+            v["models"],
+            serde_json::json!(["fast", "flaky", "slow"]),
+            "{v}"
+        );
+        assert_eq!(v["tool"], "get_weather", "{v}");
+        assert_eq!(v["fallback_model"], "fast", "{v}");
+        assert_eq!(v["unknown"], "model_not_found", "{v}");
+        assert_eq!(v["bad"], "bad_request", "{v}");
+        // The cost header is usage × the rate card: input 0.15, output 0.60 USD/M.
+        let (pt, ct) = (
+            v["prompt_tokens"].as_u64().unwrap(),
+            v["completion_tokens"].as_u64().unwrap(),
+        );
+        let micro = ((pt as f64) * 0.15).ceil() as u64 + ((ct as f64) * 0.60).ceil() as u64;
+        assert_eq!(v["cost"], format!("0.{micro:06}"), "{v}");
+    }
+    // The overlay applied to acme's call and not to beta's.
+    assert_eq!(results[0]["completion_tokens"], 50);
+    assert_eq!(results[1]["completion_tokens"], 1000);
+
+    let reqs = fake.requests();
+    // 2 tenants × (chat, tool call, flaky, its fallback).
+    assert_eq!(reqs.len(), 8, "{reqs:?}");
+    let raw = std::fs::read_to_string(&fake.log).unwrap();
+    for secret in [a.as_str(), b.as_str(), "acme", "beta", "tk_"] {
+        assert!(!raw.contains(secret), "{secret} went upstream");
+    }
+    let trace_ids: Vec<String> = std::fs::read_to_string(d.state.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["trace_id"].as_str().map(String::from))
+        .collect();
+    assert!(!trace_ids.is_empty());
+    for t in &trace_ids {
+        assert!(!raw.contains(t.as_str()), "trace id {t} went upstream");
+    }
+    for r in &reqs {
+        assert_eq!(r["headers"]["authorization"], "Bearer sk-upstream-secret");
+        let body: serde_json::Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+        assert!(body.get("user").is_none());
+    }
+    let first: serde_json::Value = serde_json::from_str(reqs[0]["body"].as_str().unwrap()).unwrap();
+    let acme_first = if first["messages"][0]["role"] == "system" {
+        first
+    } else {
+        serde_json::from_str(reqs[4]["body"].as_str().unwrap()).unwrap()
+    };
+    assert_eq!(
+        acme_first["messages"][0]["content"],
+        "Answer in one careful sentence."
+    );
+    assert_eq!(acme_first["max_tokens"], 50);
+    assert_eq!(acme_first["model"], "up-fast");
+    let beta_calls: Vec<serde_json::Value> = reqs
+        .iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(r["body"].as_str().unwrap()).unwrap())
+        .filter(|b| b["messages"][0]["role"] != "system")
+        .collect();
+    assert_eq!(beta_calls.len(), 4);
+    assert!(
+        beta_calls
+            .iter()
+            .any(|b| b["tools"][0]["function"]["name"] == "get_weather")
+    );
+
+    // Spend is counted per tenant; no key appears in the audit log.
+    for (token, calls) in [(&a, 3), (&b, 3)] {
+        let u = d
+            .tenant(token)
+            .request(Method::GET, "/v1/usage", vec![])
+            .await
+            .unwrap()
+            .json();
+        assert_eq!(u["usage"]["llm_calls"], calls, "{u}");
+        assert!(u["usage"]["spend_micro_today"].as_u64().unwrap() > 0, "{u}");
+    }
+    let audit = std::fs::read_to_string(d.state.join("audit.jsonl")).unwrap();
+    assert!(!audit.contains("sk-upstream-secret"));
+    assert!(!audit.contains("hi from upstream"));
+}
+
+#[tokio::test]
+async fn a_budget_holds_under_100_parallel_calls() {
+    let state = temp_state("budget");
+    let dir = state.with_extension("fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = Fake::start(&dir);
+    let key = dir.join("key");
+    std::fs::write(&key, "k").unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let g = d.create("gamma").await;
+    let body = serde_json::json!({"model": "slow", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "count"}]});
+    // One call alone: the fake reports exactly the daemon's worst case, so this is also
+    // what each call reserves.
+    let r = d
+        .tenant(&g)
+        .json(Method::POST, "/v1/chat/completions", &body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let cost: f64 = r.header("x-bulkhead-cost-usd").unwrap().parse().unwrap();
+    assert!(cost > 0.0);
+    // Room for ten more and half of an eleventh.
+    let cap = cost * 11.5;
+    let r = d
+        .admin()
+        .json(
+            Method::PUT,
+            "/admin/tenants/gamma/limits",
+            &serde_json::json!({"daily_budget_usd": cap}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let calls: Vec<_> = (0..100)
+        .map(|_| {
+            let c = d.tenant(&g);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let r = c
+                    .json(Method::POST, "/v1/chat/completions", &body)
+                    .await
+                    .unwrap();
+                (r.status.as_u16(), r.reason_code())
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            (200, _) => ok += 1,
+            (402, Some(code)) if code == "tenant_budget_exceeded" => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((ok, refused), (10, 90));
+    let u = d
+        .tenant(&g)
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    let spent = u["usage"]["spend_micro_today"].as_u64().unwrap();
+    assert!(spent as f64 <= cap * 1e6, "{u}");
+    assert_eq!(u["usage"]["llm_calls"], 11, "{u}");
+    // The upstream saw exactly the calls that were charged.
+    assert_eq!(fake.requests().len(), 11);
+}

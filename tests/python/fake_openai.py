@@ -1,0 +1,67 @@
+"""A fake OpenAI-compatible upstream for the LLM routing tests.
+
+Listens on 127.0.0.1 (port printed on the first line of stdout) and appends every
+request it gets (path, headers, body) as one JSON line to the file named by argv[1].
+Upstream model names choose the behaviour:
+  flaky-upstream  -> 500 (the router must fall back)
+  slow            -> answers after 0.3 s
+  anything else   -> answers at once
+Usage is reported so that it equals the daemon's worst case for the call: prompt tokens
+= bytes of the request body, completion tokens = max_tokens (20 when absent). Requests
+with `tools` get a tool call back.
+"""
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOG = sys.argv[1]
+LOCK = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        n = int(self.headers.get("content-length", "0"))
+        raw = self.rfile.read(n)
+        with LOCK, open(LOG, "a") as f:
+            f.write(json.dumps({"path": self.path, "headers": dict(self.headers),
+                                "body": raw.decode()}) + "\n")
+        req = json.loads(raw)
+        model = req.get("model")
+        if model == "flaky-upstream":
+            return self.reply(500, {"error": {"message": "upstream broke"}})
+        if model == "slow":
+            time.sleep(0.3)
+        out = req.get("max_completion_tokens", req.get("max_tokens", 20))
+        message = {"role": "assistant", "content": "hi from upstream"}
+        if req.get("tools"):
+            message = {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": req["tools"][0]["function"]["name"],
+                             "arguments": "{\"city\": \"Oslo\"}"}}]}
+        self.reply(200, {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(raw), "completion_tokens": out,
+                      "total_tokens": len(raw) + out},
+        })
+
+    def reply(self, status, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
