@@ -169,6 +169,7 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
         );
         assert_eq!(v["tool"], "get_weather", "{v}");
         assert_eq!(v["fallback_model"], "fast", "{v}");
+        assert_eq!(v["embeddings"], serde_json::json!([2, 3]), "{v}");
         assert_eq!(v["unknown"], "model_not_found", "{v}");
         assert_eq!(v["bad"], "bad_request", "{v}");
         // The cost header is usage × the rate card: input 0.15, output 0.60 USD/M.
@@ -184,8 +185,14 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
     assert_eq!(results[1]["completion_tokens"], 1000);
 
     let reqs = fake.requests();
-    // 2 tenants × (chat, tool call, flaky, its fallback).
-    assert_eq!(reqs.len(), 8, "{reqs:?}");
+    // 2 tenants × (chat, tool call, embeddings, flaky, its fallback).
+    assert_eq!(reqs.len(), 10, "{reqs:?}");
+    assert_eq!(
+        reqs.iter()
+            .filter(|r| r["path"] == "/v1/embeddings")
+            .count(),
+        2
+    );
     let raw = std::fs::read_to_string(&fake.log).unwrap();
     for secret in [a.as_str(), b.as_str(), "acme", "beta", "tk_"] {
         assert!(!raw.contains(secret), "{secret} went upstream");
@@ -205,12 +212,9 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
         let body: serde_json::Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
         assert!(body.get("user").is_none());
     }
-    let first: serde_json::Value = serde_json::from_str(reqs[0]["body"].as_str().unwrap()).unwrap();
-    let acme_first = if first["messages"][0]["role"] == "system" {
-        first
-    } else {
-        serde_json::from_str(reqs[4]["body"].as_str().unwrap()).unwrap()
-    };
+    // acme's script ran first: the first request is acme's chat.
+    let acme_first: serde_json::Value =
+        serde_json::from_str(reqs[0]["body"].as_str().unwrap()).unwrap();
     assert_eq!(
         acme_first["messages"][0]["content"],
         "Answer in one careful sentence."
@@ -219,6 +223,7 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
     assert_eq!(acme_first["model"], "up-fast");
     let beta_calls: Vec<serde_json::Value> = reqs
         .iter()
+        .filter(|r| r["path"] == "/v1/chat/completions")
         .map(|r| serde_json::from_str::<serde_json::Value>(r["body"].as_str().unwrap()).unwrap())
         .filter(|b| b["messages"][0]["role"] != "system")
         .collect();
@@ -230,7 +235,7 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
     );
 
     // Spend is counted per tenant; no key appears in the audit log.
-    for (token, calls) in [(&a, 3), (&b, 3)] {
+    for (token, calls) in [(&a, 4), (&b, 4)] {
         let u = d
             .tenant(token)
             .request(Method::GET, "/v1/usage", vec![])

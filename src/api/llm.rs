@@ -48,7 +48,6 @@ pub async fn chat_completions(
     b: &Boundary,
     body: &[u8],
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let t0 = std::time::Instant::now();
     let mut req: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))?;
     if req.get("stream").and_then(|v| v.as_bool()) == Some(true) {
@@ -60,25 +59,7 @@ pub async fn chat_completions(
         return Err(ApiError::BadRequest("`messages` must be an array".into()));
     }
     let settings = app.settings(b.tenant());
-    let model = match req.get("model") {
-        Some(serde_json::Value::String(m)) => m.clone(),
-        None | Some(serde_json::Value::Null) => settings
-            .model
-            .clone()
-            .ok_or_else(|| ApiError::BadRequest("`model` is required".into()))?,
-        Some(_) => return Err(ApiError::BadRequest("`model` must be a string".into())),
-    };
-    if !app.llm.has(&model) {
-        return Err(ApiError::ModelNotFound(model));
-    }
-    let limits = app.limits(b.tenant());
-    if limits
-        .allowed_models
-        .as_ref()
-        .is_some_and(|a| !a.contains(&model))
-    {
-        return Err(ApiError::ModelNotAllowed(model));
-    }
+    let model = checked_model(app, b, &req)?;
     // The output bound: the request's, capped by the overlay's, or a default.
     let asked = ["max_completion_tokens", "max_tokens"]
         .iter()
@@ -106,13 +87,98 @@ pub async fn chat_completions(
     req.remove("metadata");
     req.insert("model".into(), model.clone().into());
     let upstream_body = serde_json::Value::Object(req);
+    call(
+        app,
+        b,
+        "chat/completions",
+        model,
+        upstream_body,
+        max_tokens,
+        body.len(),
+    )
+    .await
+}
+
+/// `POST /v1/embeddings`: the default model applies; nothing else of the overlay does.
+pub async fn embeddings(
+    app: &Arc<App>,
+    b: &Boundary,
+    body: &[u8],
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let mut req: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))?;
+    if !req
+        .get("input")
+        .is_some_and(|i| i.is_string() || i.is_array())
+    {
+        return Err(ApiError::BadRequest(
+            "`input` must be a string or an array".into(),
+        ));
+    }
+    let model = checked_model(app, b, &req)?;
+    req.remove("user");
+    req.insert("model".into(), model.clone().into());
+    call(
+        app,
+        b,
+        "embeddings",
+        model,
+        serde_json::Value::Object(req),
+        0,
+        body.len(),
+    )
+    .await
+}
+
+/// The request's model (or the tenant's default), known and allowed for the tenant.
+fn checked_model(
+    app: &App,
+    b: &Boundary,
+    req: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String, ApiError> {
+    let model = match req.get("model") {
+        Some(serde_json::Value::String(m)) => m.clone(),
+        None | Some(serde_json::Value::Null) => app
+            .settings(b.tenant())
+            .model
+            .clone()
+            .ok_or_else(|| ApiError::BadRequest("`model` is required".into()))?,
+        Some(_) => return Err(ApiError::BadRequest("`model` must be a string".into())),
+    };
+    if !app.llm.has(&model) {
+        return Err(ApiError::ModelNotFound(model));
+    }
+    if app
+        .limits(b.tenant())
+        .allowed_models
+        .as_ref()
+        .is_some_and(|a| !a.contains(&model))
+    {
+        return Err(ApiError::ModelNotAllowed(model));
+    }
+    Ok(model)
+}
+
+/// Reserves the call's worst case, makes it, settles to its usage, audits it and
+/// answers with the provider's body and the cost.
+async fn call(
+    app: &Arc<App>,
+    b: &Boundary,
+    path: &'static str,
+    model: String,
+    upstream_body: serde_json::Value,
+    max_tokens: u64,
+    body_len: usize,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let t0 = std::time::Instant::now();
+    let limits = app.limits(b.tenant());
     let rate = app
         .llm
         .worst_rate(&model)
         .ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
     let request_bytes = serde_json::to_vec(&upstream_body)
         .map(|v| v.len() as u64)
-        .unwrap_or(body.len() as u64);
+        .unwrap_or(body_len as u64);
     let reserve = worst_case_micro(request_bytes, max_tokens, rate);
     let tenant = b.tenant().as_str();
     app.meters
@@ -128,7 +194,7 @@ pub async fn chat_completions(
                 usd(reserve)
             ))
         })?;
-    let answer = app.llm.chat(&model, &upstream_body).await;
+    let answer = app.llm.post(path, &model, &upstream_body).await;
     let (spent, tokens) = match &answer {
         Ok(a) => match (a.usage, app.llm.rate(&a.model)) {
             (Some(u), Some(r)) => (cost_micro(u, r), (u.input, u.output)),

@@ -145,6 +145,12 @@ async fn dispatch(
         }
         return super::llm::chat_completions(&app, &boundary, &body).await;
     }
+    if path == "/v1/embeddings" {
+        if method != Method::POST {
+            return Err(ApiError::Method);
+        }
+        return super::llm::embeddings(&app, &boundary, &body).await;
+    }
     if path == "/v1/models" {
         if method != Method::GET {
             return Err(ApiError::Method);

@@ -121,9 +121,15 @@ impl Router {
         chain
     }
 
-    /// `POST /chat/completions` of `body` (an OpenAI request object) to `model`, then to
-    /// its fallbacks in order while answers are 429 or 5xx or do not come.
-    pub async fn chat(&self, model: &str, body: &serde_json::Value) -> Result<Answer, LlmError> {
+    /// `POST {base_url}/{path}` (`chat/completions` or `embeddings`) of `body` (an OpenAI
+    /// request object) to `model`, then to its fallbacks in order while answers are 429
+    /// or 5xx or do not come.
+    pub async fn post(
+        &self,
+        path: &'static str,
+        model: &str,
+        body: &serde_json::Value,
+    ) -> Result<Answer, LlmError> {
         if !self.has(model) {
             return Err(LlmError::UnknownModel(model.to_string()));
         }
@@ -134,7 +140,7 @@ impl Router {
                 let jitter = 50 + u64::from(rand::random::<u8>()) * 100 / 255;
                 tokio::time::sleep(Duration::from_millis(jitter * i as u64)).await;
             }
-            match self.attempt(public, body, i + 1).await {
+            match self.attempt(path, public, body, i + 1).await {
                 Attempt::Answered(a) => return Ok(a),
                 Attempt::Retry(why) => {
                     tracing::warn!(model = %public, why = %why, "upstream attempt failed");
@@ -145,7 +151,13 @@ impl Router {
         Err(LlmError::Unavailable(last))
     }
 
-    async fn attempt(&self, public: &str, body: &serde_json::Value, n: usize) -> Attempt {
+    async fn attempt(
+        &self,
+        path: &'static str,
+        public: &str,
+        body: &serde_json::Value,
+        n: usize,
+    ) -> Attempt {
         let Some(m) = self.config.models.get(public) else {
             return Attempt::Retry("not configured".into());
         };
@@ -168,7 +180,7 @@ impl Router {
         let Ok(bytes) = serde_json::to_vec(&body) else {
             return Attempt::Retry("unencodable body".into());
         };
-        let url = format!("{}/chat/completions", p.base_url.trim_end_matches('/'));
+        let url = format!("{}/{path}", p.base_url.trim_end_matches('/'));
         let mut req = hyper::Request::post(url).header("content-type", "application/json");
         if let Some(Some(key)) = self.keys.get(&m.provider) {
             req = req.header("authorization", format!("Bearer {}", key.expose()));

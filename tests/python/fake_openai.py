@@ -34,6 +34,14 @@ class Handler(BaseHTTPRequestHandler):
                                 "body": raw.decode()}) + "\n")
         req = json.loads(raw)
         model = req.get("model")
+        if self.path.endswith("/embeddings"):
+            inputs = req["input"] if isinstance(req["input"], list) else [req["input"]]
+            return self.reply(200, {
+                "object": "list", "model": model,
+                "data": [{"object": "embedding", "index": i, "embedding": [0.25, 0.5, 0.75]}
+                         for i in range(len(inputs))],
+                "usage": {"prompt_tokens": len(raw), "total_tokens": len(raw)},
+            })
         if model == "flaky-upstream":
             return self.reply(500, {"error": {"message": "upstream broke"}})
         if model == "slow":

@@ -27,6 +27,8 @@ tool = client.chat.completions.create(
     tools=[{"type": "function", "function": {
         "name": "get_weather", "parameters": {"type": "object", "properties": {}}}}])
 out["tool"] = tool.choices[0].message.tool_calls[0].function.name
+emb = client.embeddings.create(model="fast", input=["one", "two"], encoding_format="float")
+out["embeddings"] = [len(emb.data), len(emb.data[0].embedding)]
 out["fallback_model"] = client.chat.completions.create(
     model="flaky", messages=[{"role": "user", "content": "hi"}]).model
 try:
