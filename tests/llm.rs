@@ -170,6 +170,9 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
         assert_eq!(v["tool"], "get_weather", "{v}");
         assert_eq!(v["fallback_model"], "fast", "{v}");
         assert_eq!(v["embeddings"], serde_json::json!([2, 3]), "{v}");
+        assert_eq!(v["stream"][0], "hi from upstream", "{v}");
+        assert_eq!(v["stream"][1], "fast", "{v}");
+        assert!(v["stream"][2].as_u64().unwrap() > 0, "{v}");
         assert_eq!(v["unknown"], "model_not_found", "{v}");
         assert_eq!(v["bad"], "bad_request", "{v}");
         // The cost header is usage × the rate card: input 0.15, output 0.60 USD/M.
@@ -185,8 +188,18 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
     assert_eq!(results[1]["completion_tokens"], 1000);
 
     let reqs = fake.requests();
-    // 2 tenants × (chat, tool call, embeddings, flaky, its fallback).
-    assert_eq!(reqs.len(), 10, "{reqs:?}");
+    // 2 tenants × (chat, tool call, stream, embeddings, flaky, its fallback).
+    assert_eq!(reqs.len(), 12, "{reqs:?}");
+    // Streams ask for usage upstream: it is what they are charged.
+    let streamed: Vec<serde_json::Value> = reqs
+        .iter()
+        .map(|r| serde_json::from_str::<serde_json::Value>(r["body"].as_str().unwrap()).unwrap())
+        .filter(|b| b["stream"] == true)
+        .collect();
+    assert_eq!(streamed.len(), 2);
+    for s in &streamed {
+        assert_eq!(s["stream_options"]["include_usage"], true, "{s}");
+    }
     assert_eq!(
         reqs.iter()
             .filter(|r| r["path"] == "/v1/embeddings")
@@ -227,7 +240,7 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
         .map(|r| serde_json::from_str::<serde_json::Value>(r["body"].as_str().unwrap()).unwrap())
         .filter(|b| b["messages"][0]["role"] != "system")
         .collect();
-    assert_eq!(beta_calls.len(), 4);
+    assert_eq!(beta_calls.len(), 5);
     assert!(
         beta_calls
             .iter()
@@ -235,7 +248,7 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
     );
 
     // Spend is counted per tenant; no key appears in the audit log.
-    for (token, calls) in [(&a, 4), (&b, 4)] {
+    for (token, calls) in [(&a, 5), (&b, 5)] {
         let u = d
             .tenant(token)
             .request(Method::GET, "/v1/usage", vec![])

@@ -1,9 +1,8 @@
 //! The admin socket: `/admin/...`, admin key required.
 
+use super::http::ApiBody;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 
@@ -83,7 +82,7 @@ pub async fn route(
     app: Arc<App>,
     s: AdminSession,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();

@@ -1,7 +1,6 @@
 //! Every refusal, mapped once to an HTTP status and a stable `reason_code`.
 
-use bytes::Bytes;
-use http_body_util::Full;
+use super::http::ApiBody;
 use hyper::{Response, StatusCode};
 
 use crate::audit::AuditError;
@@ -140,7 +139,7 @@ impl ApiError {
     }
 
     /// The JSON error response.
-    pub fn response(&self, trace_id: &str) -> Response<Full<Bytes>> {
+    pub fn response(&self, trace_id: &str) -> Response<ApiBody> {
         let (status, code) = self.status_and_code();
         let body = serde_json::json!({"error": {"reason_code": code, "message": self.to_string()}});
         let mut r = super::http::json_response(status, &body, trace_id);

@@ -7,12 +7,44 @@ use hyper::{Response, StatusCode};
 
 use super::error::ApiError;
 
+/// Every response body: whole (almost all), or streamed from a task (LLM streams).
+pub type ApiBody = http_body_util::Either<Full<Bytes>, ChannelBody>;
+
+/// A body fed chunk by chunk through a channel; it ends when the sender is dropped, and
+/// a client that goes away closes the receiver, which the sender sees.
+#[derive(Debug)]
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl ChannelBody {
+    /// A body and the sender that feeds it (`depth` chunks may wait unread).
+    pub fn new(depth: usize) -> (tokio::sync::mpsc::Sender<Bytes>, ChannelBody) {
+        let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
+        (tx, ChannelBody { rx })
+    }
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
 /// A JSON response with the trace id header.
 pub fn json_response(
     status: StatusCode,
     body: &serde_json::Value,
     trace_id: &str,
-) -> Response<Full<Bytes>> {
+) -> Response<ApiBody> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     response(status, "application/json", bytes, trace_id)
 }
@@ -23,8 +55,8 @@ pub fn response(
     content_type: &str,
     body: Vec<u8>,
     trace_id: &str,
-) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+) -> Response<ApiBody> {
+    let mut r = Response::new(http_body_util::Either::Left(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     let headers = r.headers_mut();
     if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {

@@ -4,12 +4,12 @@
 //! Records live under the tenant's root (`<tenant>/idempotency/`), so keys of different
 //! tenants never meet; they survive restarts and are swept after expiry.
 
+use super::http::ApiBody;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Response, StatusCode};
 use sha2::{Digest, Sha256};
@@ -66,7 +66,7 @@ pub fn request_digest(method: &str, path: &str, body: &[u8]) -> String {
     hex(&h.finalize())
 }
 
-fn replay(rec: &Record, trace_id: &str) -> Response<Full<Bytes>> {
+fn replay(rec: &Record, trace_id: &str) -> Response<ApiBody> {
     let mut r = super::http::response(
         StatusCode::from_u16(rec.status).unwrap_or(StatusCode::OK),
         &rec.content_type,
@@ -89,9 +89,9 @@ impl Keys {
         digest: String,
         trace_id: &str,
         work: F,
-    ) -> Result<Response<Full<Bytes>>, ApiError>
+    ) -> Result<Response<ApiBody>, ApiError>
     where
-        F: std::future::Future<Output = Result<Response<Full<Bytes>>, ApiError>>,
+        F: std::future::Future<Output = Result<Response<ApiBody>, ApiError>>,
     {
         let dir = tenant_dir.join("idempotency");
         let file = dir.join(format!("{}.json", hex(&Sha256::digest(key.as_bytes()))));
@@ -157,7 +157,10 @@ impl Keys {
                         })
                         .await?;
                     }
-                    Ok(Response::from_parts(parts, Full::new(bytes)))
+                    Ok(Response::from_parts(
+                        parts,
+                        http_body_util::Either::Left(Full::new(bytes)),
+                    ))
                 }
             }
         };

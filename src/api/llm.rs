@@ -8,15 +8,16 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+
 use hyper::{Response, StatusCode};
 
 use super::app::App;
 use super::error::ApiError;
-use super::http::{json_response, response};
+use super::http::{ApiBody, ChannelBody, json_response, response};
 use crate::audit::{Event, LlmDetails};
 use crate::auth::Boundary;
-use crate::llm::cost::{cost_micro, usd, worst_case_micro};
+use crate::llm::cost::{TokenUsage, cost_micro, usd, worst_case_micro};
+use crate::llm::upstream::Opened;
 
 /// `max_tokens` when neither the request nor the overlay bounds it: the reservation
 /// needs a bound, and the upstream gets the same one.
@@ -27,7 +28,7 @@ fn usd_to_micro(usd: f64) -> u64 {
 }
 
 /// `GET /v1/models`: the models this tenant may call.
-pub fn models(app: &App, b: &Boundary) -> Response<Full<Bytes>> {
+pub fn models(app: &App, b: &Boundary) -> Response<ApiBody> {
     let allowed = app.limits(b.tenant()).allowed_models;
     let data: Vec<serde_json::Value> = app
         .llm
@@ -47,13 +48,18 @@ pub async fn chat_completions(
     app: &Arc<App>,
     b: &Boundary,
     body: &[u8],
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let mut req: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))?;
-    if req.get("stream").and_then(|v| v.as_bool()) == Some(true) {
-        return Err(ApiError::BadRequest(
-            "streaming (\"stream\": true) is not supported yet; send the request without it".into(),
-        ));
+    let stream = req.get("stream").and_then(|v| v.as_bool()) == Some(true);
+    if stream {
+        // Usage arrives in a last chunk only when asked for; it is what the call costs.
+        let mut options = req
+            .get("stream_options")
+            .and_then(|o| o.as_object().cloned())
+            .unwrap_or_default();
+        options.insert("include_usage".into(), true.into());
+        req.insert("stream_options".into(), serde_json::Value::Object(options));
     }
     if !req.get("messages").is_some_and(|m| m.is_array()) {
         return Err(ApiError::BadRequest("`messages` must be an array".into()));
@@ -87,16 +93,15 @@ pub async fn chat_completions(
     req.remove("metadata");
     req.insert("model".into(), model.clone().into());
     let upstream_body = serde_json::Value::Object(req);
-    call(
-        app,
-        b,
-        "chat/completions",
+    let c = Call {
+        path: "chat/completions",
         model,
         upstream_body,
         max_tokens,
-        body.len(),
-    )
-    .await
+        body_len: body.len(),
+        stream,
+    };
+    call(app, b, c).await
 }
 
 /// `POST /v1/embeddings`: the default model applies; nothing else of the overlay does.
@@ -104,7 +109,7 @@ pub async fn embeddings(
     app: &Arc<App>,
     b: &Boundary,
     body: &[u8],
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let mut req: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))?;
     if !req
@@ -118,16 +123,15 @@ pub async fn embeddings(
     let model = checked_model(app, b, &req)?;
     req.remove("user");
     req.insert("model".into(), model.clone().into());
-    call(
-        app,
-        b,
-        "embeddings",
+    let c = Call {
+        path: "embeddings",
         model,
-        serde_json::Value::Object(req),
-        0,
-        body.len(),
-    )
-    .await
+        upstream_body: serde_json::Value::Object(req),
+        max_tokens: 0,
+        body_len: body.len(),
+        stream: false,
+    };
+    call(app, b, c).await
 }
 
 /// The request's model (or the tenant's default), known and allowed for the tenant.
@@ -159,31 +163,173 @@ fn checked_model(
     Ok(model)
 }
 
-/// Reserves the call's worst case, makes it, settles to its usage, audits it and
-/// answers with the provider's body and the cost.
-async fn call(
-    app: &Arc<App>,
-    b: &Boundary,
+/// One upstream call, as the handlers prepared it.
+struct Call {
     path: &'static str,
     model: String,
     upstream_body: serde_json::Value,
     max_tokens: u64,
     body_len: usize,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+    stream: bool,
+}
+
+/// What a call came to, for the meters and the audit line.
+struct Settled {
+    model: String,
+    tokens: (u64, u64),
+    spent: u64,
+    attempts: usize,
+    outcome: &'static str,
+    reason: Option<&'static str>,
+}
+
+/// Settles the reservation to what was spent and writes the call's audit line.
+async fn settle(
+    app: &App,
+    b: &Boundary,
+    asked: &str,
+    reserve: u64,
+    t0: std::time::Instant,
+    s: Settled,
+) -> Result<(), ApiError> {
+    let spent = s.spent.min(reserve);
+    app.meters
+        .settle_spend(b.tenant().as_str(), reserve, spent, s.tokens);
+    let event = Event {
+        actor: b.actor().to_string(),
+        tenant: Some(b.tenant().to_string()),
+        action: "llm".into(),
+        target: Some(asked.to_string()),
+        outcome: s.outcome.into(),
+        reason_code: s.reason.map(String::from),
+        trace_id: Some(b.trace_id().to_string()),
+        llm: Some(LlmDetails {
+            model: s.model,
+            input_tokens: s.tokens.0,
+            output_tokens: s.tokens.1,
+            cost_usd: usd(spent),
+            latency_ms: t0.elapsed().as_millis() as u64,
+            attempts: s.attempts as u64,
+        }),
+        ..Default::default()
+    };
+    app.audit.record(event).await?;
+    Ok(())
+}
+
+/// A line of an OpenAI event stream (given without, returned with its `\n`): a `data:`
+/// line gets `model` set back to the public name and its usage noted; other lines pass
+/// unchanged.
+fn rewrite_event(line: &[u8], model: &str, usage: &mut Option<TokenUsage>) -> Bytes {
+    let unchanged = || {
+        let mut out = line.to_vec();
+        out.push(b'\n');
+        Bytes::from(out)
+    };
+    let Some(data) = line.strip_prefix(b"data: ") else {
+        return unchanged();
+    };
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return unchanged();
+    };
+    if let Some(u) = v.get("usage").and_then(TokenUsage::from_openai) {
+        *usage = Some(u);
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("model".into(), model.into());
+    }
+    let mut out = b"data: ".to_vec();
+    out.extend_from_slice(&serde_json::to_vec(&v).unwrap_or_else(|_| data.to_vec()));
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
+/// Relays an upstream event stream to the client, then settles and audits the call. A
+/// client that goes away ends the relay, which drops (cancels) the upstream request;
+/// without a usage report the call is charged its reservation.
+async fn relay(
+    app: Arc<App>,
+    b: Boundary,
+    asked: String,
+    reserve: u64,
+    t0: std::time::Instant,
+    s: crate::llm::upstream::Stream,
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+) {
+    use http_body_util::BodyExt;
+    let mut body = s.body;
+    let (mut pending, mut usage) = (Vec::new(), None);
+    let (mut gone, mut failed) = (false, false);
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            failed = true;
+            break;
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|&c| c == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let trimmed = line.strip_suffix(b"\n").unwrap_or(&line);
+            if tx
+                .send(rewrite_event(trimmed, &s.model, &mut usage))
+                .await
+                .is_err()
+            {
+                gone = true;
+                break;
+            }
+        }
+        if gone {
+            break;
+        }
+    }
+    drop(body);
+    let (spent, tokens) = match (usage, app.llm.rate(&s.model)) {
+        (Some(u), Some(r)) => (cost_micro(u, r), (u.input, u.output)),
+        _ => (reserve, (0, 0)),
+    };
+    if !gone {
+        let tail = format!(": x-bulkhead-cost-usd {}\n\n", usd(spent.min(reserve)));
+        let _sent = tx.send(Bytes::from(tail)).await;
+    }
+    drop(tx);
+    let settled = Settled {
+        model: s.model.clone(),
+        tokens,
+        spent,
+        attempts: s.attempts,
+        outcome: if gone || failed { "error" } else { "ok" },
+        reason: if gone {
+            Some("client_gone")
+        } else if failed {
+            Some("upstream_unavailable")
+        } else {
+            None
+        },
+    };
+    if let Err(e) = settle(&app, &b, &asked, reserve, t0, settled).await {
+        tracing::error!(error = %e, "audit of a streamed LLM call failed");
+    }
+}
+
+/// Reserves the call's worst case, makes it, settles to its usage, audits it and
+/// answers with the provider's body (or its event stream) and the cost.
+async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>, ApiError> {
     let t0 = std::time::Instant::now();
     let limits = app.limits(b.tenant());
     let rate = app
         .llm
-        .worst_rate(&model)
-        .ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
-    let request_bytes = serde_json::to_vec(&upstream_body)
+        .worst_rate(&c.model)
+        .ok_or_else(|| ApiError::ModelNotFound(c.model.clone()))?;
+    let request_bytes = serde_json::to_vec(&c.upstream_body)
         .map(|v| v.len() as u64)
-        .unwrap_or(body_len as u64);
-    let reserve = worst_case_micro(request_bytes, max_tokens, rate);
-    let tenant = b.tenant().as_str();
+        .unwrap_or(c.body_len as u64);
+    let reserve = worst_case_micro(request_bytes, c.max_tokens, rate);
     app.meters
         .reserve_spend(
-            tenant,
+            b.tenant().as_str(),
             reserve,
             limits.daily_budget_usd.map(usd_to_micro),
             limits.monthly_budget_usd.map(usd_to_micro),
@@ -194,7 +340,44 @@ async fn call(
                 usd(reserve)
             ))
         })?;
-    let answer = app.llm.post(path, &model, &upstream_body).await;
+    let answer = if c.stream {
+        match app
+            .llm
+            .open_stream(c.path, &c.model, &c.upstream_body)
+            .await
+        {
+            Ok(Opened::Stream(s)) => {
+                let (tx, body) = ChannelBody::new(16);
+                tokio::spawn(relay(
+                    app.clone(),
+                    b.clone(),
+                    c.model.clone(),
+                    reserve,
+                    t0,
+                    s,
+                    tx,
+                ));
+                let mut resp = Response::new(http_body_util::Either::Right(body));
+                let headers = resp.headers_mut();
+                headers.insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/event-stream"),
+                );
+                headers.insert(
+                    hyper::header::CACHE_CONTROL,
+                    hyper::header::HeaderValue::from_static("no-cache"),
+                );
+                if let Ok(v) = hyper::header::HeaderValue::from_str(b.trace_id()) {
+                    headers.insert("x-trace-id", v);
+                }
+                return Ok(resp);
+            }
+            Ok(Opened::Whole(a)) => Ok(a),
+            Err(e) => Err(e),
+        }
+    } else {
+        app.llm.post(c.path, &c.model, &c.upstream_body).await
+    };
     let (spent, tokens) = match &answer {
         Ok(a) => match (a.usage, app.llm.rate(&a.model)) {
             (Some(u), Some(r)) => (cost_micro(u, r), (u.input, u.output)),
@@ -205,33 +388,22 @@ async fn call(
         },
         Err(_) => (0, (0, 0)),
     };
-    app.meters
-        .settle_spend(tenant, reserve, spent.min(reserve), tokens);
-    let latency_ms = t0.elapsed().as_millis() as u64;
     let (outcome, reason) = match &answer {
         Ok(a) if (200..300).contains(&a.status) => ("ok", None),
         Ok(_) => ("error", Some("upstream_refused")),
         Err(e) => ("error", Some(ApiError::from_llm_ref(e).status_and_code().1)),
     };
-    let event = Event {
-        actor: b.actor().to_string(),
-        tenant: Some(b.tenant().to_string()),
-        action: "llm".into(),
-        target: Some(model.clone()),
-        outcome: outcome.into(),
-        reason_code: reason.map(String::from),
-        trace_id: Some(b.trace_id().to_string()),
-        llm: Some(LlmDetails {
-            model: answer.as_ref().map_or(model.clone(), |a| a.model.clone()),
-            input_tokens: tokens.0,
-            output_tokens: tokens.1,
-            cost_usd: usd(spent.min(reserve)),
-            latency_ms,
-            attempts: answer.as_ref().map_or(0, |a| a.attempts as u64),
-        }),
-        ..Default::default()
+    let settled = Settled {
+        model: answer
+            .as_ref()
+            .map_or_else(|_| c.model.clone(), |a| a.model.clone()),
+        tokens,
+        spent,
+        attempts: answer.as_ref().map_or(0, |a| a.attempts),
+        outcome,
+        reason,
     };
-    app.audit.record(event).await?;
+    settle(app, b, &c.model, reserve, t0, settled).await?;
     let a = answer.map_err(ApiError::from)?;
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut resp = response(status, "application/json", a.body.to_vec(), b.trace_id());
@@ -239,4 +411,35 @@ async fn call(
         resp.headers_mut().insert("x-bulkhead-cost-usd", v);
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_lines_are_rewritten_and_usage_noted() {
+        let mut usage = None;
+        let line = br#"data: {"model":"up-fast","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#;
+        let out = rewrite_event(line, "fast", &mut usage);
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.starts_with("data: ") && text.ends_with('\n'), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text[6..]).unwrap();
+        assert_eq!(v["model"], "fast");
+        assert_eq!(
+            usage,
+            Some(TokenUsage {
+                input: 7,
+                cached_input: 0,
+                output: 3
+            })
+        );
+        for same in [&b""[..], b"data: [DONE]", b": comment", b"event: x"] {
+            let mut u = None;
+            let out = rewrite_event(same, "fast", &mut u);
+            assert_eq!(&out[..same.len()], same);
+            assert_eq!(out.len(), same.len() + 1);
+            assert_eq!(u, None);
+        }
+    }
 }

@@ -13,12 +13,11 @@ mod idempotency;
 mod llm;
 mod tenant;
 
+use http::ApiBody;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -311,7 +310,7 @@ async fn detached(
     app: Arc<App>,
     boundary: crate::auth::Boundary,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let (connected, gone) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(tenant::route(app, boundary, req, gone));
     let r = task
@@ -327,7 +326,7 @@ enum Side {
     Admin,
 }
 
-async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<ApiBody> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();

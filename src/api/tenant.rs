@@ -1,9 +1,9 @@
 //! The tenant socket: every handler takes the request's `Boundary`.
 
+use super::http::ApiBody;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,7 +49,7 @@ pub async fn route(
     boundary: Boundary,
     req: Request<Incoming>,
     gone: tokio::sync::oneshot::Receiver<()>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     if let Some((action, Err(denial))) =
@@ -137,7 +137,7 @@ async fn dispatch(
     path: &str,
     body: Bytes,
     gone: tokio::sync::oneshot::Receiver<()>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let (app, boundary, method) = (app.clone(), boundary.clone(), method.clone());
     if path == "/v1/chat/completions" {
         if method != Method::POST {
@@ -197,7 +197,7 @@ pub fn usage_response(
     app: &App,
     tenant: &crate::auth::TenantName,
     trace_id: &str,
-) -> Response<Full<Bytes>> {
+) -> Response<ApiBody> {
     let running = app
         .running
         .lock()
@@ -285,7 +285,7 @@ async fn get_file(
     app: &Arc<App>,
     b: &Boundary,
     rel: std::path::PathBuf,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let max = app.config.files.max_file_bytes;
     let wd = work_dir(app, b)?;
     let found = blocking(move || Ok(wd.get(&rel, max)?)).await?;
@@ -314,7 +314,7 @@ async fn put_file(
     b: &Boundary,
     rel: std::path::PathBuf,
     body: Bytes,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let wd = work_dir(app, b)?;
     let target = rel.display().to_string();
     let size = body.len();
@@ -373,7 +373,7 @@ async fn delete_file(
     app: &Arc<App>,
     b: &Boundary,
     rel: std::path::PathBuf,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let wd = work_dir(app, b)?;
     let target = rel.display().to_string();
     let r = blocking(move || Ok(wd.delete(&rel)?)).await;
@@ -400,7 +400,7 @@ async fn put_config(
     app: &Arc<App>,
     b: &Boundary,
     body: &[u8],
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let parsed = crate::config::parse_overlay_json(b.tenant().as_str(), body);
     let overlay = match parsed {
         Ok(o) => o,
@@ -551,7 +551,7 @@ async fn exec(
     b: &Boundary,
     req: ExecRequest,
     mut gone: tokio::sync::oneshot::Receiver<()>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+) -> Result<Response<ApiBody>, ApiError> {
     let t0 = std::time::Instant::now();
     let limits = app.limits(b.tenant());
     let timeout_ms = validate(&req, app, &limits)?;

@@ -60,8 +60,27 @@ impl std::fmt::Debug for Router {
     }
 }
 
+/// An upstream that has started to answer a streamed call.
+pub struct Stream {
+    /// The public model answering.
+    pub model: String,
+    /// Models tried.
+    pub attempts: usize,
+    /// The event stream, as it arrives.
+    pub body: hyper::body::Incoming,
+}
+
+/// What a call that asked for a stream got.
+pub enum Opened {
+    /// A stream (2xx).
+    Stream(Stream),
+    /// A whole answer: the provider refused the request (4xx other than 429).
+    Whole(Answer),
+}
+
 enum Attempt {
     Answered(Answer),
+    Streaming(Stream),
     Retry(String),
 }
 
@@ -130,6 +149,30 @@ impl Router {
         model: &str,
         body: &serde_json::Value,
     ) -> Result<Answer, LlmError> {
+        match self.send(path, model, body, false).await? {
+            Opened::Whole(a) => Ok(a),
+            Opened::Stream(_) => Err(LlmError::Unavailable("unexpected stream".into())),
+        }
+    }
+
+    /// Like [`Router::post`] for a streamed call: fallbacks apply until an upstream
+    /// starts to answer; from then on its event stream is the answer.
+    pub async fn open_stream(
+        &self,
+        path: &'static str,
+        model: &str,
+        body: &serde_json::Value,
+    ) -> Result<Opened, LlmError> {
+        self.send(path, model, body, true).await
+    }
+
+    async fn send(
+        &self,
+        path: &'static str,
+        model: &str,
+        body: &serde_json::Value,
+        stream: bool,
+    ) -> Result<Opened, LlmError> {
         if !self.has(model) {
             return Err(LlmError::UnknownModel(model.to_string()));
         }
@@ -140,8 +183,9 @@ impl Router {
                 let jitter = 50 + u64::from(rand::random::<u8>()) * 100 / 255;
                 tokio::time::sleep(Duration::from_millis(jitter * i as u64)).await;
             }
-            match self.attempt(path, public, body, i + 1).await {
-                Attempt::Answered(a) => return Ok(a),
+            match self.attempt(path, public, body, i + 1, stream).await {
+                Attempt::Answered(a) => return Ok(Opened::Whole(a)),
+                Attempt::Streaming(s) => return Ok(Opened::Stream(s)),
                 Attempt::Retry(why) => {
                     tracing::warn!(model = %public, why = %why, "upstream attempt failed");
                     last = format!("{public}: {why}");
@@ -157,6 +201,7 @@ impl Router {
         public: &str,
         body: &serde_json::Value,
         n: usize,
+        stream: bool,
     ) -> Attempt {
         let Some(m) = self.config.models.get(public) else {
             return Attempt::Retry("not configured".into());
@@ -188,6 +233,39 @@ impl Router {
         let Ok(req) = req.body(Full::new(Bytes::from(bytes))) else {
             return Attempt::Retry("bad upstream URL".into());
         };
+        let timeout = Duration::from_millis(p.timeout_ms);
+        if stream {
+            // The timeout covers the wait for the answer to start; a stream may then last.
+            return match tokio::time::timeout(timeout, self.client.request(req)).await {
+                Ok(Ok(resp)) => {
+                    let status = resp.status().as_u16();
+                    if status == 429 || status >= 500 {
+                        Attempt::Retry(format!("HTTP {status}"))
+                    } else if (200..300).contains(&status) {
+                        Attempt::Streaming(Stream {
+                            model: public.to_string(),
+                            attempts: n,
+                            body: resp.into_body(),
+                        })
+                    } else {
+                        let body = Limited::new(resp.into_body(), MAX_ANSWER)
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        Attempt::Answered(Answer {
+                            status,
+                            body,
+                            model: public.to_string(),
+                            usage: None,
+                            attempts: n,
+                        })
+                    }
+                }
+                Ok(Err(e)) => Attempt::Retry(e.to_string()),
+                Err(_) => Attempt::Retry("timed out".into()),
+            };
+        }
         let call = async {
             let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
             let status = resp.status().as_u16();
@@ -198,12 +276,11 @@ impl Router {
                 .to_bytes();
             Ok::<_, String>((status, body))
         };
-        let (status, raw) =
-            match tokio::time::timeout(Duration::from_millis(p.timeout_ms), call).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Attempt::Retry(e),
-                Err(_) => return Attempt::Retry("timed out".into()),
-            };
+        let (status, raw) = match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Attempt::Retry(e),
+            Err(_) => return Attempt::Retry("timed out".into()),
+        };
         if status == 429 || status >= 500 {
             return Attempt::Retry(format!("HTTP {status}"));
         }

@@ -47,6 +47,28 @@ class Handler(BaseHTTPRequestHandler):
         if model == "slow":
             time.sleep(0.3)
         out = req.get("max_completion_tokens", req.get("max_tokens", 20))
+        usage = {"prompt_tokens": len(raw), "completion_tokens": out,
+                 "total_tokens": len(raw) + out}
+        if req.get("stream"):
+            events = []
+            for piece in ["hi ", "from ", "upstream"]:
+                events.append({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                               "model": model, "choices": [{"index": 0,
+                               "delta": {"content": piece}, "finish_reason": None}]})
+            events.append({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                           "model": model, "choices": [{"index": 0, "delta": {},
+                           "finish_reason": "stop"}]})
+            if (req.get("stream_options") or {}).get("include_usage"):
+                events.append({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                               "model": model, "choices": [], "usage": usage})
+            body = "".join("data: " + json.dumps(e) + "\n\n" for e in events)
+            body = (body + "data: [DONE]\n\n").encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         message = {"role": "assistant", "content": "hi from upstream"}
         if req.get("tools"):
             message = {"role": "assistant", "content": None, "tool_calls": [{

@@ -27,6 +27,16 @@ tool = client.chat.completions.create(
     tools=[{"type": "function", "function": {
         "name": "get_weather", "parameters": {"type": "object", "properties": {}}}}])
 out["tool"] = tool.choices[0].message.tool_calls[0].function.name
+stream = client.chat.completions.create(
+    model="fast", messages=[{"role": "user", "content": "stream"}], stream=True)
+text, last_model, streamed_usage = "", None, None
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        text += chunk.choices[0].delta.content
+    last_model = chunk.model
+    if chunk.usage:
+        streamed_usage = chunk.usage.completion_tokens
+out["stream"] = [text, last_model, streamed_usage]
 emb = client.embeddings.create(model="fast", input=["one", "two"], encoding_format="float")
 out["embeddings"] = [len(emb.data), len(emb.data[0].embedding)]
 out["fallback_model"] = client.chat.completions.create(
