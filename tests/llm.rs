@@ -14,14 +14,22 @@ use hyper::Method;
 fn ensure_openai() {
     let has = || {
         std::process::Command::new("python3")
-            .args(["-c", "import openai, httpx"])
+            .args(["-c", "import openai, httpx, anthropic, httpx2"])
             .status()
             .map(|s| s.success())
             .unwrap_or(false)
     };
     if !has() {
         let st = std::process::Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "openai", "httpx"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "openai",
+                "httpx",
+                "anthropic",
+            ])
             .status()
             .unwrap();
         assert!(
@@ -98,6 +106,19 @@ fallbacks = ["fast"]
 provider = "fake"
 upstream = "slow"
 
+[providers.anth]
+kind = "anthropic"
+base_url = "http://127.0.0.1:{port}/v1"
+api_key_file = "{}"
+
+[models."claude"]
+provider = "anth"
+upstream = "up-claude"
+
+[rate_card."claude"]
+input = 3.0
+output = 15.0
+
 [rate_card."fast"]
 input = 0.15
 output = 0.60
@@ -110,6 +131,7 @@ output = 2.0
 input = 1000.0
 output = 1000.0
 "#,
+        key_file.display(),
         key_file.display()
     )
 }
@@ -164,7 +186,7 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
         assert_eq!(v["model"], "fast", "{v}");
         assert_eq!(
             v["models"],
-            serde_json::json!(["fast", "flaky", "slow"]),
+            serde_json::json!(["claude", "fast", "flaky", "slow"]),
             "{v}"
         );
         assert_eq!(v["tool"], "get_weather", "{v}");
@@ -332,4 +354,114 @@ async fn a_budget_holds_under_100_parallel_calls() {
     assert_eq!(u["usage"]["llm_calls"], 11, "{u}");
     // The upstream saw exactly the calls that were charged.
     assert_eq!(fake.requests().len(), 11);
+}
+
+#[tokio::test]
+async fn the_anthropic_sdk_works_through_the_socket() {
+    ensure_openai();
+    let state = temp_state("anthropic");
+    let dir = state.with_extension("fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = Fake::start(&dir);
+    let key = dir.join("key");
+    std::fs::write(&key, "sk-ant-secret").unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let a = d.create("acme").await;
+    let r = d
+        .tenant(&a)
+        .json(
+            Method::PUT,
+            "/v1/config",
+            &serde_json::json!({"system_prompt": "Be brief.", "max_tokens": 60}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/anthropic_sdk.py"
+        ))
+        .arg(d.state.join("bulkhead.sock"))
+        .arg(&a)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["text"], "hi from upstream", "{v}");
+    assert_eq!(v["model"], "claude", "{v}");
+    assert_eq!(v["output_tokens"], 60, "{v}");
+    assert_eq!(
+        v["stream"],
+        serde_json::json!(["hi from upstream", "claude", 60]),
+        "{v}"
+    );
+    assert_eq!(
+        v["wrong_api"],
+        serde_json::json!([400, "invalid_request_error", "bad_request"]),
+        "{v}"
+    );
+    assert_eq!(
+        v["unknown"],
+        serde_json::json!([404, "not_found_error", "model_not_found"]),
+        "{v}"
+    );
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    for r in &reqs {
+        assert_eq!(r["path"], "/v1/messages");
+        assert_eq!(r["headers"]["x-api-key"], "sk-ant-secret");
+        assert_eq!(r["headers"]["anthropic-version"], "2023-06-01");
+        let body: serde_json::Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["system"], "Be brief.");
+        assert_eq!(body["max_tokens"], 60);
+        assert_eq!(body["model"], "up-claude");
+    }
+    let raw = std::fs::read_to_string(&fake.log).unwrap();
+    assert!(!raw.contains(a.as_str()) && !raw.contains("acme"));
+    let u = d
+        .tenant(&a)
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(u["usage"]["llm_calls"], 2, "{u}");
+    assert_eq!(u["usage"]["llm_output_tokens"], 120, "{u}");
+}
+
+#[tokio::test]
+async fn every_llm_route_needs_the_llm_scope() {
+    let d = Daemon::start(As::Nobody);
+    d.create("acme").await;
+    let r = d
+        .admin()
+        .json(
+            Method::POST,
+            "/admin/tenants/acme/tokens",
+            &serde_json::json!({"role": "member", "tools": ["exec"]}),
+        )
+        .await
+        .unwrap();
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    let c = d.tenant(&token);
+    for (method, path) in [
+        (Method::GET, "/v1/models"),
+        (Method::POST, "/v1/chat/completions"),
+        (Method::POST, "/v1/embeddings"),
+        (Method::POST, "/v1/messages"),
+    ] {
+        let r = c.request(method, path, b"{}".to_vec()).await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.reason_code().as_deref()),
+            (403, Some("policy_denied")),
+            "{path}"
+        );
+    }
 }

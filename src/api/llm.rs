@@ -104,6 +104,85 @@ pub async fn chat_completions(
     call(app, b, c).await
 }
 
+/// `POST /v1/messages` (Anthropic's Messages API) to a model of an Anthropic provider:
+/// the overlay's default model, `max_tokens` cap and system prompt (first) apply.
+pub async fn messages(
+    app: &Arc<App>,
+    b: &Boundary,
+    body: &[u8],
+) -> Result<Response<ApiBody>, ApiError> {
+    let mut req: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))?;
+    if !req.get("messages").is_some_and(|m| m.is_array()) {
+        return Err(ApiError::BadRequest("`messages` must be an array".into()));
+    }
+    let settings = app.settings(b.tenant());
+    let model = checked_model(app, b, &req)?;
+    if app.llm.kind(&model) != Some(crate::llm::config::Kind::Anthropic) {
+        return Err(ApiError::BadRequest(format!(
+            "model {model:?} is served through /v1/chat/completions"
+        )));
+    }
+    let asked = req.get("max_tokens").and_then(|v| v.as_u64());
+    let cap = settings.max_tokens.map(u64::from);
+    let max_tokens = match (asked, cap) {
+        (Some(a), Some(c)) => a.min(c),
+        (Some(a), None) => a,
+        (None, Some(c)) => c,
+        (None, None) => DEFAULT_MAX_TOKENS,
+    };
+    req.insert("max_tokens".into(), max_tokens.into());
+    if let Some(prompt) = &settings.system_prompt {
+        let system = match req.remove("system") {
+            None | Some(serde_json::Value::Null) => serde_json::Value::String(prompt.clone()),
+            Some(serde_json::Value::String(s)) => format!("{prompt}\n\n{s}").into(),
+            Some(serde_json::Value::Array(mut blocks)) => {
+                blocks.insert(0, serde_json::json!({"type": "text", "text": prompt}));
+                serde_json::Value::Array(blocks)
+            }
+            Some(_) => {
+                return Err(ApiError::BadRequest(
+                    "`system` must be a string or an array of blocks".into(),
+                ));
+            }
+        };
+        req.insert("system".into(), system);
+    }
+    // metadata.user_id names the caller's end user.
+    req.remove("metadata");
+    req.insert("model".into(), model.clone().into());
+    let stream = req.get("stream").and_then(|v| v.as_bool()) == Some(true);
+    let c = Call {
+        path: "messages",
+        model,
+        upstream_body: serde_json::Value::Object(req),
+        max_tokens,
+        body_len: body.len(),
+        stream,
+    };
+    call(app, b, c).await
+}
+
+/// An error in the Anthropic API's own shape (with our `reason_code`).
+pub fn anthropic_error(e: &ApiError, trace_id: &str) -> Response<ApiBody> {
+    let (status, code) = e.status_and_code();
+    let kind = match status.as_u16() {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        _ => "api_error",
+    };
+    json_response(
+        status,
+        &serde_json::json!({"type": "error", "error": {"type": kind, "message": e.to_string(), "reason_code": code}}),
+        trace_id,
+    )
+}
+
 /// `POST /v1/embeddings`: the default model applies; nothing else of the overlay does.
 pub async fn embeddings(
     app: &Arc<App>,
@@ -232,11 +311,37 @@ fn rewrite_event(line: &[u8], model: &str, usage: &mut Option<TokenUsage>) -> By
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(data) else {
         return unchanged();
     };
-    if let Some(u) = v.get("usage").and_then(TokenUsage::from_openai) {
-        *usage = Some(u);
-    }
-    if let Some(obj) = v.as_object_mut() {
-        obj.insert("model".into(), model.into());
+    match v.get("type").and_then(|t| t.as_str()) {
+        // Anthropic: input tokens (and the model) in message_start, the running output
+        // count in message_delta.
+        Some("message_start") => {
+            if let Some(u) = v
+                .pointer("/message/usage")
+                .and_then(TokenUsage::from_anthropic)
+            {
+                *usage = Some(u);
+            }
+            if let Some(m) = v.pointer_mut("/message").and_then(|m| m.as_object_mut()) {
+                m.insert("model".into(), model.into());
+            }
+        }
+        Some("message_delta") => {
+            if let Some(out) = v.pointer("/usage/output_tokens").and_then(|o| o.as_u64()) {
+                let so_far = usage.unwrap_or_default();
+                *usage = Some(TokenUsage {
+                    output: out,
+                    ..so_far
+                });
+            }
+        }
+        _ => {
+            if let Some(u) = v.get("usage").and_then(TokenUsage::from_openai) {
+                *usage = Some(u);
+            }
+            if let Some(obj) = v.as_object_mut().filter(|o| o.contains_key("model")) {
+                obj.insert("model".into(), model.into());
+            }
+        }
     }
     let mut out = b"data: ".to_vec();
     out.extend_from_slice(&serde_json::to_vec(&v).unwrap_or_else(|_| data.to_vec()));

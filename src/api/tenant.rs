@@ -145,6 +145,15 @@ async fn dispatch(
         }
         return super::llm::chat_completions(&app, &boundary, &body).await;
     }
+    if path == "/v1/messages" {
+        if method != Method::POST {
+            return Err(ApiError::Method);
+        }
+        return match super::llm::messages(&app, &boundary, &body).await {
+            Err(e) => Ok(super::llm::anthropic_error(&e, boundary.trace_id())),
+            ok => ok,
+        };
+    }
     if path == "/v1/embeddings" {
         if method != Method::POST {
             return Err(ApiError::Method);
@@ -223,7 +232,8 @@ fn action_of(method: &Method, path: &str) -> Option<crate::policy::Action> {
         .is_some_and(|r| r.is_empty() || r.starts_with('/'));
     match (method, path) {
         (&Method::POST, "/v1/exec") => Some(Action::Exec),
-        (&Method::POST, "/v1/chat/completions") | (&Method::GET, "/v1/models") => Some(Action::Llm),
+        (&Method::POST, "/v1/chat/completions" | "/v1/embeddings" | "/v1/messages")
+        | (&Method::GET, "/v1/models") => Some(Action::Llm),
         (&Method::GET, "/v1/config") => Some(Action::ConfigRead),
         (&Method::PUT, "/v1/config") => Some(Action::ConfigWrite),
         (&Method::GET, _) if files => Some(Action::FilesRead),

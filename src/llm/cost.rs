@@ -36,6 +36,22 @@ impl TokenUsage {
     }
 }
 
+impl TokenUsage {
+    /// Reads an Anthropic `usage` object (`input_tokens`, `output_tokens`,
+    /// `cache_read_input_tokens`, `cache_creation_input_tokens`); cache reads count as
+    /// cached input, cache writes as input.
+    pub fn from_anthropic(usage: &serde_json::Value) -> Option<TokenUsage> {
+        let n = |k: &str| usage.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        usage.get("input_tokens")?.as_u64()?;
+        let cached = n("cache_read_input_tokens");
+        Some(TokenUsage {
+            input: n("input_tokens") + cached + n("cache_creation_input_tokens"),
+            cached_input: cached,
+            output: n("output_tokens"),
+        })
+    }
+}
+
 /// Micro-dollars for `tokens` at `price` USD per million tokens (rounded up).
 fn micro(tokens: u64, price: f64) -> u64 {
     // price USD / 1e6 tokens = price micro-USD per token.

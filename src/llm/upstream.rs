@@ -105,6 +105,12 @@ impl Router {
         self.config.models.keys().map(String::as_str)
     }
 
+    /// The API the provider of `model` speaks.
+    pub fn kind(&self, model: &str) -> Option<Kind> {
+        let m = self.config.models.get(model)?;
+        Some(self.config.providers.get(&m.provider)?.kind)
+    }
+
     /// Whether `model` exists.
     pub fn has(&self, model: &str) -> bool {
         self.config.models.contains_key(model)
@@ -209,8 +215,13 @@ impl Router {
         let Some(p) = self.config.providers.get(&m.provider) else {
             return Attempt::Retry("no provider".into());
         };
-        if p.kind != Kind::Openai {
-            return Attempt::Retry("anthropic providers are not routed yet".into());
+        let wanted = if path == "messages" {
+            Kind::Anthropic
+        } else {
+            Kind::Openai
+        };
+        if p.kind != wanted {
+            return Attempt::Retry(format!("its provider does not serve /{path}"));
         }
         if !p.base_url.starts_with("http://") {
             return Attempt::Retry("https upstreams need TLS, which is not built yet".into());
@@ -227,8 +238,14 @@ impl Router {
         };
         let url = format!("{}/{path}", p.base_url.trim_end_matches('/'));
         let mut req = hyper::Request::post(url).header("content-type", "application/json");
+        if p.kind == Kind::Anthropic {
+            req = req.header("anthropic-version", "2023-06-01");
+        }
         if let Some(Some(key)) = self.keys.get(&m.provider) {
-            req = req.header("authorization", format!("Bearer {}", key.expose()));
+            req = match p.kind {
+                Kind::Openai => req.header("authorization", format!("Bearer {}", key.expose())),
+                Kind::Anthropic => req.header("x-api-key", key.expose()),
+            };
         }
         let Ok(req) = req.body(Full::new(Bytes::from(bytes))) else {
             return Attempt::Retry("bad upstream URL".into());
@@ -297,7 +314,10 @@ impl Router {
         let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&raw) else {
             return Attempt::Retry("answer is not JSON".into());
         };
-        let usage = v.get("usage").and_then(TokenUsage::from_openai);
+        let usage = v.get("usage").and_then(|u| match p.kind {
+            Kind::Openai => TokenUsage::from_openai(u),
+            Kind::Anthropic => TokenUsage::from_anthropic(u),
+        });
         if let Some(obj) = v.as_object_mut() {
             obj.insert(
                 "model".into(),

@@ -34,6 +34,8 @@ class Handler(BaseHTTPRequestHandler):
                                 "body": raw.decode()}) + "\n")
         req = json.loads(raw)
         model = req.get("model")
+        if self.path.endswith("/messages"):
+            return self.anthropic(req, raw)
         if self.path.endswith("/embeddings"):
             inputs = req["input"] if isinstance(req["input"], list) else [req["input"]]
             return self.reply(200, {
@@ -82,6 +84,35 @@ class Handler(BaseHTTPRequestHandler):
             "usage": {"prompt_tokens": len(raw), "completion_tokens": out,
                       "total_tokens": len(raw) + out},
         })
+
+    def anthropic(self, req, raw):
+        model, out = req.get("model"), req.get("max_tokens", 20)
+        if not req.get("stream"):
+            return self.reply(200, {
+                "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "hi from upstream"}],
+                "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": len(raw), "output_tokens": out}})
+        events = [("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": len(raw), "output_tokens": 1}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}})]
+        for piece in ["hi ", "from ", "upstream"]:
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "text_delta", "text": piece}}))
+        events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                   ("message_delta", {"type": "message_delta", "delta": {
+                       "stop_reason": "end_turn", "stop_sequence": None},
+                       "usage": {"output_tokens": out}}),
+                   ("message_stop", {"type": "message_stop"})]
+        body = "".join(f"event: {n}\ndata: {json.dumps(e)}\n\n" for n, e in events).encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def reply(self, status, obj):
         body = json.dumps(obj).encode()
