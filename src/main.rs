@@ -133,9 +133,11 @@ enum TenantOp {
     Stop { name: String },
     /// Show a tenant's limits, or set them: KEY=VALUE (a number, or `none` to unset).
     /// Keys: max_concurrent requests_per_s exec_per_s max_wall_ms max_output_bytes
-    /// steps_per_day cpu_s_per_day memory_bytes pids disk_bytes egress_bytes_per_day, and
+    /// steps_per_day cpu_s_per_day memory_bytes pids disk_bytes egress_bytes_per_day
+    /// daily_budget_usd monthly_budget_usd rpm tpm, and the lists
     /// egress=HOST:PORT,... (destinations for the sandbox's proxy, e.g.
-    /// egress=pypi.org:443,*.github.com:443; `egress=` allows none).
+    /// egress=pypi.org:443,*.github.com:443; `egress=` allows none) and
+    /// allowed_models=NAME,... (the models the tenant may call).
     Limits { name: String, pairs: Vec<String> },
     /// Tokens.
     Token {
@@ -787,7 +789,7 @@ async fn tenants(at: StateArgs, op: TenantOp) -> Result<u8, String> {
                         .ok_or(format!("{kv:?}: expected KEY=VALUE"))?;
                     let value = if v == "none" {
                         serde_json::Value::Null
-                    } else if k == "egress" {
+                    } else if k == "egress" || k == "allowed_models" {
                         serde_json::Value::Array(
                             v.split(',')
                                 .filter(|p| !p.is_empty())

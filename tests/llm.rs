@@ -465,3 +465,77 @@ async fn every_llm_route_needs_the_llm_scope() {
         );
     }
 }
+
+#[tokio::test]
+async fn rpm_and_tpm_hold_for_one_tenant_and_not_the_other() {
+    let state = temp_state("rpm");
+    let dir = state.with_extension("fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = Fake::start(&dir);
+    let key = dir.join("key");
+    std::fs::write(&key, "k").unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    let body = serde_json::json!({"model": "fast", "max_tokens": 1000,
+        "messages": [{"role": "user", "content": "x"}]});
+    let call = |t: &str| {
+        let c = d.tenant(t);
+        let body = body.clone();
+        async move {
+            let r = c
+                .json(Method::POST, "/v1/chat/completions", &body)
+                .await
+                .unwrap();
+            (
+                r.status.as_u16(),
+                r.reason_code(),
+                r.header("retry-after").map(str::to_string),
+            )
+        }
+    };
+    let set = |v: serde_json::Value| {
+        let admin = d.admin();
+        async move {
+            let r = admin
+                .json(Method::PUT, "/admin/tenants/acme/limits", &v)
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{:?}", r.json());
+        }
+    };
+    set(serde_json::json!({"rpm": 3})).await;
+    for _ in 0..3 {
+        assert_eq!(call(&a).await.0, 200);
+    }
+    let (status, code, retry) = call(&a).await;
+    assert_eq!((status, code.as_deref()), (429, Some("rate_limited")));
+    assert!(retry.is_some());
+    for _ in 0..5 {
+        assert_eq!(call(&b).await.0, 200, "beta has no rpm");
+    }
+    // tpm: each call takes its worst case (~1,100 tokens) up front: two fit in 2,500.
+    set(serde_json::json!({"rpm": null, "tpm": 2500})).await;
+    assert_eq!(call(&a).await.0, 200);
+    assert_eq!(call(&a).await.0, 200);
+    let (status, code, _) = call(&a).await;
+    assert_eq!((status, code.as_deref()), (429, Some("rate_limited")));
+    assert_eq!(call(&b).await.0, 200);
+    // Bad values are refused and change nothing.
+    for bad in [
+        serde_json::json!({"rpm": 0}),
+        serde_json::json!({"tpm": -5}),
+        serde_json::json!({"daily_budget_usd": -1.0}),
+        serde_json::json!({"allowed_models": [""]}),
+    ] {
+        let r = d
+            .admin()
+            .json(Method::PUT, "/admin/tenants/acme/limits", &bad)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{bad}");
+    }
+    drop(fake);
+}

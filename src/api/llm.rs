@@ -260,6 +260,8 @@ struct Settled {
     attempts: usize,
     outcome: &'static str,
     reason: Option<&'static str>,
+    /// Tokens taken from the `tpm` bucket up front.
+    worst_tokens: u64,
 }
 
 /// Settles the reservation to what was spent and writes the call's audit line.
@@ -274,6 +276,14 @@ async fn settle(
     let spent = s.spent.min(reserve);
     app.meters
         .settle_spend(b.tenant().as_str(), reserve, spent, s.tokens);
+    if let Some(tpm) = app.limits(b.tenant()).tpm {
+        let used = s.tokens.0.saturating_add(s.tokens.1);
+        app.meters.give_back_per_minute(
+            &format!("tpm/{}", b.tenant()),
+            tpm,
+            s.worst_tokens.saturating_sub(used),
+        );
+    }
     let event = Event {
         actor: b.actor().to_string(),
         tenant: Some(b.tenant().to_string()),
@@ -349,19 +359,33 @@ fn rewrite_event(line: &[u8], model: &str, usage: &mut Option<TokenUsage>) -> By
     Bytes::from(out)
 }
 
-/// Relays an upstream event stream to the client, then settles and audits the call. A
-/// client that goes away ends the relay, which drops (cancels) the upstream request;
-/// without a usage report the call is charged its reservation.
-async fn relay(
+/// A call whose answer is still streaming: what settling it needs.
+struct Pending {
     app: Arc<App>,
     b: Boundary,
     asked: String,
     reserve: u64,
     t0: std::time::Instant,
+    worst_tokens: u64,
+}
+
+/// Relays an upstream event stream to the client, then settles and audits the call. A
+/// client that goes away ends the relay, which drops (cancels) the upstream request;
+/// without a usage report the call is charged its reservation.
+async fn relay(
+    call: Pending,
     s: crate::llm::upstream::Stream,
     tx: tokio::sync::mpsc::Sender<Bytes>,
 ) {
     use http_body_util::BodyExt;
+    let Pending {
+        app,
+        b,
+        asked,
+        reserve,
+        t0,
+        worst_tokens,
+    } = call;
     let mut body = s.body;
     let (mut pending, mut usage) = (Vec::new(), None);
     let (mut gone, mut failed) = (false, false);
@@ -413,6 +437,7 @@ async fn relay(
         } else {
             None
         },
+        worst_tokens,
     };
     if let Err(e) = settle(&app, &b, &asked, reserve, t0, settled).await {
         tracing::error!(error = %e, "audit of a streamed LLM call failed");
@@ -432,6 +457,18 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
         .map(|v| v.len() as u64)
         .unwrap_or(c.body_len as u64);
     let reserve = worst_case_micro(request_bytes, c.max_tokens, rate);
+    let tenant = b.tenant().as_str();
+    if let Some(rpm) = limits.rpm {
+        app.meters
+            .take_per_minute(&format!("rpm/{tenant}"), rpm, 1, "rpm")
+            .map_err(ApiError::RateLimited)?;
+    }
+    let worst_tokens = request_bytes.saturating_add(c.max_tokens);
+    if let Some(tpm) = limits.tpm {
+        app.meters
+            .take_per_minute(&format!("tpm/{tenant}"), tpm, worst_tokens, "tpm")
+            .map_err(ApiError::RateLimited)?;
+    }
     app.meters
         .reserve_spend(
             b.tenant().as_str(),
@@ -440,6 +477,10 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
             limits.monthly_budget_usd.map(usd_to_micro),
         )
         .map_err(|which| {
+            if let Some(tpm) = limits.tpm {
+                app.meters
+                    .give_back_per_minute(&format!("tpm/{tenant}"), tpm, worst_tokens);
+            }
             ApiError::BudgetExceeded(format!(
                 "this call could cost up to {} USD, more than is left of {which}",
                 usd(reserve)
@@ -453,15 +494,15 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
         {
             Ok(Opened::Stream(s)) => {
                 let (tx, body) = ChannelBody::new(16);
-                tokio::spawn(relay(
-                    app.clone(),
-                    b.clone(),
-                    c.model.clone(),
+                let pending = Pending {
+                    app: app.clone(),
+                    b: b.clone(),
+                    asked: c.model.clone(),
                     reserve,
                     t0,
-                    s,
-                    tx,
-                ));
+                    worst_tokens,
+                };
+                tokio::spawn(relay(pending, s, tx));
                 let mut resp = Response::new(http_body_util::Either::Right(body));
                 let headers = resp.headers_mut();
                 headers.insert(
@@ -507,6 +548,7 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
         attempts: answer.as_ref().map_or(0, |a| a.attempts),
         outcome,
         reason,
+        worst_tokens,
     };
     settle(app, b, &c.model, reserve, t0, settled).await?;
     let a = answer.map_err(ApiError::from)?;

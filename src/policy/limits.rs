@@ -56,6 +56,13 @@ pub struct Limits {
     /// LLM spend per UTC month, USD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monthly_budget_usd: Option<f64>,
+    /// LLM calls per minute (per tenant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// LLM tokens per minute (per tenant): each call takes its worst case (request bytes
+    /// plus `max_tokens`) up front and gives back what it did not use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
     /// Public model names the tenant may call; absent: every configured model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_models: Option<Vec<String>>,
@@ -108,6 +115,8 @@ impl Limits {
         range("memory_bytes", self.memory_bytes, 16 << 20, 1 << 44)?;
         range("pids", self.pids, 1, 65_536)?;
         range("disk_bytes", self.disk_bytes, 1, 1 << 50)?;
+        range("rpm", self.rpm, 1, 100_000_000)?;
+        range("tpm", self.tpm, 1, 1 << 40)?;
         range(
             "egress_bytes_per_day",
             self.egress_bytes_per_day,
@@ -137,6 +146,8 @@ impl Limits {
             egress_bytes_per_day: over.egress_bytes_per_day.or(self.egress_bytes_per_day),
             daily_budget_usd: over.daily_budget_usd.or(self.daily_budget_usd),
             monthly_budget_usd: over.monthly_budget_usd.or(self.monthly_budget_usd),
+            rpm: over.rpm.or(self.rpm),
+            tpm: over.tpm.or(self.tpm),
             allowed_models: over
                 .allowed_models
                 .clone()
@@ -610,7 +621,42 @@ impl Meters {
 
     /// Takes one token from the bucket `key` at `rate` per second, or says how long to wait.
     pub fn take(&self, key: &str, rate: f64, limit: &'static str) -> Result<(), Throttled> {
-        let burst = rate.max(1.0);
+        self.take_n(key, rate, rate.max(1.0), 1.0, limit)
+    }
+
+    /// `n` from a bucket of `per_minute` that refills over a minute (`rpm`, `tpm`).
+    pub fn take_per_minute(
+        &self,
+        key: &str,
+        per_minute: u64,
+        n: u64,
+        limit: &'static str,
+    ) -> Result<(), Throttled> {
+        let cap = per_minute as f64;
+        self.take_n(key, cap / 60.0, cap, n as f64, limit)
+    }
+
+    /// Gives back `n` taken from a per-minute bucket (a call used fewer tokens than it
+    /// was charged up front).
+    pub fn give_back_per_minute(&self, key: &str, per_minute: u64, n: u64) {
+        if let Some(b) = self
+            .buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(key)
+        {
+            b.tokens = (b.tokens + n as f64).min(per_minute as f64);
+        }
+    }
+
+    fn take_n(
+        &self,
+        key: &str,
+        rate: f64,
+        burst: f64,
+        n: f64,
+        limit: &'static str,
+    ) -> Result<(), Throttled> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let b = buckets.entry(key.to_string()).or_insert(Bucket {
@@ -619,11 +665,16 @@ impl Meters {
         });
         b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
         b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if b.tokens >= n {
+            b.tokens -= n;
             Ok(())
         } else {
-            let wait = (1.0 - b.tokens) / rate;
+            // More than the bucket holds can never pass: say so with the longest wait.
+            let wait = if n > burst {
+                60.0
+            } else {
+                (n - b.tokens) / rate
+            };
             Err(Throttled {
                 limit,
                 retry_after: Duration::from_secs_f64(wait.max(0.001)),
