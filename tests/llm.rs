@@ -539,3 +539,61 @@ async fn rpm_and_tpm_hold_for_one_tenant_and_not_the_other() {
     }
     drop(fake);
 }
+
+#[tokio::test]
+async fn identifying_fields_and_odd_bounds_never_reach_upstream() {
+    let state = temp_state("fields");
+    let dir = state.with_extension("fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = Fake::start(&dir);
+    let key = dir.join("key");
+    std::fs::write(&key, "k").unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let a = d.create("acme").await;
+    let c = d.tenant(&a);
+    let body = serde_json::json!({"model": "fast", "messages": [{"role": "user", "content": "x"}],
+        "user": "u1", "metadata": {"k": "v"}, "safety_identifier": "s1",
+        "prompt_cache_key": "p1", "store": true, "service_tier": "priority",
+        "max_completion_tokens": 5, "max_tokens": 1_000_000, "n": 3});
+    let r = c
+        .json(Method::POST, "/v1/chat/completions", &body)
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let sent: serde_json::Value =
+        serde_json::from_str(fake.requests()[0]["body"].as_str().unwrap()).unwrap();
+    for k in [
+        "user",
+        "metadata",
+        "safety_identifier",
+        "prompt_cache_key",
+        "store",
+        "service_tier",
+    ] {
+        assert!(sent.get(k).is_none(), "{k} went upstream: {sent}");
+    }
+    // Both output bounds carry the effective one.
+    assert_eq!(
+        (&sent["max_completion_tokens"], &sent["max_tokens"]),
+        (&serde_json::json!(5), &serde_json::json!(5))
+    );
+    for bad in [
+        serde_json::json!({"model": "fast", "messages": [], "stream": "true"}),
+        serde_json::json!({"model": "fast", "messages": [], "n": 0}),
+        serde_json::json!({"model": "fast", "messages": [], "n": 1000}),
+        serde_json::json!({"model": "fast", "messages": [], "n": "2"}),
+    ] {
+        let r = c
+            .json(Method::POST, "/v1/chat/completions", &bad)
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.reason_code().as_deref()),
+            (400, Some("bad_request")),
+            "{bad}"
+        );
+    }
+    assert_eq!(fake.requests().len(), 1);
+}

@@ -23,6 +23,9 @@ use crate::llm::upstream::Opened;
 /// needs a bound, and the upstream gets the same one.
 const DEFAULT_MAX_TOKENS: u64 = 4096;
 
+/// The longest line of an upstream event stream relayed (longer: the stream is ended).
+const MAX_EVENT_LINE: usize = 16 << 20;
+
 fn usd_to_micro(usd: f64) -> u64 {
     (usd * 1e6).floor().clamp(0.0, u64::MAX as f64) as u64
 }
@@ -51,7 +54,7 @@ pub async fn chat_completions(
 ) -> Result<Response<ApiBody>, ApiError> {
     let mut req: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))?;
-    let stream = req.get("stream").and_then(|v| v.as_bool()) == Some(true);
+    let stream = stream_flag(&req)?;
     if stream {
         // Usage arrives in a last chunk only when asked for; it is what the call costs.
         let mut options = req
@@ -77,27 +80,41 @@ pub async fn chat_completions(
         (None, Some(c)) => c,
         (None, None) => DEFAULT_MAX_TOKENS,
     };
-    let key = if req.contains_key("max_completion_tokens") {
-        "max_completion_tokens"
-    } else {
-        "max_tokens"
+    // Every output bound the request names gets the effective one (so neither can ask
+    // for more than was reserved); with none, `max_tokens` is added.
+    let named: Vec<&str> = ["max_completion_tokens", "max_tokens"]
+        .into_iter()
+        .filter(|k| req.contains_key(*k))
+        .collect();
+    if named.is_empty() {
+        req.insert("max_tokens".into(), max_tokens.into());
+    }
+    for k in named {
+        req.insert(k.into(), max_tokens.into());
+    }
+    // `n` choices each produce up to `max_tokens`.
+    let choices = match req.get("n") {
+        None | Some(serde_json::Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=128).contains(n))
+            .ok_or_else(|| ApiError::BadRequest("`n` must be an integer 1..=128".into()))?,
     };
-    req.insert(key.into(), max_tokens.into());
     if let Some(prompt) = &settings.system_prompt
         && let Some(serde_json::Value::Array(messages)) = req.get_mut("messages")
     {
         messages.insert(0, serde_json::json!({"role": "system", "content": prompt}));
     }
-    // Fields that would name the caller upstream are dropped.
-    req.remove("user");
-    req.remove("metadata");
+    for k in NOT_FORWARDED {
+        req.remove(*k);
+    }
     req.insert("model".into(), model.clone().into());
     let upstream_body = serde_json::Value::Object(req);
     let c = Call {
         path: "chat/completions",
         model,
         upstream_body,
-        max_tokens,
+        max_tokens: max_tokens.saturating_mul(choices),
         body_len: body.len(),
         stream,
     };
@@ -148,10 +165,11 @@ pub async fn messages(
         };
         req.insert("system".into(), system);
     }
-    // metadata.user_id names the caller's end user.
-    req.remove("metadata");
+    for k in NOT_FORWARDED {
+        req.remove(*k);
+    }
     req.insert("model".into(), model.clone().into());
-    let stream = req.get("stream").and_then(|v| v.as_bool()) == Some(true);
+    let stream = stream_flag(&req)?;
     let c = Call {
         path: "messages",
         model,
@@ -200,7 +218,9 @@ pub async fn embeddings(
         ));
     }
     let model = checked_model(app, b, &req)?;
-    req.remove("user");
+    for k in NOT_FORWARDED {
+        req.remove(*k);
+    }
     req.insert("model".into(), model.clone().into());
     let c = Call {
         path: "embeddings",
@@ -212,6 +232,26 @@ pub async fn embeddings(
     };
     call(app, b, c).await
 }
+
+/// `stream`: absent, null or a boolean.
+fn stream_flag(req: &serde_json::Map<String, serde_json::Value>) -> Result<bool, ApiError> {
+    match req.get("stream") {
+        None | Some(serde_json::Value::Null) => Ok(false),
+        Some(serde_json::Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::BadRequest("`stream` must be a boolean".into())),
+    }
+}
+
+/// Request fields that would identify the caller upstream, or make the provider keep or
+/// price the call differently from what the rate card says: dropped before sending.
+const NOT_FORWARDED: &[&str] = &[
+    "user",
+    "metadata",
+    "safety_identifier",
+    "prompt_cache_key",
+    "store",
+    "service_tier",
+];
 
 /// The request's model (or the tenant's default), known and allowed for the tenant.
 fn checked_model(
@@ -273,7 +313,10 @@ async fn settle(
     t0: std::time::Instant,
     s: Settled,
 ) -> Result<(), ApiError> {
-    let spent = s.spent.min(reserve);
+    // What the provider reported is charged, even past the reservation (inputs such as
+    // images can count more tokens than their bytes): the reservation is what admits
+    // the call, the usage is what it cost.
+    let spent = s.spent;
     app.meters
         .settle_spend(b.tenant().as_str(), reserve, spent, s.tokens);
     if let Some(tpm) = app.limits(b.tenant()).tpm {
@@ -315,7 +358,10 @@ fn rewrite_event(line: &[u8], model: &str, usage: &mut Option<TokenUsage>) -> By
         out.push(b'\n');
         Bytes::from(out)
     };
-    let Some(data) = line.strip_prefix(b"data: ") else {
+    let Some(data) = line
+        .strip_prefix(b"data:")
+        .map(|d| d.strip_prefix(b" ").unwrap_or(d))
+    else {
         return unchanged();
     };
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(data) else {
@@ -398,6 +444,11 @@ async fn relay(
             continue;
         };
         pending.extend_from_slice(&data);
+        // An event line longer than any answer may be is not an event stream.
+        if pending.len() > MAX_EVENT_LINE {
+            failed = true;
+            break;
+        }
         while let Some(end) = pending.iter().position(|&c| c == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let trimmed = line.strip_suffix(b"\n").unwrap_or(&line);
@@ -419,8 +470,16 @@ async fn relay(
         (Some(u), Some(r)) => (cost_micro(u, r), (u.input, u.output)),
         _ => (reserve, (0, 0)),
     };
+    // A stream that did not finish may have been billed upstream for more than its
+    // partial usage says (Anthropic reports output only at the end): at least the
+    // reservation is charged.
+    let spent = if gone || failed {
+        spent.max(reserve)
+    } else {
+        spent
+    };
     if !gone {
-        let tail = format!(": x-bulkhead-cost-usd {}\n\n", usd(spent.min(reserve)));
+        let tail = format!(": x-bulkhead-cost-usd {}\n\n", usd(spent));
         let _sent = tx.send(Bytes::from(tail)).await;
     }
     drop(tx);
@@ -554,7 +613,7 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
     let a = answer.map_err(ApiError::from)?;
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut resp = response(status, "application/json", a.body.to_vec(), b.trace_id());
-    if let Ok(v) = hyper::header::HeaderValue::from_str(&usd(spent.min(reserve))) {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&usd(spent)) {
         resp.headers_mut().insert("x-bulkhead-cost-usd", v);
     }
     Ok(resp)
@@ -581,6 +640,18 @@ mod tests {
                 output: 3
             })
         );
+        let mut u2 = None;
+        let out = rewrite_event(
+            br#"data:{"model":"up","usage":{"prompt_tokens":1}}"#,
+            "fast",
+            &mut u2,
+        );
+        assert!(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .contains(r#""model":"fast""#)
+        );
+        assert!(u2.is_some());
         for same in [&b""[..], b"data: [DONE]", b": comment", b"event: x"] {
             let mut u = None;
             let out = rewrite_event(same, "fast", &mut u);
