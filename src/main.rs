@@ -237,6 +237,15 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// LLM routing overhead: chat completions straight to a fake upstream and through the
+    /// daemon, at several concurrencies, in one run.
+    Llm {
+        #[command(flatten)]
+        args: bulkhead::bench::llm::LlmArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Throughput: /bin/true runs per second with concurrent clients, bubblewrap against
     /// POST /v1/exec (one tenant per client, in warm cells), and idle memory per cell.
     Throughput {
@@ -363,6 +372,27 @@ fn main() -> ExitCode {
                 }
                 Ok(r) => {
                     bulkhead::bench::noisy::print(&r);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bulkhead: bench: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Bench {
+            which: BenchCommand::Llm { args, json },
+        } => {
+            let report = std::env::current_exe()
+                .map_err(|e| e.to_string())
+                .and_then(|exe| bulkhead::bench::llm::llm(&args, &exe));
+            match report {
+                Ok(r) if json => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => {
+                    bulkhead::bench::llm::print(&r);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

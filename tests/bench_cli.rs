@@ -143,3 +143,38 @@ fn throughput_benchmark_reports_runs_per_second_and_cell_memory() {
     );
     assert!(rss > 0.0 && uss > 0.0 && uss <= rss, "{v}");
 }
+
+#[test]
+fn llm_benchmark_reports_direct_and_routed_latency() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args([
+            "bench",
+            "llm",
+            "--requests",
+            "40",
+            "--clients",
+            "1,4",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["errors"], serde_json::json!([]), "{v}");
+    let levels = v["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2, "{v}");
+    for l in levels {
+        for path in ["direct", "bulkhead"] {
+            let (p50, p99, rps) = (
+                l[path][0].as_u64().unwrap(),
+                l[path][1].as_u64().unwrap(),
+                l[path][2].as_f64().unwrap(),
+            );
+            assert!(p50 > 0 && p50 <= p99 && rps > 0.0, "{v}");
+        }
+    }
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::sandbox::{self, OutputMode, SandboxSpec};
 
+pub mod llm;
 pub mod noisy;
 pub mod throughput;
 
@@ -539,6 +540,11 @@ impl BenchDaemon {
             }
             (runs, errors)
         })
+    }
+
+    /// The client of tenant `i`.
+    pub fn client(&self, i: usize) -> Option<crate::client::SocketClient> {
+        self.clients.get(i).cloned()
     }
 
     /// `GET /admin/status`.
