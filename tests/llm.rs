@@ -85,6 +85,20 @@ impl Fake {
     }
 }
 
+/// A daemon (as uid 65534) routing to a fresh fake upstream whose key file holds `key`.
+fn with_fake(tag: &str, key: &str) -> (Daemon, Fake) {
+    let state = temp_state(tag);
+    let dir = state.with_extension("fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = Fake::start(&dir);
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, key).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(&key_file, Some(65534), Some(65534)).unwrap();
+    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key_file)));
+    (d, fake)
+}
+
 fn config(port: u16, key_file: &std::path::Path) -> String {
     format!(
         r#"
@@ -139,15 +153,7 @@ output = 1000.0
 #[tokio::test]
 async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_upstream() {
     ensure_openai();
-    let state = temp_state("llm");
-    let dir = state.with_extension("fake");
-    std::fs::create_dir_all(&dir).unwrap();
-    let fake = Fake::start(&dir);
-    let key = dir.join("key");
-    std::fs::write(&key, "sk-upstream-secret\n").unwrap();
-    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
-    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
-    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let (d, fake) = with_fake("llm", "sk-upstream-secret\n");
     let a = d.create("acme").await;
     let b = d.create("beta").await;
     // acme's overlay: a system prompt and a max_tokens cap; beta has neither.
@@ -287,15 +293,7 @@ async fn the_openai_sdk_works_through_the_socket_and_nothing_of_the_tenant_goes_
 
 #[tokio::test]
 async fn a_budget_holds_under_100_parallel_calls() {
-    let state = temp_state("budget");
-    let dir = state.with_extension("fake");
-    std::fs::create_dir_all(&dir).unwrap();
-    let fake = Fake::start(&dir);
-    let key = dir.join("key");
-    std::fs::write(&key, "k").unwrap();
-    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
-    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
-    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let (d, fake) = with_fake("budget", "k");
     let g = d.create("gamma").await;
     let body = serde_json::json!({"model": "slow", "max_tokens": 10,
         "messages": [{"role": "user", "content": "count"}]});
@@ -359,15 +357,7 @@ async fn a_budget_holds_under_100_parallel_calls() {
 #[tokio::test]
 async fn the_anthropic_sdk_works_through_the_socket() {
     ensure_openai();
-    let state = temp_state("anthropic");
-    let dir = state.with_extension("fake");
-    std::fs::create_dir_all(&dir).unwrap();
-    let fake = Fake::start(&dir);
-    let key = dir.join("key");
-    std::fs::write(&key, "sk-ant-secret").unwrap();
-    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
-    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
-    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let (d, fake) = with_fake("anthropic", "sk-ant-secret");
     let a = d.create("acme").await;
     let r = d
         .tenant(&a)
@@ -468,15 +458,7 @@ async fn every_llm_route_needs_the_llm_scope() {
 
 #[tokio::test]
 async fn rpm_and_tpm_hold_for_one_tenant_and_not_the_other() {
-    let state = temp_state("rpm");
-    let dir = state.with_extension("fake");
-    std::fs::create_dir_all(&dir).unwrap();
-    let fake = Fake::start(&dir);
-    let key = dir.join("key");
-    std::fs::write(&key, "k").unwrap();
-    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
-    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
-    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let (d, fake) = with_fake("rpm", "k");
     let a = d.create("acme").await;
     let b = d.create("beta").await;
     let body = serde_json::json!({"model": "fast", "max_tokens": 1000,
@@ -542,15 +524,7 @@ async fn rpm_and_tpm_hold_for_one_tenant_and_not_the_other() {
 
 #[tokio::test]
 async fn identifying_fields_and_odd_bounds_never_reach_upstream() {
-    let state = temp_state("fields");
-    let dir = state.with_extension("fake");
-    std::fs::create_dir_all(&dir).unwrap();
-    let fake = Fake::start(&dir);
-    let key = dir.join("key");
-    std::fs::write(&key, "k").unwrap();
-    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
-    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
-    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key)));
+    let (d, fake) = with_fake("fields", "k");
     let a = d.create("acme").await;
     let c = d.tenant(&a);
     let body = serde_json::json!({"model": "fast", "messages": [{"role": "user", "content": "x"}],

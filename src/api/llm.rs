@@ -52,8 +52,7 @@ pub async fn chat_completions(
     b: &Boundary,
     body: &[u8],
 ) -> Result<Response<ApiBody>, ApiError> {
-    let mut req: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))?;
+    let mut req = parse_object(body)?;
     let stream = stream_flag(&req)?;
     if stream {
         // Usage arrives in a last chunk only when asked for; it is what the call costs.
@@ -74,12 +73,7 @@ pub async fn chat_completions(
         .iter()
         .find_map(|k| req.get(*k).and_then(|v| v.as_u64()));
     let cap = settings.max_tokens.map(u64::from);
-    let max_tokens = match (asked, cap) {
-        (Some(a), Some(c)) => a.min(c),
-        (Some(a), None) => a,
-        (None, Some(c)) => c,
-        (None, None) => DEFAULT_MAX_TOKENS,
-    };
+    let max_tokens = output_bound(asked, cap);
     // Every output bound the request names gets the effective one (so neither can ask
     // for more than was reserved); with none, `max_tokens` is added.
     let named: Vec<&str> = ["max_completion_tokens", "max_tokens"]
@@ -128,8 +122,7 @@ pub async fn messages(
     b: &Boundary,
     body: &[u8],
 ) -> Result<Response<ApiBody>, ApiError> {
-    let mut req: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))?;
+    let mut req = parse_object(body)?;
     if !req.get("messages").is_some_and(|m| m.is_array()) {
         return Err(ApiError::BadRequest("`messages` must be an array".into()));
     }
@@ -142,12 +135,7 @@ pub async fn messages(
     }
     let asked = req.get("max_tokens").and_then(|v| v.as_u64());
     let cap = settings.max_tokens.map(u64::from);
-    let max_tokens = match (asked, cap) {
-        (Some(a), Some(c)) => a.min(c),
-        (Some(a), None) => a,
-        (None, Some(c)) => c,
-        (None, None) => DEFAULT_MAX_TOKENS,
-    };
+    let max_tokens = output_bound(asked, cap);
     req.insert("max_tokens".into(), max_tokens.into());
     if let Some(prompt) = &settings.system_prompt {
         let system = match req.remove("system") {
@@ -207,8 +195,7 @@ pub async fn embeddings(
     b: &Boundary,
     body: &[u8],
 ) -> Result<Response<ApiBody>, ApiError> {
-    let mut req: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))?;
+    let mut req = parse_object(body)?;
     if !req
         .get("input")
         .is_some_and(|i| i.is_string() || i.is_array())
@@ -231,6 +218,22 @@ pub async fn embeddings(
         stream: false,
     };
     call(app, b, c).await
+}
+
+/// A request body that must be a JSON object.
+fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON request: {e}")))
+}
+
+/// The output bound of a call: the request's, capped by the overlay's, or a default.
+fn output_bound(asked: Option<u64>, cap: Option<u64>) -> u64 {
+    match (asked, cap) {
+        (Some(a), Some(c)) => a.min(c),
+        (Some(a), None) => a,
+        (None, Some(c)) => c,
+        (None, None) => DEFAULT_MAX_TOKENS,
+    }
 }
 
 /// `stream`: absent, null or a boolean.
