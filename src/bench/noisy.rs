@@ -163,8 +163,15 @@ pub fn noisy(args: &NoisyArgs, exe: &Path) -> Result<NoisyReport, String> {
             Ok(())
         })
     };
-    // Let the flood fill the queue and the slots before B's timed runs.
+    // Let the flood fill the queue and the slots before B's timed runs, and see A served
+    // at least once (on a loaded machine that can take longer than the two seconds).
     std::thread::sleep(Duration::from_secs(2));
+    let patience = std::time::Instant::now() + Duration::from_secs(20);
+    while answers.iter().all(|n| n.load(Ordering::Relaxed) == 0)
+        && std::time::Instant::now() < patience
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let flooded = run_b(args.runs, &mut b_errors);
     stop.store(true, Ordering::Relaxed);
     flood

@@ -4,10 +4,18 @@
 //! namespaces is most of a cold start, and a tenant's own network namespace is where its
 //! governed egress lives.
 //!
-//! The holder (`child::holder_main`) is mapped like a sandbox (sandbox uid 1000 = the
-//! tenant's host uid), has no capabilities, and runs under its own filter that allows
-//! nothing but waiting and exiting. It dies with the thread that created it. Dropping a
-//! [`Cell`] kills and reaps it; the namespaces then go away with the last run in them.
+//! A cell also holds two mount namespaces owned by its user namespace: a copy of the
+//! host's mounts, where a run's shim finds and clones the work dir, and the cell's root,
+//! the read-only system view (`/usr`, `/etc`, `/dev`, mount points for `/work`, `/tmp`
+//! and `/proc`) built once by the holder and made private. Each run starts in its own
+//! copy of that root and adds only its work dir, a fresh `/tmp` and its own `/proc`, so
+//! the system view is shared read-only by the runs of one tenant and by no one else.
+//!
+//! The holder (`child::holder_main`) is pid 1 of a pid namespace of its own, mapped like
+//! a sandbox (sandbox uid 1000 = the tenant's host uid), has no capabilities, and runs
+//! under its own filter that allows nothing but waiting and exiting. It dies with the
+//! thread that created it. Dropping a [`Cell`] kills and reaps it; the namespaces then
+//! go away with the last run in them.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -16,8 +24,9 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 
-use super::child::{CellEntry, HolderArgs, REPORT_BYTES, Report, holder_main};
+use super::child::{CellEntry, HOST_VIEW_READY, HolderArgs, REPORT_BYTES, Report, holder_main};
 use super::error::{SandboxError, Step};
+use super::plan::SystemLayout;
 use super::spawn::{SignalsBlocked, Stacks, pipe_high};
 use super::spec::{HostIds, SANDBOX_GID, SANDBOX_UID};
 use super::{seccomp, sys};
@@ -32,6 +41,8 @@ pub struct Cell {
     pidfd: OwnedFd,
     userns: OwnedFd,
     netns: OwnedFd,
+    host_view: OwnedFd,
+    template: OwnedFd,
     entry: CellEntry,
     ids: HostIds,
     proxy: Option<(u16, OwnedFd)>,
@@ -59,6 +70,7 @@ impl Cell {
         } else {
             super::resolve_host_ids(host, HostIds { uid: 0, gid: 0 })?.0
         };
+        let layout = SystemLayout::get()?;
         let (sync_r, sync_w) = pipe_high()?;
         let (rep_r, rep_w) = pipe_high()?;
         let stacks = Stacks::new()?;
@@ -68,10 +80,10 @@ impl Cell {
         let mut args = HolderArgs {
             sync_fd: sync_r.as_raw_fd(),
             report_fd: rep_w.as_raw_fd(),
-            caller: nix::unistd::getpid().as_raw(),
             seccomp: seccomp::holder_program(),
             proxy_fd: if proxy_port.is_some() { proxy_fd } else { -1 },
             proxy_port: proxy_port.unwrap_or(0),
+            layout,
         };
         let mut pidfd: libc::c_int = -1;
         let pid = {
@@ -83,7 +95,11 @@ impl Cell {
                 libc::clone(
                     holder_main,
                     stacks.top(0),
-                    libc::CLONE_NEWUSER | libc::CLONE_NEWNET | libc::CLONE_PIDFD | libc::SIGCHLD,
+                    libc::CLONE_NEWUSER
+                        | libc::CLONE_NEWNET
+                        | libc::CLONE_NEWPID
+                        | libc::CLONE_PIDFD
+                        | libc::SIGCHLD,
                     args_ptr.cast(),
                     &mut pidfd as *mut libc::c_int,
                 )
@@ -122,6 +138,16 @@ impl Cell {
         if let Err(e) = nix::unistd::write(&sync_w, &[1u8]) {
             return Err(abort("write(sync)", e));
         }
+        // Our unreaped child cannot have been replaced by another process under the same
+        // pid, so these are the holder's namespaces while it is alive.
+        let open_ns = |name: &str| {
+            nix::fcntl::open(
+                format!("/proc/{pid}/ns/{name}").as_str(),
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+        };
+        let mut host_view = None;
         let mut buf = [0u8; REPORT_BYTES];
         let mut got = 0usize;
         let timeout = PollTimeout::try_from(READY_TIMEOUT).unwrap_or(PollTimeout::MAX);
@@ -135,6 +161,17 @@ impl Cell {
             }
             match nix::unistd::read(&rep_r, &mut buf[got..]) {
                 Ok(0) => break,
+                Ok(1) if got == 0 && buf[0] == HOST_VIEW_READY && host_view.is_none() => {
+                    // The holder sits in the cell's copy of the host's mounts: take it,
+                    // then let the holder go on to build the cell's root.
+                    match open_ns("mnt") {
+                        Ok(fd) => host_view = Some(fd),
+                        Err(e) => return Err(abort("open(/proc/<holder>/ns/mnt)", e)),
+                    }
+                    if let Err(e) = nix::unistd::write(&sync_w, &[1u8]) {
+                        return Err(abort("write(sync)", e));
+                    }
+                }
                 Ok(n) => {
                     got += n;
                     if got == REPORT_BYTES {
@@ -157,19 +194,15 @@ impl Cell {
                 errno: Errno::from_raw(report.errno),
             });
         }
-        // The pipe closed: ready, unless the holder died instead. Our unreaped child
-        // cannot have been replaced by another process under the same pid, so these are
-        // the holder's namespaces if it is still alive.
-        let open_ns = |name: &str| {
-            nix::fcntl::open(
-                format!("/proc/{pid}/ns/{name}").as_str(),
-                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
-            )
+        // The pipe closed: ready, unless the holder died instead (checked below).
+        let (userns, netns, template) = match (open_ns("user"), open_ns("net"), open_ns("mnt")) {
+            (Ok(u), Ok(n), Ok(m)) => (u, n, m),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                return Err(abort("open(/proc/<holder>/ns)", e));
+            }
         };
-        let (userns, netns) = match (open_ns("user"), open_ns("net")) {
-            (Ok(u), Ok(n)) => (u, n),
-            (Err(e), _) | (_, Err(e)) => return Err(abort("open(/proc/<holder>/ns)", e)),
+        let Some(host_view) = host_view else {
+            return Err(abort("cell holder setup", Errno::ESRCH));
         };
         let proxy = match proxy_port {
             Some(port) => match sys::pidfd_getfd(pidfd.as_fd(), proxy_fd) {
@@ -183,6 +216,8 @@ impl Cell {
             pidfd,
             userns,
             netns,
+            host_view,
+            template,
             entry: if root {
                 CellEntry::DropGroups
             } else {
@@ -241,8 +276,16 @@ impl Cell {
         let _killed = sys::pidfd_send_signal(self.pidfd.as_fd(), libc::SIGKILL);
     }
 
-    pub(crate) fn join_fds(&self) -> (RawFd, RawFd, CellEntry) {
-        (self.userns.as_raw_fd(), self.netns.as_raw_fd(), self.entry)
+    /// What a run's shim joins: the user and network namespaces, the host view, the
+    /// cell's root, and how to become the sandbox user there.
+    pub(crate) fn join_fds(&self) -> (RawFd, RawFd, RawFd, RawFd, CellEntry) {
+        (
+            self.userns.as_raw_fd(),
+            self.netns.as_raw_fd(),
+            self.host_view.as_raw_fd(),
+            self.template.as_raw_fd(),
+            self.entry,
+        )
     }
 }
 

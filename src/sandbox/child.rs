@@ -18,7 +18,7 @@ use std::ffi::{c_int, c_void};
 use std::ptr;
 
 use super::error::Step;
-use super::plan::ChildCtx;
+use super::plan::{ChildCtx, SystemLayout};
 use super::spec::{SANDBOX_GID, SANDBOX_UID};
 use super::sys::{self, MountAttr, OpenHow};
 
@@ -46,6 +46,7 @@ impl Report {
 }
 
 /// What the clone callback receives.
+#[derive(Clone, Copy)]
 pub(crate) struct ChildArgs {
     pub ctx: *const ChildCtx,
     /// Shared-memory report (CLONE_VM path).
@@ -57,6 +58,9 @@ pub(crate) struct ChildArgs {
     /// Entering a tenant's cell (its user and network namespaces already exist and the
     /// shim has joined them): no id maps to write, only the switch to the sandbox user.
     pub cell: CellEntry,
+    /// In a cell: the detached clone of the work dir the shim made, to attach at `/work`;
+    /// -1 otherwise.
+    pub work_mount: c_int,
 }
 
 /// How the run's child reaches its user namespace.
@@ -249,6 +253,344 @@ unsafe fn bind(
     Ok(())
 }
 
+/// Like `check!`, for the helpers that return `Result<(), exit status>`.
+macro_rules! step {
+    ($call:expr, $report:expr, $step:expr) => {
+        step!($call, $report, $step, 0)
+    };
+    ($call:expr, $report:expr, $step:expr, $item:expr) => {
+        if ($call) < 0 {
+            return Err(fail($report, $step, $item as u32));
+        }
+    };
+}
+
+/// Re-opens the validated work dir without following symlinks and makes sure it is the
+/// inode the parent checked, so a swap in between is caught. Returns an `O_PATH` fd.
+///
+/// # Safety
+/// Only from the clone children (raw syscalls, no allocation).
+unsafe fn open_work_dir(ctx: &ChildCtx, report: Sink) -> Result<c_int, c_int> {
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: sys::RESOLVE_NO_SYMLINKS | sys::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: a NUL-terminated path from the plan and a live OpenHow of the size passed.
+    unsafe {
+        let work_fd = libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            ctx.work_path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        ) as c_int;
+        step!(work_fd, report, Step::OpenWorkDir);
+        let mut st: libc::stat = std::mem::zeroed();
+        step!(libc::fstat(work_fd, &mut st), report, Step::StatWorkDir);
+        if st.st_dev != ctx.work_dev || st.st_ino != ctx.work_ino {
+            *libc::__errno_location() = libc::ESTALE;
+            return Err(fail(report, Step::WorkDirReplaced, 0));
+        }
+        Ok(work_fd)
+    }
+}
+
+/// Builds the sandbox's read-only system view under `layout.newroot`: a small tmpfs with
+/// the system directories, `/etc` and `/dev`, and empty mount points for `/work`, `/tmp`
+/// and `/proc`. Run once per cell by its holder, or by each run outside a cell.
+///
+/// # Safety
+/// Only from the clone children, in a mount namespace of their own.
+unsafe fn build_root(layout: &SystemLayout, report: Sink) -> Result<(), c_int> {
+    // SAFETY: NUL-terminated strings from the static layout, live structs of the sizes
+    // passed, plain integers; the sequence is linear and each result is checked.
+    unsafe {
+        step!(
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                layout.newroot.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                layout.root_opts.as_ptr().cast()
+            ),
+            report,
+            Step::MountRootTmpfs
+        );
+        for (i, d) in layout.mkdirs.iter().enumerate() {
+            step!(libc::mkdir(d.as_ptr(), 0o755), report, Step::Mkdir, i);
+        }
+        let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+        for (i, b) in layout.system_binds.iter().enumerate() {
+            if let Err(step) = bind(-1, b.src.as_ptr(), b.dst.as_ptr(), true, ro) {
+                return Err(fail(report, step, i as u32));
+            }
+        }
+        for (i, (target, link)) in layout.symlinks.iter().enumerate() {
+            step!(
+                libc::symlink(target.as_ptr(), link.as_ptr()),
+                report,
+                Step::Symlink,
+                i
+            );
+        }
+        for (i, (path, data)) in layout.etc_files.iter().enumerate() {
+            step!(
+                create_file(path.as_ptr(), data),
+                report,
+                Step::WriteEtcFile,
+                i
+            );
+        }
+        let etc_base = layout.system_binds.len();
+        for (i, b) in layout.etc_binds.iter().enumerate() {
+            if !b.is_dir {
+                step!(
+                    create_file(b.dst.as_ptr(), &[]),
+                    report,
+                    Step::CreateMountpointFile,
+                    etc_base + i
+                );
+            }
+            if let Err(step) = bind(-1, b.src.as_ptr(), b.dst.as_ptr(), true, ro) {
+                return Err(fail(report, step, (etc_base + i) as u32));
+            }
+        }
+        step!(
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                layout.dev_dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                layout.dev_opts.as_ptr().cast()
+            ),
+            report,
+            Step::MountDevTmpfs
+        );
+        let dev_attr = MountAttr {
+            attr_set: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        for (i, (src, dst)) in layout.dev_nodes.iter().enumerate() {
+            step!(
+                create_file(dst.as_ptr(), &[]),
+                report,
+                Step::CreateMountpointFile,
+                i
+            );
+            step!(
+                libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    ptr::null(),
+                    libc::MS_BIND,
+                    ptr::null()
+                ),
+                report,
+                Step::BindDevNode,
+                i
+            );
+            step!(
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    dst.as_ptr(),
+                    0u32,
+                    &dev_attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>()
+                ),
+                report,
+                Step::MountSetattr,
+                i
+            );
+        }
+        for (i, (target, link)) in layout.dev_symlinks.iter().enumerate() {
+            step!(
+                libc::symlink(target.as_ptr(), link.as_ptr()),
+                report,
+                Step::Symlink,
+                i
+            );
+        }
+        step!(
+            libc::mount(
+                ptr::null(),
+                layout.dev_dir.as_ptr(),
+                ptr::null(),
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
+                ptr::null()
+            ),
+            report,
+            Step::RemountDevReadonly
+        );
+        step!(
+            libc::mount(
+                ptr::null(),
+                layout.newroot.as_ptr(),
+                ptr::null(),
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV,
+                ptr::null()
+            ),
+            report,
+            Step::RemountRootReadonly
+        );
+    }
+    Ok(())
+}
+
+/// Enters the new root and detaches the host's: `pivot_root(".", ".")` stacks the old
+/// root on top of the new one, and the lazy unmount removes it whole.
+///
+/// # Safety
+/// Only from the clone children, after `build_root`.
+unsafe fn enter_root(layout: &SystemLayout, report: Sink) -> Result<(), c_int> {
+    // SAFETY: NUL-terminated strings; each result is checked.
+    unsafe {
+        step!(
+            libc::chdir(layout.newroot.as_ptr()),
+            report,
+            Step::ChdirNewRoot
+        );
+        step!(
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()),
+            report,
+            Step::PivotRoot
+        );
+        step!(
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+            report,
+            Step::UmountOldRoot
+        );
+    }
+    Ok(())
+}
+
+/// A run outside a cell builds everything itself: loopback, the system view, the work
+/// dir, a fresh `/tmp` and `/proc`, then pivots into it.
+///
+/// # Safety
+/// Only from `sandbox_main`, in the run's fresh namespaces.
+unsafe fn fresh_root(ctx: &ChildCtx, report: Sink) -> Result<(), c_int> {
+    let layout = ctx.layout;
+    // SAFETY: NUL-terminated strings from the plan, live structs of the sizes passed,
+    // plain integers; each result is checked.
+    unsafe {
+        let work_fd = open_work_dir(ctx, report)?;
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        step!(sock, report, Step::LoopbackSocket);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[0] = b'l' as libc::c_char;
+        ifr.ifr_name[1] = b'o' as libc::c_char;
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        step!(
+            libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr as *const libc::ifreq),
+            report,
+            Step::LoopbackUp
+        );
+        libc::close(sock);
+        build_root(layout, report)?;
+        if let Err(step) = bind(
+            work_fd,
+            c"".as_ptr(),
+            layout.work_dir.as_ptr(),
+            false,
+            sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+        ) {
+            return Err(fail(report, step, u32::MAX));
+        }
+        libc::close(work_fd);
+        run_mounts(
+            ctx,
+            layout.tmp_dir.as_ptr(),
+            layout.proc_dir.as_ptr(),
+            report,
+        )?;
+        enter_root(layout, report)
+    }
+}
+
+/// A run in a cell starts in a copy of the cell's prebuilt root (the shim joined it), so
+/// only its own mounts remain: the work dir the shim cloned from the host's view, a fresh
+/// `/tmp` and `/proc`. The cell's holder brought up loopback.
+///
+/// # Safety
+/// Only from `sandbox_main`, in the run's fresh namespaces inside a cell.
+unsafe fn cell_root(ctx: &ChildCtx, work_mount: c_int, report: Sink) -> Result<(), c_int> {
+    let layout = ctx.layout;
+    // SAFETY: NUL-terminated strings from the plan and a detached mount the shim made;
+    // each result is checked.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_move_mount,
+            work_mount,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            layout.inside_work.as_ptr(),
+            sys::MOVE_MOUNT_F_EMPTY_PATH,
+        ) < 0
+        {
+            return Err(fail(report, Step::MoveMount, u32::MAX));
+        }
+        libc::close(work_mount);
+        run_mounts(
+            ctx,
+            layout.inside_tmp.as_ptr(),
+            layout.inside_proc.as_ptr(),
+            report,
+        )
+    }
+}
+
+/// The run's own `/tmp` (sized by its limits) and the `/proc` of its pid namespace.
+///
+/// # Safety
+/// Only from the clone children; the paths are NUL-terminated.
+unsafe fn run_mounts(
+    ctx: &ChildCtx,
+    tmp: *const libc::c_char,
+    proc_dir: *const libc::c_char,
+    report: Sink,
+) -> Result<(), c_int> {
+    // SAFETY: NUL-terminated strings; each result is checked.
+    unsafe {
+        step!(
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                tmp,
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                ctx.tmp_opts.as_ptr().cast()
+            ),
+            report,
+            Step::MountTmpTmpfs
+        );
+        // proc of our own pid namespace: we are its pid 1.
+        step!(
+            libc::mount(
+                c"proc".as_ptr(),
+                proc_dir,
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                ptr::null()
+            ),
+            report,
+            Step::MountProc
+        );
+    }
+    Ok(())
+}
+
 /// The sandbox process: pid 1 of its own namespaces. Builds the filesystem view, locks
 /// itself down and executes the command.
 pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
@@ -261,7 +603,6 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
         shared: args.report,
         fd: args.report_fd,
     };
-    let layout = ctx.layout;
     // SAFETY: every call below gets NUL-terminated strings from the plan, live structs of
     // the sizes passed, or plain integers. The sequence is linear; each result is checked.
     unsafe {
@@ -384,237 +725,19 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             );
         }
 
-        // Re-open the validated work dir without following symlinks and make sure it is the
-        // same inode the parent checked, so a swap in between is caught.
-        let how = OpenHow {
-            flags: (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64,
-            mode: 0,
-            resolve: sys::RESOLVE_NO_SYMLINKS | sys::RESOLVE_NO_MAGICLINKS,
-        };
-        let work_fd = libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            ctx.work_path.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        ) as c_int;
-        check!(work_fd, report, Step::OpenWorkDir);
-        let mut st: libc::stat = std::mem::zeroed();
-        check!(libc::fstat(work_fd, &mut st), report, Step::StatWorkDir);
-        if st.st_dev != ctx.work_dev || st.st_ino != ctx.work_ino {
-            *libc::__errno_location() = libc::ESTALE;
-            return fail(report, Step::WorkDirReplaced, 0);
-        }
-
         check!(
             libc::sethostname(c"sandbox".as_ptr(), 7),
             report,
             Step::Sethostname
         );
-        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        check!(sock, report, Step::LoopbackSocket);
-        let mut ifr: libc::ifreq = std::mem::zeroed();
-        ifr.ifr_name[0] = b'l' as libc::c_char;
-        ifr.ifr_name[1] = b'o' as libc::c_char;
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        check!(
-            libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr as *const libc::ifreq),
-            report,
-            Step::LoopbackUp
-        );
-        libc::close(sock);
-
-        // The new root: a small tmpfs that becomes read-only once populated.
-        check!(
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                layout.newroot.as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV,
-                layout.root_opts.as_ptr().cast()
-            ),
-            report,
-            Step::MountRootTmpfs
-        );
-        for (i, d) in layout.mkdirs.iter().enumerate() {
-            check!(libc::mkdir(d.as_ptr(), 0o755), report, Step::Mkdir, i);
-        }
-        let ro = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
-        for (i, b) in layout.system_binds.iter().enumerate() {
-            if let Err(step) = bind(-1, b.src.as_ptr(), b.dst.as_ptr(), true, ro) {
-                return fail(report, step, i as u32);
-            }
-        }
-        for (i, (target, link)) in layout.symlinks.iter().enumerate() {
-            check!(
-                libc::symlink(target.as_ptr(), link.as_ptr()),
-                report,
-                Step::Symlink,
-                i
-            );
-        }
-        for (i, (path, data)) in layout.etc_files.iter().enumerate() {
-            check!(
-                create_file(path.as_ptr(), data),
-                report,
-                Step::WriteEtcFile,
-                i
-            );
-        }
-        let etc_base = layout.system_binds.len();
-        for (i, b) in layout.etc_binds.iter().enumerate() {
-            if !b.is_dir {
-                check!(
-                    create_file(b.dst.as_ptr(), &[]),
-                    report,
-                    Step::CreateMountpointFile,
-                    etc_base + i
-                );
-            }
-            if let Err(step) = bind(-1, b.src.as_ptr(), b.dst.as_ptr(), true, ro) {
-                return fail(report, step, (etc_base + i) as u32);
-            }
-        }
-        if let Err(step) = bind(
-            work_fd,
-            c"".as_ptr(),
-            layout.work_dir.as_ptr(),
-            false,
-            sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
-        ) {
-            return fail(report, step, u32::MAX);
-        }
-        libc::close(work_fd);
-        check!(
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                layout.tmp_dir.as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV,
-                ctx.tmp_opts.as_ptr().cast()
-            ),
-            report,
-            Step::MountTmpTmpfs
-        );
-        check!(
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                layout.dev_dir.as_ptr(),
-                c"tmpfs".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                layout.dev_opts.as_ptr().cast()
-            ),
-            report,
-            Step::MountDevTmpfs
-        );
-        let dev_attr = MountAttr {
-            attr_set: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NOEXEC,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
+        let root = if args.cell == CellEntry::No {
+            fresh_root(ctx, report)
+        } else {
+            cell_root(ctx, args.work_mount, report)
         };
-        for (i, (src, dst)) in layout.dev_nodes.iter().enumerate() {
-            check!(
-                create_file(dst.as_ptr(), &[]),
-                report,
-                Step::CreateMountpointFile,
-                i
-            );
-            check!(
-                libc::mount(
-                    src.as_ptr(),
-                    dst.as_ptr(),
-                    ptr::null(),
-                    libc::MS_BIND,
-                    ptr::null()
-                ),
-                report,
-                Step::BindDevNode,
-                i
-            );
-            check!(
-                libc::syscall(
-                    libc::SYS_mount_setattr,
-                    libc::AT_FDCWD,
-                    dst.as_ptr(),
-                    0u32,
-                    &dev_attr as *const MountAttr,
-                    std::mem::size_of::<MountAttr>()
-                ),
-                report,
-                Step::MountSetattr,
-                i
-            );
+        if let Err(status) = root {
+            return status;
         }
-        for (i, (target, link)) in layout.dev_symlinks.iter().enumerate() {
-            check!(
-                libc::symlink(target.as_ptr(), link.as_ptr()),
-                report,
-                Step::Symlink,
-                i
-            );
-        }
-        check!(
-            libc::mount(
-                ptr::null(),
-                layout.dev_dir.as_ptr(),
-                ptr::null(),
-                libc::MS_REMOUNT
-                    | libc::MS_BIND
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV
-                    | libc::MS_NOEXEC,
-                ptr::null()
-            ),
-            report,
-            Step::RemountDevReadonly
-        );
-        // proc of our own pid namespace: we are its pid 1.
-        check!(
-            libc::mount(
-                c"proc".as_ptr(),
-                layout.proc_dir.as_ptr(),
-                c"proc".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                ptr::null()
-            ),
-            report,
-            Step::MountProc
-        );
-        check!(
-            libc::mount(
-                ptr::null(),
-                layout.newroot.as_ptr(),
-                ptr::null(),
-                libc::MS_REMOUNT
-                    | libc::MS_BIND
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV,
-                ptr::null()
-            ),
-            report,
-            Step::RemountRootReadonly
-        );
-
-        // Enter the new root and detach the host's: pivot_root(".", ".") stacks the old
-        // root on top of the new one, and the lazy unmount removes it whole.
-        check!(
-            libc::chdir(layout.newroot.as_ptr()),
-            report,
-            Step::ChdirNewRoot
-        );
-        check!(
-            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()),
-            report,
-            Step::PivotRoot
-        );
-        check!(
-            libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
-            report,
-            Step::UmountOldRoot
-        );
         check!(libc::chdir(ctx.cwd.as_ptr()), report, Step::ChdirCwd);
 
         // A session of its own, and so, on kernels with autogroups, a CPU-scheduling group
@@ -740,7 +863,7 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             report,
             Step::CapAmbientClear
         );
-        for cap in 0..=layout.last_cap {
+        for cap in 0..=ctx.layout.last_cap {
             check!(
                 libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0),
                 report,
@@ -827,6 +950,10 @@ pub(crate) struct ShimArgs {
     /// The cell's user and network namespaces (descriptors of ours, copied to the shim).
     pub userns: c_int,
     pub netns: c_int,
+    /// The cell's view of the host's mounts (where the work dir is found) and its
+    /// prebuilt root (see `holder_main`).
+    pub host_view: c_int,
+    pub template: c_int,
     /// Top of the stack the run's child uses (in the shim's copy of our memory).
     pub child_stack: *mut c_void,
     /// The caller's pid: the shim dies with it.
@@ -836,9 +963,10 @@ pub(crate) struct ShimArgs {
 /// The shim of a run in a cell: cloned with its own copy of the caller's memory for a
 /// root caller, sharing it otherwise (see `spawn::clone_into_cell`; joining a user
 /// namespace needs a single-threaded process with its own `fs`, not its own memory), it
-/// joins the cell's user and network namespaces, makes the run's fresh mount,
-/// pid, ipc, uts and cgroup namespaces, and clones the run's child (pid 1 of the new pid
-/// namespace) with `CLONE_VM|CLONE_VFORK`. Once that child has exec'd, the shim closes
+/// joins the cell's user and network namespaces, clones the work dir as a detached mount
+/// from the cell's host view, joins the cell's root and makes the run's fresh mount (a
+/// copy of that root), pid, ipc, uts and cgroup namespaces, and clones the run's child
+/// (pid 1 of the new pid namespace) with `CLONE_VM|CLONE_VFORK`. Once that child has exec'd, the shim closes
 /// every descriptor, waits for it and ends the same way, so its caller sees the run's
 /// status and (through rusage) its CPU time. Killing the shim kills the run: the child's
 /// parent-death signal is SIGKILL, and it is the pid namespace's init.
@@ -870,6 +998,52 @@ pub(crate) extern "C" fn cell_shim_main(arg: *mut c_void) -> c_int {
             report,
             Step::SetnsNet
         );
+        // The work dir is cloned as a detached mount from the cell's view of the host,
+        // the only place it can be reached; the run then starts in a copy of the cell's
+        // root and attaches it there.
+        check!(
+            libc::setns(args.host_view, libc::CLONE_NEWNS),
+            report,
+            Step::SetnsHostView
+        );
+        // ctx is the caller's plan, alive until the child has exec'd; read-only here.
+        let ctx = &*args.child.ctx;
+        let work_fd = match open_work_dir(ctx, report) {
+            Ok(fd) => fd,
+            Err(status) => return status,
+        };
+        let work_mount = libc::syscall(
+            libc::SYS_open_tree,
+            work_fd,
+            c"".as_ptr(),
+            sys::OPEN_TREE_CLONE | sys::OPEN_TREE_CLOEXEC | sys::AT_EMPTY_PATH,
+        ) as c_int;
+        check!(work_mount, report, Step::OpenTree, u32::MAX);
+        libc::close(work_fd);
+        let attr = MountAttr {
+            attr_set: sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        check!(
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                work_mount,
+                c"".as_ptr(),
+                sys::AT_EMPTY_PATH,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            ),
+            report,
+            Step::MountSetattr,
+            u32::MAX
+        );
+        check!(
+            libc::setns(args.template, libc::CLONE_NEWNS),
+            report,
+            Step::SetnsCellRoot
+        );
         check!(
             libc::unshare(
                 libc::CLONE_NEWNS
@@ -883,6 +1057,8 @@ pub(crate) extern "C" fn cell_shim_main(arg: *mut c_void) -> c_int {
         );
         libc::close(args.userns);
         libc::close(args.netns);
+        libc::close(args.host_view);
+        libc::close(args.template);
         // The shim re-raises the run's fatal signal on itself: never as a core dump.
         let no_core = libc::rlimit {
             rlim_cur: 0,
@@ -893,7 +1069,9 @@ pub(crate) extern "C" fn cell_shim_main(arg: *mut c_void) -> c_int {
             report,
             Step::Setrlimit
         );
-        let child_args: *const ChildArgs = &args.child;
+        let mut child_args = args.child;
+        child_args.work_mount = work_mount;
+        let child_args: *const ChildArgs = &child_args;
         let pid = libc::clone(
             sandbox_main,
             args.child_stack,
@@ -926,14 +1104,16 @@ pub(crate) extern "C" fn cell_shim_main(arg: *mut c_void) -> c_int {
     }
 }
 
+/// The one byte a holder writes to its report pipe (failure reports are
+/// [`REPORT_BYTES`] long) once it sits in the cell's host view for the caller to take.
+pub(crate) const HOST_VIEW_READY: u8 = 0xAC;
+
 /// What a cell's holder receives.
 pub(crate) struct HolderArgs {
     /// Read end of the "id maps written" pipe.
     pub sync_fd: c_int,
     /// Write end of the report pipe: a failure is written there; success closes it.
     pub report_fd: c_int,
-    /// The caller's pid: the holder dies with it.
-    pub caller: libc::pid_t,
     /// The holder's own seccomp filter.
     pub seccomp: &'static [libc::sock_filter],
     /// Where to leave the egress proxy's listening socket (on 127.0.0.1:`proxy_port` of
@@ -941,12 +1121,15 @@ pub(crate) struct HolderArgs {
     pub proxy_fd: c_int,
     /// The proxy's port.
     pub proxy_port: u16,
+    /// The system view every run of the cell starts from.
+    pub layout: &'static SystemLayout,
 }
 
-/// A cell's holder: cloned into a new user and network namespace, it waits for its id
-/// maps, brings up `lo`, becomes the sandbox user, drops every capability, installs its
-/// own filter (which allows nothing but waiting for signals and exiting) and waits to be
-/// killed. It holds the namespaces; it never runs anything.
+/// A cell's holder: cloned into a new user, network and pid namespace, it waits for its
+/// id maps, brings up `lo`, becomes the sandbox user, makes the cell's host view (which
+/// the caller takes while the holder waits) and builds the cell's root, drops every
+/// capability, installs its own filter (which allows nothing but waiting for signals and
+/// exiting) and waits to be killed. It holds the namespaces; it never runs anything.
 pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` is our own copy of the HolderArgs the caller passed to clone.
     let args = unsafe { &*(arg as *const HolderArgs) };
@@ -976,10 +1159,9 @@ pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
             report,
             Step::PrctlPdeathsig
         );
-        if libc::getppid() != args.caller {
-            *libc::__errno_location() = libc::ESRCH;
-            return fail(report, Step::ParentGone, 0);
-        }
+        // The holder is pid 1 of a pid namespace of its own, where getppid() says 0; a
+        // parent that died before the death signal was set shows as the sync pipe's
+        // writer gone (checked again below, while the caller still holds it).
         let mut byte = 0u8;
         loop {
             let n = libc::read(args.sync_fd, (&mut byte as *mut u8).cast(), 1);
@@ -993,7 +1175,6 @@ pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
                 return fail(report, Step::AwaitIdMaps, 0);
             }
         }
-        libc::close(args.sync_fd);
         let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         check!(sock, report, Step::LoopbackSocket);
         let mut ifr: libc::ifreq = std::mem::zeroed();
@@ -1047,10 +1228,79 @@ pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
             report,
             Step::PrctlPdeathsig
         );
-        if libc::getppid() != args.caller {
+        let mut pfd = libc::pollfd {
+            fd: args.sync_fd,
+            events: 0,
+            revents: 0,
+        };
+        check!(libc::poll(&mut pfd, 1, 0), report, Step::AwaitIdMaps);
+        if pfd.revents & libc::POLLHUP != 0 {
             *libc::__errno_location() = libc::ESRCH;
             return fail(report, Step::ParentGone, 1);
         }
+        // Two mount namespaces, both owned by the cell's user namespace: a copy of the
+        // host's (runs find their work dir there), and the cell's root, built once and
+        // made private so that nothing mounted on the host or in a run reaches it. Each
+        // run starts in a copy of the latter.
+        check!(libc::unshare(libc::CLONE_NEWNS), report, Step::UnshareMount);
+        // The caller takes this one from /proc/<holder>/ns/mnt while we wait, so that the
+        // holder itself never keeps a view of the host.
+        check!(
+            libc::write(args.report_fd, [HOST_VIEW_READY].as_ptr().cast(), 1) as c_int,
+            report,
+            Step::SignalHostView
+        );
+        loop {
+            let n = libc::read(args.sync_fd, (&mut byte as *mut u8).cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n == 0 {
+                *libc::__errno_location() = libc::EPIPE;
+            }
+            if n == 0 || errno() != libc::EINTR {
+                return fail(report, Step::AwaitHostViewTaken, 0);
+            }
+        }
+        libc::close(args.sync_fd);
+        check!(
+            libc::unshare(libc::CLONE_NEWNS),
+            report,
+            Step::UnshareMount,
+            1
+        );
+        check!(
+            libc::mount(
+                ptr::null(),
+                c"/".as_ptr(),
+                ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                ptr::null()
+            ),
+            report,
+            Step::MakePrivate
+        );
+        if let Err(status) = build_root(args.layout, report) {
+            return status;
+        }
+        // The kernel lets a user namespace mount proc only where one is already fully
+        // visible, so the cell's root keeps one for runs to mount theirs over: that of
+        // the holder's own pid namespace, which holds nothing but the holder.
+        check!(
+            libc::mount(
+                c"proc".as_ptr(),
+                args.layout.proc_dir.as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                ptr::null()
+            ),
+            report,
+            Step::MountProc
+        );
+        if let Err(status) = enter_root(args.layout, report) {
+            return status;
+        }
+        check!(libc::chdir(c"/".as_ptr()), report, Step::ChdirCwd);
         let header = CapHeader {
             version: 0x2008_0522,
             pid: 0,

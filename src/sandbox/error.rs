@@ -74,11 +74,17 @@ pub enum Step {
     ProxyListen,
     ProxyDup,
     LandlockAddPortRule,
+    SetnsHostView,
+    SetnsCellRoot,
+    UnshareMount,
+    SignalHostView,
+    AwaitHostViewTaken,
+    MakePrivate,
 }
 
 impl Step {
     /// Every step, in declaration order; used to decode the child's report.
-    const ALL: [Step; 60] = [
+    const ALL: [Step; 66] = [
         Step::PrctlPdeathsig,
         Step::ResetSignal,
         Step::SigprocmaskClear,
@@ -139,6 +145,12 @@ impl Step {
         Step::ProxyListen,
         Step::ProxyDup,
         Step::LandlockAddPortRule,
+        Step::SetnsHostView,
+        Step::SetnsCellRoot,
+        Step::UnshareMount,
+        Step::SignalHostView,
+        Step::AwaitHostViewTaken,
+        Step::MakePrivate,
     ];
 
     pub(crate) fn from_raw(raw: u32) -> Option<Step> {
@@ -208,6 +220,12 @@ impl Step {
             Step::ProxyListen => "listen(egress proxy)",
             Step::ProxyDup => "dup2(egress proxy listener)",
             Step::LandlockAddPortRule => "landlock_add_rule(net port)",
+            Step::SetnsHostView => "setns(cell host view)",
+            Step::SetnsCellRoot => "setns(cell root)",
+            Step::UnshareMount => "unshare(CLONE_NEWNS)",
+            Step::SignalHostView => "write(host view ready)",
+            Step::AwaitHostViewTaken => "read(host view taken)",
+            Step::MakePrivate => "mount(MS_REC|MS_PRIVATE /)",
         }
     }
 }

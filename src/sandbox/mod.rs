@@ -24,5 +24,5 @@ mod sys;
 
 pub use cell::Cell;
 pub use error::{SandboxError, Step};
-pub use spawn::{Exit, Outcome, Running, resolve_host_ids, run, spawn};
+pub use spawn::{Exit, Outcome, Running, Teardown, resolve_host_ids, run, spawn};
 pub use spec::{HostIds, Limits, OutputMode, SandboxSpec, StdinSource};

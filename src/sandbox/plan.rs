@@ -46,6 +46,11 @@ pub(crate) struct SystemLayout {
     pub tmp_dir: CString,
     pub work_dir: CString,
     pub proc_dir: CString,
+    /// The same three mount points as a run in a cell sees them (it starts inside the
+    /// cell's prebuilt root).
+    pub inside_work: CString,
+    pub inside_tmp: CString,
+    pub inside_proc: CString,
     /// Paths (inside the sandbox) and their Landlock access.
     pub landlock_paths: Vec<(CString, Access)>,
     pub last_cap: u32,
@@ -198,6 +203,9 @@ impl SystemLayout {
             tmp_dir: in_root("/tmp")?,
             work_dir: in_root("/work")?,
             proc_dir: in_root("/proc")?,
+            inside_work: cstr("/work")?,
+            inside_tmp: cstr("/tmp")?,
+            inside_proc: cstr("/proc")?,
             landlock_paths,
             last_cap,
             labels,

@@ -25,7 +25,7 @@ use super::spec::{self, HostIds, OutputMode, SANDBOX_GID, SANDBOX_UID, SandboxSp
 use super::sys;
 
 /// How a finished sandbox ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Outcome {
     /// Exit status when the command exited normally.
     pub exit_code: Option<i32>,
@@ -50,6 +50,17 @@ pub struct Outcome {
     /// The Landlock ABI the sandbox was restricted with; `None` only for a degraded
     /// sandbox the caller explicitly allowed on a kernel without Landlock.
     pub landlock_abi: Option<u32>,
+    /// The run's mount namespace, released when this outcome is dropped.
+    pub teardown: Teardown,
+}
+
+/// A reference to a finished run's mount namespace. Every process of the run is gone;
+/// what is left is the kernel unmounting the run's tree, which waits for an RCU grace
+/// period. Holding this reference moves that wait from the run's end (where it would
+/// delay the outcome) to wherever the caller drops it.
+#[derive(Debug, Default)]
+pub struct Teardown {
+    _mount_ns: Option<OwnedFd>,
 }
 
 impl Outcome {
@@ -88,6 +99,9 @@ pub struct Running {
     started: Instant,
     reaped: bool,
     landlock_abi: Option<u32>,
+    /// The run's mount namespace (see [`Teardown`]); `None` if the run ended before we
+    /// could take it, in which case its exit did the teardown.
+    mount_ns: Option<OwnedFd>,
     /// The stacks of a cell shim that shares our memory: unmapped only after `Drop` has
     /// reaped it (fields drop after `drop` runs).
     _stacks: Option<Stacks>,
@@ -412,6 +426,7 @@ fn clone_as_root(ctx: &ChildCtx, stacks: &Stacks) -> Result<(c_int, c_int, Repor
         report_fd: rep_w.as_raw_fd(),
         sync_fd: sync_r.as_raw_fd(),
         cell: CellEntry::No,
+        work_mount: -1,
     };
     let mut pidfd: c_int = -1;
     let pid = {
@@ -511,7 +526,7 @@ fn clone_into_cell(
     cell: &Cell,
 ) -> Result<(c_int, c_int, Report, bool), SandboxError> {
     let (rep_r, rep_w) = pipe_high()?;
-    let (userns, netns, entry) = cell.join_fds();
+    let (userns, netns, host_view, template, entry) = cell.join_fds();
     let shared = entry == CellEntry::KeepGroups;
     let mut unused = Report::default();
     let mut args = ShimArgs {
@@ -521,9 +536,12 @@ fn clone_into_cell(
             report_fd: rep_w.as_raw_fd(),
             sync_fd: -1,
             cell: entry,
+            work_mount: -1,
         },
         userns,
         netns,
+        host_view,
+        template,
         child_stack: stacks.top(1),
         caller: nix::unistd::getpid().as_raw(),
     };
@@ -763,6 +781,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
             report_fd: -1,
             sync_fd: -1,
             cell: CellEntry::No,
+            work_mount: -1,
         };
         let _blocked = SignalsBlocked::new()?;
         let mut pidfd: c_int = -1;
@@ -825,6 +844,8 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
     }
     // SAFETY: clone stored a fresh pidfd that only we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // Not having it only means the run's exit pays for the teardown.
+    let mount_ns = sys::mount_namespace_of(pidfd.as_fd(), sandbox_pid).ok();
     Ok(Running {
         pid: Pid::from_raw(sandbox_pid),
         pidfd,
@@ -837,6 +858,7 @@ pub fn spawn(spec: SandboxSpec) -> Result<Running, SandboxError> {
         started,
         reaped: false,
         landlock_abi,
+        mount_ns,
         _stacks: stacks,
     })
 }
@@ -945,6 +967,14 @@ impl Running {
     /// The Landlock ABI this sandbox was restricted with.
     pub fn landlock_abi(&self) -> Option<u32> {
         self.landlock_abi
+    }
+
+    /// Takes the run's mount namespace reference (see [`Teardown`]), for callers that
+    /// reap with [`Running::try_wait`] and want to report before the teardown.
+    pub fn take_teardown(&mut self) -> Teardown {
+        Teardown {
+            _mount_ns: self.mount_ns.take(),
+        }
     }
 
     /// Waits for the command, feeding stdin, capturing output and enforcing the timeout.
@@ -1103,6 +1133,9 @@ impl Running {
             duration,
             cpu_us,
             landlock_abi: self.landlock_abi,
+            teardown: Teardown {
+                _mount_ns: self.mount_ns.take(),
+            },
         })
     }
 }

@@ -92,6 +92,30 @@ pub(crate) fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> Result<OwnedFd, E
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `ioctl(pidfd, PIDFD_GET_MNT_NAMESPACE)` (Linux 6.11), or on older kernels
+/// `/proc/<pid>/ns/mnt`: a reference to the mount namespace of the process behind `pidfd`.
+pub(crate) fn mount_namespace_of(
+    pidfd: BorrowedFd<'_>,
+    pid: libc::pid_t,
+) -> Result<OwnedFd, Errno> {
+    const PIDFD_GET_MNT_NAMESPACE: libc::c_ulong = 0xFF03;
+    // SAFETY: an argument-less ioctl on a descriptor we hold.
+    let r = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_MNT_NAMESPACE as _, 0) };
+    match ret(c_long::from(r)) {
+        // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
+        Err(Errno::ENOTTY | Errno::EINVAL) => {
+            let path = format!("/proc/{pid}/ns/mnt");
+            nix::fcntl::open(
+                path.as_str(),
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// `pidfd_send_signal(pidfd, sig, NULL, 0)`.
 pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: c_int) -> Result<(), Errno> {
     // SAFETY: plain integer arguments; a null siginfo means "as if by kill(2)".

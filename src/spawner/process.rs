@@ -381,28 +381,24 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
             let Some(l) = live.get_mut(&id) else { continue };
             match l.running.try_wait() {
                 Ok(Some(exit)) => {
-                    let l = live.remove(&id);
-                    if let Some(h) = l.as_ref().and_then(|l| cells.get_mut(&l.work_dir)) {
+                    let Some(l) = live.remove(&id) else { continue };
+                    if let Some(h) = cells.get_mut(&l.work_dir) {
                         h.last_used = Instant::now();
                     }
-                    let (timed_out, killed, duration_ms, cgroup) = l
-                        .map(|l| {
-                            (
-                                l.timed_out,
-                                l.killed,
-                                l.running.elapsed().as_millis() as u64,
-                                l.cgroup,
-                            )
-                        })
-                        .unwrap_or_default();
+                    let (timed_out, killed, duration_ms) = (
+                        l.timed_out,
+                        l.killed,
+                        l.running.elapsed().as_millis() as u64,
+                    );
                     // The cgroup counted every process of the run; rusage is the fallback.
-                    let cpu_us = cgroup
+                    let cpu_us = l
+                        .cgroup
                         .as_ref()
                         .and_then(RunCgroup::cpu_us)
                         .unwrap_or(exit.cpu_us);
-                    if let Some(cg) = cgroup {
-                        cg.remove();
-                    }
+                    // Every process of the run is gone: reply first, then let the kernel
+                    // unmount its tree and remove its cgroup.
+                    let finished = l;
                     if send(
                         &sock,
                         &Reply::Exited {
@@ -418,6 +414,9 @@ pub fn run_spawner(sock: OwnedFd, parent: Option<i32>) -> i32 {
                     .is_err()
                     {
                         return 1;
+                    }
+                    if let Some(cg) = finished.cgroup {
+                        cg.remove();
                     }
                 }
                 Ok(None) => {}
