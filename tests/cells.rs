@@ -73,6 +73,46 @@ fn runs_of_one_tenant_share_its_cell_and_never_another() {
     assert_ne!(b1[1], a_net, "tenants never share a network namespace");
 }
 
+/// Runs start in a copy of the cell's prebuilt root: they see the system view and their
+/// own three mounts, nothing of the host's mount tree, and cannot change what the next
+/// run starts from.
+#[test]
+fn a_run_in_a_cell_sees_the_cells_root_and_its_own_mounts_only() {
+    let fx = Fixture::new();
+    let cell = Arc::new(Cell::create(Some(nobody()), None).unwrap());
+    let o = run_in(&cell, &fx, "cut -d' ' -f5 /proc/self/mountinfo");
+    let text = out(&o);
+    assert_eq!(o.exit_code, Some(0), "{text}");
+    let points: Vec<&str> = text.lines().collect();
+    for p in &points {
+        let allowed = ["/", "/work", "/tmp", "/proc", "/dev"].contains(p)
+            || ["/usr", "/bin", "/sbin", "/lib", "/etc/", "/dev/"]
+                .iter()
+                .any(|pre| p.starts_with(pre));
+        assert!(allowed, "unexpected mount point {p:?} in\n{text}");
+    }
+    for own in ["/work", "/tmp"] {
+        assert_eq!(points.iter().filter(|p| **p == own).count(), 1, "{text}");
+    }
+    // Its own /proc over the cell's (which shows only the holder): pid 1 is the run.
+    let o = run_in(
+        &cell,
+        &fx,
+        "ls /proc | grep -E '^[0-9]+$' | sort -n | head -1; cat /proc/1/comm",
+    );
+    assert_eq!(out(&o), "1\nsh\n");
+    // The shared root is read-only to every run, whatever it tries.
+    let o = run_in(
+        &cell,
+        &fx,
+        "for f in /etc/passwd /etc/newfile /usr/x /x /dev/x; do (echo x > $f) 2>&1; done; \
+         mkdir /y 2>&1; cat /etc/hostname",
+    );
+    let text = out(&o);
+    assert_eq!(text.matches("Read-only file system").count(), 6, "{text}");
+    assert!(text.ends_with("sandbox\n"), "{text}");
+}
+
 #[test]
 fn every_per_run_guarantee_holds_in_a_cell() {
     let fx = Fixture::new();
