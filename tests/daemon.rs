@@ -812,16 +812,33 @@ async fn spawner_death_fails_the_run_clearly_and_recovers() {
     let d = Daemon::start(As::Nobody);
     let token = d.create("acme").await;
     let c = d.tenant(&token);
-    let running = tokio::spawn(async move { exec(&c, &["sleep", "30"]).await });
+    let running = tokio::spawn(async move { exec(&c, &["sleep", "30.017"]).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let spawner = pids_with_cmdline_incl("__spawner")
+    // The daemon runs several spawners; the one to kill is the run's: walk up from it.
+    let spawners: Vec<i32> = pids_with_cmdline_incl("__spawner")
         .into_iter()
-        .find(|p| {
+        .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/status"))
                 .unwrap_or_default()
                 .contains(&format!("PPid:\t{}", d.pid()))
         })
-        .expect("spawner process");
+        .collect();
+    let ppid = |p: i32| -> Option<i32> {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:\t"))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let sleeper = *pids_with_cmdline_incl("sleep 30.017")
+        .first()
+        .expect("the run");
+    let mut spawner = sleeper;
+    while !spawners.contains(&spawner) {
+        spawner = ppid(spawner).filter(|p| *p > 1).expect("the run's spawner");
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(spawner),
         nix::sys::signal::Signal::SIGKILL,

@@ -128,6 +128,7 @@ pub async fn route(
                     "running_sandboxes": running,
                     "slots": app.scheduler.load(),
                     "cells": cells,
+                    "spawners": app.spawner.spawners(),
                     "spawner_restarts": app.spawner.restarts(),
                     "uptime_s": app.started.elapsed().as_secs(),
                     "host_ids": if app.root { "per-tenant" } else { "daemon user" },

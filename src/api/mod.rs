@@ -128,7 +128,7 @@ pub struct Prepared {
     usage: std::collections::HashMap<String, crate::policy::limits::Usage>,
     cgroups: crate::policy::cgroups::Cgroups,
     admin: AdminRecord,
-    spawner: (PathBuf, std::os::fd::OwnedFd, std::process::Child),
+    spawners: (PathBuf, Vec<(std::os::fd::OwnedFd, std::process::Child)>),
     listen_fds: Vec<(String, std::os::fd::OwnedFd)>,
 }
 
@@ -141,7 +141,6 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
         std::env::current_exe().map_err(|e| ServeError::Start(format!("current_exe: {e}")))?;
     // Before the spawner starts, so that it is placed with the daemon.
     let cgroups = crate::policy::cgroups::setup();
-    let (sock, child) = crate::spawner::start_process(&exe).map_err(start_err)?;
     let root = nix::unistd::geteuid().is_root();
     {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -160,6 +159,9 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
             .map_err(start_err)?;
     }
     let config = AdminConfig::load(&paths.config).map_err(start_err)?;
+    let spawners = (0..config.exec.effective_spawners())
+        .map(|_| crate::spawner::start_process(&exe).map_err(start_err))
+        .collect::<Result<Vec<_>, _>>()?;
     let policy = if root {
         HostIdPolicy::PerTenant {
             base: config.host_ids.base,
@@ -216,7 +218,7 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
         usage,
         cgroups,
         admin,
-        spawner: (exe, sock, child),
+        spawners: (exe, spawners),
         listen_fds,
     })
 }
@@ -487,9 +489,9 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         .build()
         .map_err(start_err)?;
     rt.block_on(async move {
-        let Prepared { paths, config, registry, overlays, limits, usage, cgroups, admin, spawner, mut listen_fds } = prepared;
-        let (exe, sock, child) = spawner;
-        let spawner = SpawnerClient::new(exe, sock, child).map_err(start_err)?;
+        let Prepared { paths, config, registry, overlays, limits, usage, cgroups, admin, spawners, mut listen_fds } = prepared;
+        let (exe, spawners) = spawners;
+        let spawner = SpawnerClient::new(exe, spawners).map_err(start_err)?;
         let audit = AuditLog::open(&paths.state_dir).map_err(start_err)?;
         let root = nix::unistd::geteuid().is_root();
         let mut take = |name: &str| listen_fds.iter().position(|(n, _)| n == name).map(|i| listen_fds.remove(i).1);

@@ -151,6 +151,9 @@ pub struct ExecConfig {
     /// the daemon, so one tenant's CPU hogs and fork bombs cannot delay the start of
     /// another tenant's run. 0 runs them at the daemon's own priority.
     pub nice: u8,
+    /// Spawner processes (each single-threaded, busy for the whole setup of each run it
+    /// starts; a tenant always uses the same one); 0 means one per core, at most 8.
+    pub spawners: u32,
 }
 
 impl ExecConfig {
@@ -161,6 +164,14 @@ impl ExecConfig {
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         u32::try_from(cores.saturating_mul(4)).unwrap_or(u32::MAX)
+    }
+
+    /// The spawner count, with 0 resolved to one per core (at most 8).
+    pub fn effective_spawners(&self) -> usize {
+        if self.spawners > 0 {
+            return self.spawners as usize;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
     }
 
     /// The default per-tenant share, with 0 resolved to one slot per two cores.
@@ -188,6 +199,7 @@ impl Default for ExecConfig {
             cells: true,
             cell_idle_ms: 300_000,
             nice: 19,
+            spawners: 0,
         }
     }
 }
@@ -312,6 +324,12 @@ impl AdminConfig {
                     return Err(ConfigError::Invalid {
                         path: path.display().to_string(),
                         why: format!("exec.nice = {}: must be 0..=19", c.exec.nice),
+                    });
+                }
+                if c.exec.spawners > 64 {
+                    return Err(ConfigError::Invalid {
+                        path: path.display().to_string(),
+                        why: format!("exec.spawners = {}: must be 0..=64", c.exec.spawners),
                     });
                 }
                 Ok(c)

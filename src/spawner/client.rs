@@ -62,19 +62,126 @@ struct Conn {
 struct Inner {
     exe: PathBuf,
     conn: Mutex<Option<Arc<Conn>>>,
-    next_id: AtomicU64,
+    /// Shared by all shards, so a run id names one run daemon-wide.
+    next_id: Arc<AtomicU64>,
     restarts: AtomicU64,
 }
 
-/// Handle on the spawner; cheap to clone.
+/// One spawner process and its channel; cheap to clone.
+#[derive(Clone)]
+struct Shard {
+    inner: Arc<Inner>,
+}
+
+/// Handle on the spawners; cheap to clone. A spawner is single-threaded and busy for
+/// the whole setup of each run it starts, so the daemon runs several and gives each
+/// tenant one of them, for good: a tenant's cell lives in its spawner, and its runs,
+/// kills and cells are always asked of that one.
 #[derive(Clone)]
 pub struct SpawnerClient {
-    inner: Arc<Inner>,
+    shards: Arc<[Shard]>,
+    /// Tenant work dir -> shard, assigned on first use to the shard with fewest tenants.
+    assigned: Arc<Mutex<HashMap<PathBuf, usize>>>,
 }
 
 impl std::fmt::Debug for SpawnerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SpawnerClient(restarts={})", self.restarts())
+        write!(
+            f,
+            "SpawnerClient(spawners={}, restarts={})",
+            self.shards.len(),
+            self.restarts()
+        )
+    }
+}
+
+impl SpawnerClient {
+    /// Wraps spawners started by [`start_process`]; must be called inside a tokio runtime.
+    pub fn new(
+        exe: PathBuf,
+        spawners: Vec<(OwnedFd, std::process::Child)>,
+    ) -> Result<SpawnerClient, SpawnerError> {
+        if spawners.is_empty() {
+            return Err(SpawnerError::Start("no spawner".into()));
+        }
+        let next_id = Arc::new(AtomicU64::new(1));
+        let shards = spawners
+            .into_iter()
+            .map(|(sock, child)| Shard::new(exe.clone(), sock, child, next_id.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SpawnerClient {
+            shards: shards.into(),
+            assigned: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// How many spawners serve runs.
+    pub fn spawners(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// How many times spawners have been restarted, in all.
+    pub fn restarts(&self) -> u64 {
+        self.shards.iter().map(Shard::restarts).sum()
+    }
+
+    fn shard_for(&self, work_dir: &Path) -> &Shard {
+        let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        let i = match assigned.get(work_dir) {
+            Some(i) => *i,
+            None => {
+                let mut count = vec![0usize; self.shards.len()];
+                for i in assigned.values() {
+                    if let Some(c) = count.get_mut(*i) {
+                        *c += 1;
+                    }
+                }
+                let least = (0..count.len()).min_by_key(|i| count[*i]).unwrap_or(0);
+                assigned.insert(work_dir.to_path_buf(), least);
+                least
+            }
+        };
+        &self.shards[i % self.shards.len()]
+    }
+
+    /// Kills every run of every tenant.
+    pub async fn kill_all(&self) {
+        for shard in self.shards.iter() {
+            shard.kill_all().await;
+        }
+    }
+
+    /// Kills every run of the tenant whose work dir is `work_dir`, and its cell.
+    pub async fn kill_tenant(&self, work_dir: &Path) {
+        self.shard_for(work_dir).kill_tenant(work_dir).await;
+    }
+
+    /// Starts a run in the tenant's spawner. Returns once the command has been executed;
+    /// the handle then yields its exit. The three descriptors are the sandbox's stdin,
+    /// stdout and stderr.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run(
+        &self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        work_dir: &Path,
+        host: (u32, u32),
+        limits: RunLimits,
+        stdio: [OwnedFd; 3],
+    ) -> Result<RunHandle, SpawnerError> {
+        self.shard_for(work_dir)
+            .run(argv, env, cwd, work_dir, host, limits, stdio)
+            .await
+    }
+
+    /// The cells all spawners hold (those that cannot be asked contribute none).
+    pub async fn cells(&self) -> Vec<super::protocol::CellInfo> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            all.extend(shard.cells().await);
+        }
+        all
     }
 }
 
@@ -102,26 +209,25 @@ pub fn start_process(exe: &Path) -> Result<(OwnedFd, std::process::Child), Spawn
     Ok((ours, child))
 }
 
-impl SpawnerClient {
-    /// Wraps a spawner started by [`start_process`]; must be called inside a tokio runtime.
-    pub fn new(
+impl Shard {
+    fn new(
         exe: PathBuf,
         sock: OwnedFd,
         child: std::process::Child,
-    ) -> Result<SpawnerClient, SpawnerError> {
+        next_id: Arc<AtomicU64>,
+    ) -> Result<Shard, SpawnerError> {
         let inner = Arc::new(Inner {
             exe,
             conn: Mutex::new(None),
-            next_id: AtomicU64::new(1),
+            next_id,
             restarts: AtomicU64::new(0),
         });
-        let client = SpawnerClient { inner };
+        let client = Shard { inner };
         client.attach(sock, child)?;
         Ok(client)
     }
 
-    /// How many times the spawner has been restarted.
-    pub fn restarts(&self) -> u64 {
+    fn restarts(&self) -> u64 {
         self.inner.restarts.load(Ordering::Relaxed)
     }
 
@@ -244,16 +350,14 @@ impl SpawnerClient {
         }
     }
 
-    /// Kills every run of every tenant.
-    pub async fn kill_all(&self) {
+    async fn kill_all(&self) {
         let Ok(conn) = self.conn() else { return };
         if let Err(e) = self.send(&conn, &Request::KillAll, &[]).await {
             tracing::warn!(error = %e, "kill-all request not delivered");
         }
     }
 
-    /// Kills every run of the tenant whose work dir is `work_dir`.
-    pub async fn kill_tenant(&self, work_dir: &Path) {
+    async fn kill_tenant(&self, work_dir: &Path) {
         let Ok(conn) = self.conn() else { return };
         if let Err(e) = self
             .send(
@@ -269,10 +373,8 @@ impl SpawnerClient {
         }
     }
 
-    /// Starts a run. Returns once the command has been executed; the handle then yields
-    /// its exit. The three descriptors are the sandbox's stdin, stdout and stderr.
     #[allow(clippy::too_many_arguments)]
-    pub async fn run(
+    async fn run(
         &self,
         argv: Vec<String>,
         env: Vec<(String, String)>,
@@ -347,8 +449,8 @@ impl SpawnerClient {
         }
     }
 
-    /// The cells the spawner holds (empty if it cannot be asked).
-    pub async fn cells(&self) -> Vec<super::protocol::CellInfo> {
+    /// The cells this spawner holds (empty if it cannot be asked).
+    async fn cells(&self) -> Vec<super::protocol::CellInfo> {
         let Ok(conn) = self.conn() else {
             return Vec::new();
         };
@@ -380,7 +482,7 @@ impl SpawnerClient {
 pub struct RunHandle {
     id: u64,
     rx: mpsc::UnboundedReceiver<Delivered>,
-    client: SpawnerClient,
+    client: Shard,
     conn: Arc<Conn>,
     proxy_listener: Option<OwnedFd>,
 }
@@ -456,7 +558,7 @@ impl RunHandle {
 #[derive(Clone)]
 pub struct Killer {
     id: u64,
-    client: SpawnerClient,
+    client: Shard,
     conn: Arc<Conn>,
 }
 
