@@ -55,6 +55,11 @@ impl Drop for Fake {
 
 impl Fake {
     fn start(dir: &std::path::Path) -> Fake {
+        Fake::start_with(dir, &[])
+    }
+
+    /// With `tls` = [certificate chain, key], the fake speaks https only.
+    fn start_with(dir: &std::path::Path, tls: &[&std::path::Path]) -> Fake {
         let log = dir.join("upstream.jsonl");
         let mut child = std::process::Command::new("python3")
             .arg(concat!(
@@ -62,6 +67,7 @@ impl Fake {
                 "/tests/python/fake_openai.py"
             ))
             .arg(&log)
+            .args(tls)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -570,4 +576,196 @@ async fn identifying_fields_and_odd_bounds_never_reach_upstream() {
         );
     }
     assert_eq!(fake.requests().len(), 1);
+}
+
+/// A throwaway CA and a certificate it signed for `localhost` and 127.0.0.1, made with
+/// the openssl command: (CA certificate, server chain, server key).
+fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=bulkhead test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("srv.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "srv.ext",
+    ]);
+    for f in ["ca.pem", "srv.pem", "srv.key"] {
+        std::os::unix::fs::chown(dir.join(f), Some(65534), Some(65534)).unwrap();
+    }
+    (dir.join("ca.pem"), dir.join("srv.pem"), dir.join("srv.key"))
+}
+
+/// An https upstream is reached over TLS and checked against the provider's own CA; the
+/// same server is refused (and nothing charged) for a provider that trusts only the
+/// system's roots, and a provider whose CA file is unusable stops the daemon at start.
+#[tokio::test]
+async fn https_upstreams_are_verified_against_the_providers_roots() {
+    let state = temp_state("llm-tls");
+    let dir = state.with_extension("fake");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, chain, key) = test_pki(&dir);
+    let fake = Fake::start_with(&dir, &[&chain, &key]);
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let config = format!(
+        r#"
+[providers.private]
+kind = "openai"
+base_url = "https://localhost:{port}/v1"
+ca_file = "{ca}"
+
+[providers.public]
+kind = "openai"
+base_url = "https://localhost:{port}/v1"
+
+[models."trusted"]
+provider = "private"
+upstream = "up-fast"
+
+[models."untrusted"]
+provider = "public"
+upstream = "up-fast"
+
+[rate_card."trusted"]
+input = 1.0
+output = 1.0
+
+[rate_card."untrusted"]
+input = 1.0
+output = 1.0
+"#,
+        port = fake.port,
+        ca = ca.display()
+    );
+    let d = Daemon::start_with(As::Nobody, state, Some(&config));
+    let t = d.create("tls").await;
+    let call = |model: &str| {
+        serde_json::json!({"model": model, "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hello over TLS"}]})
+    };
+    let r = d
+        .tenant(&t)
+        .json(Method::POST, "/v1/chat/completions", &call("trusted"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json()["model"], "trusted");
+    let seen = fake.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["path"], "/v1/chat/completions");
+    // The fake's CA is not among the system's roots: the handshake fails, the call is
+    // not forwarded, and nothing is charged.
+    let r = d
+        .tenant(&t)
+        .json(Method::POST, "/v1/chat/completions", &call("untrusted"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (502, Some("upstream_unavailable")),
+        "{:?}",
+        r.json()
+    );
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("UnknownIssuer"), "{message}");
+    assert_eq!(fake.requests().len(), 1);
+    let u = d
+        .tenant(&t)
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(u["usage"]["llm_calls"], 1, "{u}");
+    drop(d);
+
+    // A CA file that is not there, or holds no certificate, is a start-up error.
+    let dir = std::env::temp_dir().join(format!("bulkhead-bad-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("srv.ext"), "not a certificate\n").unwrap();
+    for (what, path) in [
+        ("missing", dir.join("nope.pem")),
+        ("empty", dir.join("srv.ext")),
+    ] {
+        let bad = config.replace(&ca.display().to_string(), &path.display().to_string());
+        let bad_state = temp_state(&format!("llm-tls-{what}"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+            .args(["serve", "--state-dir"])
+            .arg(&bad_state)
+            .arg("--config")
+            .arg({
+                let f = std::env::temp_dir().join(format!(
+                    "bulkhead-bad-ca-{}-{what}.toml",
+                    std::process::id()
+                ));
+                std::fs::write(&f, &bad).unwrap();
+                f
+            })
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{what}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("providers.private.ca_file"), "{what}: {err}");
+        let _ = std::fs::remove_dir_all(&bad_state);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -515,7 +515,8 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         let llm = crate::llm::upstream::Router::new(
             config.llm(),
             config.llm().load_keys().map_err(start_err)?,
-        );
+        )
+        .map_err(start_err)?;
         let scheduler = crate::policy::schedule::Scheduler::new(
             config.exec.effective_slots(),
             config

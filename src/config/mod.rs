@@ -22,6 +22,7 @@ pub const ADMIN_ONLY_KEYS: &[&str] = &[
     "api_key",
     "api_key_env",
     "api_key_file",
+    "ca_file",
     "server",
     "exec",
     "files",

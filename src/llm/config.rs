@@ -34,6 +34,10 @@ pub struct ProviderConfig {
     /// Per-attempt timeout in milliseconds.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// PEM file of the certificate authorities an https provider is checked against,
+    /// instead of the system's (a private CA in front of a self-hosted model server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_timeout_ms() -> u64 {

@@ -2,6 +2,7 @@
 //! fallbacks, and bounded retries with jittered backoff.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,11 +45,16 @@ pub struct Answer {
     pub attempts: usize,
 }
 
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// Routes calls to providers.
 pub struct Router {
     config: LlmConfig,
     keys: BTreeMap<String, Option<Secret>>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// One pooled client per provider: each trusts the provider's own roots (its
+    /// `ca_file`, or the system's), and requests carry no tenant state, so every tenant's
+    /// calls to a provider share its connections.
+    clients: BTreeMap<String, Client<Https, Full<Bytes>>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -85,19 +91,58 @@ enum Attempt {
 }
 
 impl Router {
-    /// A router over `config` (validated) with the providers' keys.
-    pub fn new(config: LlmConfig, keys: BTreeMap<String, Option<Secret>>) -> Router {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(http);
-        Router {
+    /// A router over `config` (validated) with the providers' keys. Fails when a
+    /// provider's `ca_file` cannot be read or holds no certificate, or when an https
+    /// provider without one would have no trusted roots at all.
+    pub fn new(
+        config: LlmConfig,
+        keys: BTreeMap<String, Option<Secret>>,
+    ) -> Result<Router, String> {
+        let mut system_roots: Option<Arc<rustls::RootCertStore>> = None;
+        let mut clients = BTreeMap::new();
+        for (name, p) in &config.providers {
+            let roots = match &p.ca_file {
+                Some(file) => Arc::new(
+                    roots_from_file(file)
+                        .map_err(|e| format!("providers.{name}.ca_file {}: {e}", file.display()))?,
+                ),
+                None => system_roots.get_or_insert_with(system_trust).clone(),
+            };
+            if p.base_url.starts_with("https://") && roots.is_empty() {
+                return Err(format!(
+                    "providers.{name}: https needs trusted roots, and the system has none \
+                     (install ca-certificates or set ca_file)"
+                ));
+            }
+            // ring: no C toolchain beyond cc to build (aws-lc-rs needs cmake), at the cost
+            // of rustls' post-quantum key exchange, which ring lacks.
+            #[allow(deprecated)]
+            let crypto = rustls::crypto::ring::default_provider();
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(crypto))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS: {e}"))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let mut http = HttpConnector::new();
+            http.set_nodelay(true);
+            http.set_connect_timeout(Some(Duration::from_secs(10)));
+            // Plain http:// stays allowed for local servers (vLLM, Ollama on loopback).
+            http.enforce_http(false);
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http);
+            let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(connector);
+            clients.insert(name.clone(), client);
+        }
+        Ok(Router {
             config,
             keys,
-            client,
-        }
+            clients,
+        })
     }
 
     /// Public model names.
@@ -223,9 +268,9 @@ impl Router {
         if p.kind != wanted {
             return Attempt::Retry(format!("its provider does not serve /{path}"));
         }
-        if !p.base_url.starts_with("http://") {
-            return Attempt::Retry("https upstreams need TLS, which is not built yet".into());
-        }
+        let Some(client) = self.clients.get(&m.provider) else {
+            return Attempt::Retry("no client".into());
+        };
         let mut body = body.clone();
         if let Some(obj) = body.as_object_mut() {
             obj.insert(
@@ -253,7 +298,7 @@ impl Router {
         let timeout = Duration::from_millis(p.timeout_ms);
         if stream {
             // The timeout covers the wait for the answer to start; a stream may then last.
-            return match tokio::time::timeout(timeout, self.client.request(req)).await {
+            return match tokio::time::timeout(timeout, client.request(req)).await {
                 Ok(Ok(resp)) => {
                     let status = resp.status().as_u16();
                     if status == 429 || status >= 500 {
@@ -279,12 +324,12 @@ impl Router {
                         })
                     }
                 }
-                Ok(Err(e)) => Attempt::Retry(e.to_string()),
+                Ok(Err(e)) => Attempt::Retry(error_chain(&e)),
                 Err(_) => Attempt::Retry("timed out".into()),
             };
         }
         let call = async {
-            let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let resp = client.request(req).await.map_err(|e| error_chain(&e))?;
             let status = resp.status().as_u16();
             let body = Limited::new(resp.into_body(), MAX_ANSWER)
                 .collect()
@@ -333,4 +378,48 @@ impl Router {
             attempts: n,
         })
     }
+}
+
+/// A client error with its causes ("client error (Connect): invalid peer certificate:
+/// UnknownIssuer"): hyper's own message says only which stage failed.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// The certificates of a PEM file, as the only roots a provider trusts.
+fn roots_from_file(file: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(file).map_err(|e| e.to_string())? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("no certificate in it".into());
+    }
+    Ok(roots)
+}
+
+/// The system's trusted roots (what `ca-certificates` installs); unreadable entries are
+/// skipped, and none at all is reported where an https provider needs them.
+fn system_trust() -> Arc<rustls::RootCertStore> {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "reading the system's trusted certificates");
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    if ignored > 0 {
+        tracing::warn!(added, ignored, "some system certificates could not be used");
+    }
+    Arc::new(roots)
 }

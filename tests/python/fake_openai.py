@@ -2,6 +2,7 @@
 
 Listens on 127.0.0.1 (port printed on the first line of stdout) and appends every
 request it gets (path, headers, body) as one JSON line to the file named by argv[1].
+With a certificate chain and key file as argv[2] and argv[3] it speaks https only.
 Upstream model names choose the behaviour:
   flaky-upstream  -> 500 (the router must fall back)
   slow            -> answers after 0.3 s
@@ -124,5 +125,12 @@ class Handler(BaseHTTPRequestHandler):
 
 
 server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+if len(sys.argv) > 3:
+    # argv[2], argv[3]: certificate chain and key; then it speaks only https.
+    import ssl
+
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[2], sys.argv[3])
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
 print(server.server_address[1], flush=True)
 server.serve_forever()
