@@ -66,13 +66,14 @@ impl SocketClient {
         }
     }
 
-    /// Sends one request.
-    pub async fn request(
+    /// Sends one request and returns as soon as the answer's head has arrived, with its
+    /// body still to read (streamed answers).
+    pub async fn open(
         &self,
         method: Method,
         path: &str,
         body: Vec<u8>,
-    ) -> Result<Reply, String> {
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let uri: hyper::Uri = Uri::new(&self.socket, path).into();
         let req = Request::builder()
             .method(method)
@@ -84,11 +85,20 @@ impl SocketClient {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        let resp = self
-            .client
+        self.client
             .request(req)
             .await
-            .map_err(|e| format!("{}: {e}", self.socket.display()))?;
+            .map_err(|e| format!("{}: {e}", self.socket.display()))
+    }
+
+    /// Sends one request.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<Reply, String> {
+        let resp = self.open(method, path, body).await?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp

@@ -238,7 +238,8 @@ enum BenchCommand {
         json: bool,
     },
     /// LLM routing overhead: chat completions straight to a fake upstream and through the
-    /// daemon, at several concurrencies, in one run.
+    /// daemon in one run: whole answers and time to the first streamed byte at several
+    /// concurrencies, 200 clients paced below saturation, and memory per open stream.
     Llm {
         #[command(flatten)]
         args: bulkhead::bench::llm::LlmArgs,

@@ -154,6 +154,10 @@ fn llm_benchmark_reports_direct_and_routed_latency() {
             "40",
             "--clients",
             "1,4",
+            "--paced-rate",
+            "400",
+            "--streams",
+            "20",
             "--json",
         ])
         .output()
@@ -168,7 +172,7 @@ fn llm_benchmark_reports_direct_and_routed_latency() {
     let levels = v["levels"].as_array().unwrap();
     assert_eq!(levels.len(), 2, "{v}");
     for l in levels {
-        for path in ["direct", "bulkhead"] {
+        for path in ["direct", "bulkhead", "stream_direct", "stream_bulkhead"] {
             let (p50, p99, rps) = (
                 l[path][0].as_u64().unwrap(),
                 l[path][1].as_u64().unwrap(),
@@ -177,4 +181,20 @@ fn llm_benchmark_reports_direct_and_routed_latency() {
             assert!(p50 > 0 && p50 <= p99 && rps > 0.0, "{v}");
         }
     }
+    let paced = &v["paced"];
+    assert_eq!(paced["clients"], 200, "{v}");
+    for path in ["direct", "bulkhead"] {
+        let (p50, p99) = (
+            paced[path][0].as_u64().unwrap(),
+            paced[path][1].as_u64().unwrap(),
+        );
+        assert!(p50 > 0 && p50 <= p99, "{v}");
+    }
+    // Every held stream was open at once, and the daemon grew while they were.
+    let m = &v["stream_memory"];
+    assert_eq!(m["streams"], 20, "{v}");
+    assert!(
+        m["rss_open_kib"].as_u64().unwrap() >= m["rss_before_kib"].as_u64().unwrap(),
+        "{v}"
+    );
 }
