@@ -134,7 +134,8 @@ enum TenantOp {
     /// Show a tenant's limits, or set them: KEY=VALUE (a number, or `none` to unset).
     /// Keys: max_concurrent requests_per_s exec_per_s max_wall_ms max_output_bytes
     /// steps_per_day cpu_s_per_day memory_bytes pids disk_bytes egress_bytes_per_day
-    /// daily_budget_usd monthly_budget_usd rpm tpm, and the lists
+    /// daily_budget_usd monthly_budget_usd actor_daily_budget_usd actor_monthly_budget_usd
+    /// rpm tpm, and the lists
     /// egress=HOST:PORT,... (destinations for the sandbox's proxy, e.g.
     /// egress=pypi.org:443,*.github.com:443; `egress=` allows none) and
     /// allowed_models=NAME,... (the models the tenant may call).

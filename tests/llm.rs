@@ -360,6 +360,111 @@ async fn a_budget_holds_under_100_parallel_calls() {
     assert_eq!(fake.requests().len(), 11);
 }
 
+/// Per-actor budgets: each token of a tenant has its own cap, which holds under
+/// concurrency and leaves the tenant's other actors alone.
+#[tokio::test]
+async fn each_actor_has_its_own_budget_under_the_tenants() {
+    let (d, fake) = with_fake("actor-budget", "k");
+    let first = d.create("delta").await;
+    let mint = || async {
+        let r = d
+            .admin()
+            .json(
+                Method::POST,
+                "/admin/tenants/delta/tokens",
+                &serde_json::json!({"role": "member"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        r.json()["token"].as_str().unwrap().to_string()
+    };
+    let (second, third) = (mint().await, mint().await);
+    let body = serde_json::json!({"model": "slow", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "count"}]});
+    let call = |token: &str| {
+        let (c, body) = (d.tenant(token), body.clone());
+        async move {
+            let r = c
+                .json(Method::POST, "/v1/chat/completions", &body)
+                .await
+                .unwrap();
+            (
+                r.status.as_u16(),
+                r.reason_code(),
+                r.header("x-bulkhead-cost-usd").map(str::to_string),
+            )
+        }
+    };
+    let (status, _, cost) = call(&first).await;
+    assert_eq!(status, 200);
+    let cost: f64 = cost.unwrap().parse().unwrap();
+    // Each actor may spend three calls' worth (and a half) a day; the tenant far more.
+    let r = d
+        .admin()
+        .json(
+            Method::PUT,
+            "/admin/tenants/delta/limits",
+            &serde_json::json!({"actor_daily_budget_usd": cost * 3.5, "daily_budget_usd": cost * 100.0}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    // The first actor has two calls left.
+    for want in [200, 200, 402] {
+        let (status, code, _) = call(&first).await;
+        assert_eq!(status, want, "{code:?}");
+        if status == 402 {
+            assert_eq!(code.as_deref(), Some("actor_budget_exceeded"));
+        }
+    }
+    // Twenty calls at once from the second actor: exactly three are charged.
+    let calls: Vec<_> = (0..20).map(|_| tokio::spawn(call(&second))).collect();
+    let mut ok = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            (200, _, _) => ok += 1,
+            (402, Some(code), _) if code == "actor_budget_exceeded" => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ok, 3);
+    // The third actor has spent nothing and still gets its own three.
+    for _ in 0..3 {
+        assert_eq!(call(&third).await.0, 200);
+    }
+    let u = d
+        .tenant(&third)
+        .request(Method::GET, "/v1/usage", vec![])
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(u["usage"]["llm_calls"], 9, "{u}");
+    let actors = u["usage"]["actors"].as_object().unwrap();
+    assert_eq!(actors.len(), 3, "{u}");
+    for a in actors.values() {
+        let spent = a["spend_micro_today"].as_u64().unwrap() as f64;
+        assert!(spent <= cost * 3.5 * 1e6, "{u}");
+    }
+    assert_eq!(fake.requests().len(), 9);
+    // A bad per-actor cap changes nothing.
+    let r = d
+        .admin()
+        .json(
+            Method::PUT,
+            "/admin/tenants/delta/limits",
+            &serde_json::json!({"actor_monthly_budget_usd": -1}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (400, Some("bad_request")),
+        "{:?}",
+        r.json()
+    );
+}
+
 #[tokio::test]
 async fn the_anthropic_sdk_works_through_the_socket() {
     ensure_openai();

@@ -79,6 +79,9 @@ pub enum ApiError {
     /// The call could pass the tenant's budget.
     #[error("{0}")]
     BudgetExceeded(String),
+    /// The call could pass one of the calling actor's budgets.
+    #[error("{0}")]
+    ActorBudgetExceeded(String),
     /// Every upstream for the model failed.
     #[error("{0}")]
     UpstreamUnavailable(String),
@@ -122,6 +125,9 @@ impl ApiError {
             ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
             ApiError::ModelNotAllowed(_) => (StatusCode::FORBIDDEN, "model_not_allowed"),
             ApiError::BudgetExceeded(_) => (StatusCode::PAYMENT_REQUIRED, "tenant_budget_exceeded"),
+            ApiError::ActorBudgetExceeded(_) => {
+                (StatusCode::PAYMENT_REQUIRED, "actor_budget_exceeded")
+            }
             ApiError::UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             ApiError::QuotaExceeded(_) | ApiError::Unmeasurable(_) => {
                 (StatusCode::FORBIDDEN, "quota_exceeded")

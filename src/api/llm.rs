@@ -320,8 +320,13 @@ async fn settle(
     // images can count more tokens than their bytes): the reservation is what admits
     // the call, the usage is what it cost.
     let spent = s.spent;
-    app.meters
-        .settle_spend(b.tenant().as_str(), reserve, spent, s.tokens);
+    app.meters.settle_spend(
+        b.tenant().as_str(),
+        b.actor().as_str(),
+        reserve,
+        spent,
+        s.tokens,
+    );
     if let Some(tpm) = app.limits(b.tenant()).tpm {
         let used = s.tokens.0.saturating_add(s.tokens.1);
         app.meters.give_back_per_minute(
@@ -534,19 +539,29 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
     app.meters
         .reserve_spend(
             b.tenant().as_str(),
+            b.actor().as_str(),
             reserve,
-            limits.daily_budget_usd.map(usd_to_micro),
-            limits.monthly_budget_usd.map(usd_to_micro),
+            crate::policy::limits::Budgets {
+                daily: limits.daily_budget_usd.map(usd_to_micro),
+                monthly: limits.monthly_budget_usd.map(usd_to_micro),
+                actor_daily: limits.actor_daily_budget_usd.map(usd_to_micro),
+                actor_monthly: limits.actor_monthly_budget_usd.map(usd_to_micro),
+            },
         )
         .map_err(|which| {
             if let Some(tpm) = limits.tpm {
                 app.meters
                     .give_back_per_minute(&format!("tpm/{tenant}"), tpm, worst_tokens);
             }
-            ApiError::BudgetExceeded(format!(
+            let why = format!(
                 "this call could cost up to {} USD, more than is left of {which}",
                 usd(reserve)
-            ))
+            );
+            if which.starts_with("actor_") {
+                ApiError::ActorBudgetExceeded(why)
+            } else {
+                ApiError::BudgetExceeded(why)
+            }
         })?;
     let answer = if c.stream {
         match app

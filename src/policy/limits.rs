@@ -1,7 +1,7 @@
 //! Per-tenant limits: admin defaults (`[limits]` in config.toml) overlaid by per-tenant
 //! values set on the admin API (`<tenant>/limits.json`); overlays cannot touch them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,12 @@ pub struct Limits {
     /// LLM spend per UTC month, USD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub monthly_budget_usd: Option<f64>,
+    /// LLM spend per UTC day of each actor (token) of the tenant, USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_daily_budget_usd: Option<f64>,
+    /// LLM spend per UTC month of each actor (token) of the tenant, USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor_monthly_budget_usd: Option<f64>,
     /// LLM calls per minute (per tenant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u64>,
@@ -85,6 +91,8 @@ impl Limits {
         for (k, v) in [
             ("daily_budget_usd", self.daily_budget_usd),
             ("monthly_budget_usd", self.monthly_budget_usd),
+            ("actor_daily_budget_usd", self.actor_daily_budget_usd),
+            ("actor_monthly_budget_usd", self.actor_monthly_budget_usd),
         ] {
             if let Some(usd) = v
                 && (!usd.is_finite() || !(0.0..=1_000_000_000.0).contains(&usd))
@@ -146,6 +154,10 @@ impl Limits {
             egress_bytes_per_day: over.egress_bytes_per_day.or(self.egress_bytes_per_day),
             daily_budget_usd: over.daily_budget_usd.or(self.daily_budget_usd),
             monthly_budget_usd: over.monthly_budget_usd.or(self.monthly_budget_usd),
+            actor_daily_budget_usd: over.actor_daily_budget_usd.or(self.actor_daily_budget_usd),
+            actor_monthly_budget_usd: over
+                .actor_monthly_budget_usd
+                .or(self.actor_monthly_budget_usd),
             rpm: over.rpm.or(self.rpm),
             tpm: over.tpm.or(self.tpm),
             allowed_models: over
@@ -214,6 +226,32 @@ pub struct Usage {
     pub spend_micro_month: u64,
     /// The month `spend_micro_month` counts (years × 12 + month - 1).
     pub month: u64,
+    /// LLM spend of each actor (token id) that spent this month, micro-USD.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub actors: BTreeMap<String, ActorSpend>,
+}
+
+/// One actor's LLM spend, counted over the same day and month as its tenant's.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActorSpend {
+    /// On the current UTC day, micro-USD.
+    pub spend_micro_today: u64,
+    /// In the current UTC month, micro-USD.
+    pub spend_micro_month: u64,
+}
+
+/// The caps one LLM call is reserved against, micro-USD.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Budgets {
+    /// The tenant's day.
+    pub daily: Option<u64>,
+    /// The tenant's month.
+    pub monthly: Option<u64>,
+    /// The calling actor's day.
+    pub actor_daily: Option<u64>,
+    /// The calling actor's month.
+    pub actor_monthly: Option<u64>,
 }
 
 impl Usage {
@@ -225,11 +263,15 @@ impl Usage {
             self.cpu_ms_today = 0;
             self.egress_bytes_today = 0;
             self.spend_micro_today = 0;
+            for a in self.actors.values_mut() {
+                a.spend_micro_today = 0;
+            }
         }
         let month = month_of(day);
         if self.month != month {
             self.month = month;
             self.spend_micro_month = 0;
+            self.actors.clear();
         }
     }
 }
@@ -286,7 +328,8 @@ pub struct Meters {
     /// Tenants whose usage changed since it was last written.
     dirty: Mutex<std::collections::HashSet<String>>,
     usage: Mutex<HashMap<String, Usage>>,
-    /// LLM spend reserved by calls in flight, micro-USD per tenant.
+    /// LLM spend reserved by calls in flight, micro-USD, per tenant and per
+    /// `tenant/actor`.
     reserved: Mutex<HashMap<String, u64>>,
 }
 
@@ -408,47 +451,94 @@ impl Meters {
         granted
     }
 
-    /// Reserves `micro` (a call's worst case) against the daily and monthly budgets
-    /// (micro-USD) under one lock with everything already spent or reserved, so parallel
-    /// calls cannot pass the cap together; `Err` names the budget that would be passed.
+    /// Reserves `micro` (a call's worst case) against the tenant's and the actor's daily
+    /// and monthly budgets (micro-USD) under one lock with everything already spent or
+    /// reserved, so parallel calls cannot pass a cap together; `Err` names the budget
+    /// that would be passed, and nothing is reserved then.
     pub fn reserve_spend(
         &self,
         tenant: &str,
+        actor: &str,
         micro: u64,
-        daily: Option<u64>,
-        monthly: Option<u64>,
+        caps: Budgets,
     ) -> Result<(), &'static str> {
         let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         let u = all.entry(tenant.to_string()).or_default();
         u.roll(today());
         let mut reserved = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
-        let held = reserved.entry(tenant.to_string()).or_default();
-        let need = held.saturating_add(micro);
-        if daily.is_some_and(|cap| u.spend_micro_today.saturating_add(need) > cap) {
+        let need = reserved
+            .get(tenant)
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(micro);
+        if caps
+            .daily
+            .is_some_and(|cap| u.spend_micro_today.saturating_add(need) > cap)
+        {
             return Err("daily_budget_usd");
         }
-        if monthly.is_some_and(|cap| u.spend_micro_month.saturating_add(need) > cap) {
+        if caps
+            .monthly
+            .is_some_and(|cap| u.spend_micro_month.saturating_add(need) > cap)
+        {
             return Err("monthly_budget_usd");
         }
-        *held = need;
+        // Tenant names hold no '/', so this key is the actor's alone.
+        let actor_key = format!("{tenant}/{actor}");
+        let actor_need = reserved
+            .get(&actor_key)
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(micro);
+        let spent = u.actors.get(actor).cloned().unwrap_or_default();
+        if caps
+            .actor_daily
+            .is_some_and(|cap| spent.spend_micro_today.saturating_add(actor_need) > cap)
+        {
+            return Err("actor_daily_budget_usd");
+        }
+        if caps
+            .actor_monthly
+            .is_some_and(|cap| spent.spend_micro_month.saturating_add(actor_need) > cap)
+        {
+            return Err("actor_monthly_budget_usd");
+        }
+        reserved.insert(tenant.to_string(), need);
+        reserved.insert(actor_key, actor_need);
         Ok(())
     }
 
-    /// Replaces a reservation with what the call cost (0 when it failed) and counts it.
-    pub fn settle_spend(&self, tenant: &str, reserved: u64, spent: u64, tokens: (u64, u64)) {
+    /// Replaces a reservation with what the call cost (0 when it failed) and counts it,
+    /// for the tenant and the actor.
+    pub fn settle_spend(
+        &self,
+        tenant: &str,
+        actor: &str,
+        reserved: u64,
+        spent: u64,
+        tokens: (u64, u64),
+    ) {
         let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         let u = all.entry(tenant.to_string()).or_default();
         u.roll(today());
-        if let Some(held) = self
-            .reserved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(tenant)
         {
-            *held = held.saturating_sub(reserved);
+            let mut held = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
+            for key in [tenant.to_string(), format!("{tenant}/{actor}")] {
+                if let Some(h) = held.get_mut(&key) {
+                    *h = h.saturating_sub(reserved);
+                    if *h == 0 {
+                        held.remove(&key);
+                    }
+                }
+            }
         }
         u.spend_micro_today = u.spend_micro_today.saturating_add(spent);
         u.spend_micro_month = u.spend_micro_month.saturating_add(spent);
+        if spent > 0 {
+            let a = u.actors.entry(actor.to_string()).or_default();
+            a.spend_micro_today = a.spend_micro_today.saturating_add(spent);
+            a.spend_micro_month = a.spend_micro_month.saturating_add(spent);
+        }
         if spent > 0 || tokens != (0, 0) {
             u.llm_calls += 1;
             u.llm_input_tokens += tokens.0;
