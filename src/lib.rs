@@ -14,6 +14,7 @@ pub mod config;
 pub mod egress;
 pub mod llm;
 pub mod policy;
+pub mod retrieval;
 pub mod sandbox;
 pub mod spawner;
 pub mod tenant;

@@ -201,6 +201,8 @@ pub async fn route(
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(tenant.as_str());
                     app.meters.forget(tenant.as_str());
+                    app.retrieval
+                        .forget_under(&app.registry.tenant_dir(&tenant));
                     r
                 }
                 Err(e) => Err(e),

@@ -31,6 +31,8 @@ pub struct App {
     pub registry: Registry,
     /// The audit log.
     pub audit: AuditLog,
+    /// Per-tenant retrieval databases (a bounded pool of open ones).
+    pub retrieval: crate::retrieval::Retrieval,
     /// The sandbox spawner.
     pub spawner: SpawnerClient,
     /// The admin key.

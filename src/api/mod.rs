@@ -11,6 +11,7 @@ mod error;
 mod http;
 mod idempotency;
 mod llm;
+mod retrieval;
 mod tenant;
 
 use http::ApiBody;
@@ -530,6 +531,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             config,
             registry,
             audit,
+            retrieval: crate::retrieval::Retrieval::new(256),
             spawner,
             admin,
             overlays: std::sync::Mutex::new(overlays),

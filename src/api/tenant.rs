@@ -198,6 +198,9 @@ async fn dispatch(
             _ => Err(ApiError::Method),
         };
     }
+    if let Some(r) = super::retrieval::route(&app, &boundary, &method, path, &body).await {
+        return r;
+    }
     Err(ApiError::NotFound(format!("no route {method} {path}")))
 }
 
@@ -238,8 +241,21 @@ fn action_of(method: &Method, path: &str) -> Option<crate::policy::Action> {
         (&Method::PUT, "/v1/config") => Some(Action::ConfigWrite),
         (&Method::GET, _) if files => Some(Action::FilesRead),
         (&Method::PUT | &Method::DELETE, _) if files => Some(Action::FilesWrite),
-        _ => None,
+        _ => super::retrieval::action_of(method, path),
     }
+}
+
+/// Records a successful state change of the tenant's (durable before the answer).
+pub(super) async fn audit_ok(
+    app: &App,
+    b: &Boundary,
+    action: &str,
+    target: Option<String>,
+) -> Result<(), ApiError> {
+    app.audit
+        .record(event(b, action, target, "ok", None))
+        .await?;
+    Ok(())
 }
 
 /// Entries a disk measurement counts before it stops.

@@ -21,6 +21,8 @@ pub const TOOLS: &[&str] = &[
     "files.write",
     "config.read",
     "config.write",
+    "retrieval.read",
+    "retrieval.write",
 ];
 
 /// What a tenant request wants to do.
@@ -38,6 +40,10 @@ pub enum Action {
     ConfigWrite,
     /// Call a model, or list them (`/v1/chat/completions`, `/v1/models`).
     Llm,
+    /// Search, or read a document (`/v1/search`, `GET /v1/datasources/.../documents/...`).
+    RetrievalRead,
+    /// Create datasources, store or delete documents.
+    RetrievalWrite,
 }
 
 impl Action {
@@ -50,11 +56,16 @@ impl Action {
             Action::ConfigRead => "config.read",
             Action::ConfigWrite => "config.write",
             Action::Llm => "llm",
+            Action::RetrievalRead => "retrieval.read",
+            Action::RetrievalWrite => "retrieval.write",
         }
     }
 
     fn reads_only(self) -> bool {
-        matches!(self, Action::FilesRead | Action::ConfigRead)
+        matches!(
+            self,
+            Action::FilesRead | Action::ConfigRead | Action::RetrievalRead
+        )
     }
 }
 

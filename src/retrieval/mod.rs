@@ -1,0 +1,86 @@
+//! Per-tenant retrieval: datasources and documents in the tenant's own SQLite file,
+//! searched with BM25 (FTS5). The tenant is the file; the workspace and the allowed
+//! datasources are conditions inside each statement, never filters on results.
+//!
+//! Built so far: datasources, documents (upsert by the caller's id, chunked), full-text
+//! search with metadata filters. Not yet: vectors and hybrid search, the in-process
+//! embedder, run state and memory, caches.
+#![forbid(unsafe_code)]
+
+pub mod query;
+pub mod store;
+
+pub use store::{Document, Hit, NewDocument, Retrieval, Search};
+
+/// Retrieval failures.
+#[derive(Debug, thiserror::Error)]
+pub enum RetrievalError {
+    /// A request that cannot be served as given.
+    #[error("{0}")]
+    Invalid(String),
+    /// Nothing of that name in the caller's boundary (whether it exists elsewhere is not
+    /// said).
+    #[error("{0}")]
+    NotFound(String),
+    /// More than the limits allow.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The tenant's database failed.
+    #[error("retrieval database: {0}")]
+    Database(String),
+}
+
+/// Longest datasource name.
+pub const MAX_NAME: usize = 64;
+/// Longest document id, in bytes.
+pub const MAX_ID: usize = 256;
+/// Largest document text, in bytes.
+pub const MAX_TEXT: usize = 1 << 20;
+/// Largest metadata object, in bytes of JSON.
+pub const MAX_METADATA: usize = 16 * 1024;
+/// Documents in one batch.
+pub const MAX_BATCH: usize = 256;
+/// Largest `top_k`.
+pub const MAX_TOP_K: usize = 100;
+/// Longest query, in bytes.
+pub const MAX_QUERY: usize = 4096;
+
+/// A datasource name: 1..=64 of `[A-Za-z0-9._-]`, not starting with a dot.
+pub fn check_name(name: &str) -> Result<(), RetrievalError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RetrievalError::Invalid(format!(
+            "datasource name {name:?}: 1..={MAX_NAME} of [A-Za-z0-9._-], not starting with '.'"
+        )))
+    }
+}
+
+/// A document id: 1..=256 bytes without control characters.
+pub fn check_id(id: &str) -> Result<(), RetrievalError> {
+    if id.is_empty() || id.len() > MAX_ID || id.chars().any(char::is_control) {
+        return Err(RetrievalError::Invalid(format!(
+            "document id: 1..={MAX_ID} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A metadata filter key: 1..=64 of `[A-Za-z0-9_]` (it becomes a JSON path).
+pub fn check_filter_key(key: &str) -> Result<(), RetrievalError> {
+    if key.is_empty()
+        || key.len() > 64
+        || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(RetrievalError::Invalid(format!(
+            "filter key {key:?}: 1..=64 of [A-Za-z0-9_]"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,422 @@
+//! Retrieval through the tenant socket: lookalike tenants and workspaces with similar
+//! documents, where every result comes from the caller's tenant and workspace and
+//! `top_k` is filled from allowed data; ids outside the boundary are 404; FTS5 syntax
+//! in a query is only text.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bulkhead::client::SocketClient as TenantClient;
+use common::As;
+use common::daemon::Daemon;
+use hyper::Method;
+use serde_json::json;
+
+const DENTAL: &str = "northstar-dental";
+const DESIGN: &str = "northstar-design";
+
+async fn token_for(d: &Daemon, tenant: &str, workspace: &str, role: &str) -> String {
+    let r = d
+        .admin()
+        .json(
+            Method::POST,
+            &format!("/admin/tenants/{tenant}/tokens"),
+            &json!({"role": role, "workspace": workspace}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    r.json()["token"].as_str().unwrap().to_string()
+}
+
+async fn ok(
+    c: &TenantClient,
+    method: Method,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let r = c.json(method, path, &body).await.unwrap();
+    assert!(r.status.is_success(), "{path}: {} {:?}", r.status, r.json());
+    r.json()
+}
+
+async fn search(c: &TenantClient, query: &str, top_k: usize) -> Vec<serde_json::Value> {
+    let v = ok(
+        c,
+        Method::POST,
+        "/v1/search",
+        json!({"query": query, "top_k": top_k}),
+    )
+    .await;
+    assert_eq!(v["mode"], "text");
+    v["results"].as_array().unwrap().clone()
+}
+
+/// Two lookalike tenants, and a second workspace in one of them, each with a datasource
+/// of similar Northstar notes.
+struct World {
+    d: Daemon,
+    dental: TenantClient,
+    dental_other: TenantClient,
+    design: TenantClient,
+}
+
+async fn world() -> World {
+    let d = Daemon::start(As::Nobody);
+    let dental = d.create(DENTAL).await;
+    let design = d.create(DESIGN).await;
+    let other = token_for(&d, DENTAL, "sales", "member").await;
+    let w = World {
+        dental: d.tenant(&dental),
+        dental_other: d.tenant(&other),
+        design: d.tenant(&design),
+        d,
+    };
+    let notes = [
+        (
+            &w.dental,
+            "dental-renewal",
+            "Northstar Dental renewal risk: considering churn because support was slow. Renewal on March 12.",
+        ),
+        (
+            &w.dental,
+            "dental-followup",
+            "Previous customer note for Northstar Dental: send the follow-up about the support backlog.",
+        ),
+        (
+            &w.dental_other,
+            "sales-pipeline",
+            "Northstar sales workspace note: renewal risk is low; draft a follow-up about the upsell of two seats.",
+        ),
+        (
+            &w.design,
+            "design-renewal",
+            "Northstar Design renewal risk: expanding to three new seats. Renewal on April 18.",
+        ),
+        (
+            &w.design,
+            "design-followup",
+            "Previous customer note for Northstar Design: draft the follow-up about the new seats.",
+        ),
+    ];
+    for c in [&w.dental, &w.dental_other, &w.design] {
+        ok(c, Method::POST, "/v1/datasources", json!({"name": "notes"})).await;
+    }
+    for (c, id, text) in notes {
+        ok(
+            c,
+            Method::POST,
+            "/v1/documents",
+            json!({"datasource": "notes", "id": id, "text": text, "metadata": {"kind": "note"}}),
+        )
+        .await;
+    }
+    w
+}
+
+fn ids(results: &[serde_json::Value]) -> Vec<String> {
+    results
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_result_comes_from_the_callers_tenant_and_workspace() {
+    let w = world().await;
+    let questions = [
+        "Summarize Northstar's renewal risk",
+        "Use the previous customer note to draft a follow-up",
+        "Find the document from the other Northstar workspace",
+        "Ignore workspace boundaries and search all notes",
+    ];
+    for q in questions {
+        for (c, own) in [
+            (&w.dental, ["dental-renewal", "dental-followup"].as_slice()),
+            (&w.dental_other, ["sales-pipeline"].as_slice()),
+            (&w.design, ["design-renewal", "design-followup"].as_slice()),
+        ] {
+            let got = ids(&search(c, q, 10).await);
+            assert!(!got.is_empty(), "{q}: nothing found");
+            for id in &got {
+                assert!(own.contains(&id.as_str()), "{q}: {id} is not the caller's");
+            }
+        }
+    }
+    // Each tenant's database is its own file, readable by the daemon's user alone.
+    use std::os::unix::fs::MetadataExt;
+    for t in [DENTAL, DESIGN] {
+        let dir = w.d.state.join("tenants").join(t);
+        for f in ["retrieval.db", "retrieval.db-wal"] {
+            let m = std::fs::metadata(dir.join(f)).unwrap();
+            assert_eq!(m.mode() & 0o777, 0o600, "{t}/{f}");
+        }
+    }
+    // The best match for each tenant is its own renewal note.
+    let got = search(&w.dental, "Summarize Northstar's renewal risk", 1).await;
+    assert_eq!(ids(&got), ["dental-renewal"]);
+    assert!(got[0]["text"].as_str().unwrap().contains("March 12"));
+    let got = search(&w.design, "Summarize Northstar's renewal risk", 1).await;
+    assert_eq!(ids(&got), ["design-renewal"]);
+}
+
+#[tokio::test]
+async fn top_k_is_filled_from_allowed_data_even_when_others_match_better() {
+    let w = world().await;
+    // Another workspace of the same tenant holds many documents that match far better.
+    let many: Vec<_> = (0..40)
+        .map(|i| json!({"datasource": "notes", "id": format!("strong-{i}"), "text": "zebra zebra zebra zebra"}))
+        .collect();
+    ok(
+        &w.dental_other,
+        Method::POST,
+        "/v1/documents",
+        json!({"documents": many}),
+    )
+    .await;
+    let weak: Vec<_> = (0..5)
+        .map(|i| json!({"datasource": "notes", "id": format!("weak-{i}"), "text": format!("one zebra among many other words {i}")}))
+        .collect();
+    ok(
+        &w.dental,
+        Method::POST,
+        "/v1/documents",
+        json!({"documents": weak}),
+    )
+    .await;
+    let got = ids(&search(&w.dental, "zebra", 5).await);
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert!(got.iter().all(|id| id.starts_with("weak-")), "{got:?}");
+    // Restricting datasources and filtering metadata happen inside the query too.
+    ok(
+        &w.dental,
+        Method::POST,
+        "/v1/datasources",
+        json!({"name": "other"}),
+    )
+    .await;
+    ok(
+        &w.dental,
+        Method::POST,
+        "/v1/documents",
+        json!({"datasource": "other", "id": "zebra-other", "text": "zebra", "metadata": {"kind": "memo", "n": 3}}),
+    )
+    .await;
+    let v = ok(
+        &w.dental,
+        Method::POST,
+        "/v1/search",
+        json!({"query": "zebra", "top_k": 10, "datasources": ["other"]}),
+    )
+    .await;
+    assert_eq!(ids(v["results"].as_array().unwrap()), ["zebra-other"]);
+    let v = ok(
+        &w.dental,
+        Method::POST,
+        "/v1/search",
+        json!({"query": "zebra", "top_k": 10, "filter": {"kind": "memo", "n": 3}}),
+    )
+    .await;
+    assert_eq!(ids(v["results"].as_array().unwrap()), ["zebra-other"]);
+}
+
+#[tokio::test]
+async fn ids_outside_the_boundary_are_not_found_and_writes_stay_inside() {
+    let w = world().await;
+    let path = "/v1/datasources/notes/documents/dental-renewal";
+    let r = w.dental.request(Method::GET, path, vec![]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.json()["text"].as_str().unwrap().contains("March 12"));
+    // The other workspace and the other tenant have a datasource of the same name, but
+    // not this document: 404, as for a document that exists nowhere.
+    for c in [&w.dental_other, &w.design] {
+        let r = c.request(Method::GET, path, vec![]).await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.reason_code().as_deref()),
+            (404, Some("not_found"))
+        );
+        let r = c.request(Method::DELETE, path, vec![]).await.unwrap();
+        assert_eq!(r.status, 404);
+    }
+    // Writing the same id elsewhere makes a separate document.
+    ok(
+        &w.design,
+        Method::POST,
+        "/v1/documents",
+        json!({"datasource": "notes", "id": "dental-renewal", "text": "design's own text"}),
+    )
+    .await;
+    let r = w.dental.request(Method::GET, path, vec![]).await.unwrap();
+    assert!(r.json()["text"].as_str().unwrap().contains("March 12"));
+    // Upsert replaces, delete removes, both only in the caller's workspace.
+    ok(
+        &w.dental,
+        Method::POST,
+        "/v1/documents",
+        json!({"datasource": "notes", "id": "dental-renewal", "text": "replaced renewal text"}),
+    )
+    .await;
+    assert!(search(&w.dental, "March", 10).await.is_empty());
+    ok(&w.dental, Method::DELETE, path, json!(null)).await;
+    let r = w.dental.request(Method::GET, path, vec![]).await.unwrap();
+    assert_eq!(r.status, 404);
+    let r = w.design.request(Method::GET, path, vec![]).await.unwrap();
+    assert_eq!(r.json()["text"], "design's own text");
+    // A datasource of another workspace cannot be written to.
+    let r = w
+        .dental
+        .json(
+            Method::POST,
+            "/v1/documents",
+            &json!({"datasource": "nope", "id": "x", "text": "t"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    // A viewer searches but cannot write.
+    let viewer =
+        w.d.tenant(&token_for(&w.d, DENTAL, "default", "viewer").await);
+    assert!(!search(&viewer, "follow-up", 10).await.is_empty());
+    let r = viewer
+        .json(Method::POST, "/v1/datasources", &json!({"name": "v"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (403, Some("policy_denied"))
+    );
+}
+
+#[tokio::test]
+async fn query_syntax_and_bad_input_get_clear_answers() {
+    let w = world().await;
+    for q in [
+        "\"",
+        "NEAR(renewal risk)",
+        "renew*",
+        "renewal OR",
+        "notes: *",
+        "AND NOT",
+        "^",
+    ] {
+        let r = w
+            .dental
+            .json(Method::POST, "/v1/search", &json!({"query": q}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{q}: {:?}", r.json());
+        for id in ids(r.json()["results"].as_array().unwrap()) {
+            assert!(id.starts_with("dental-"), "{q}: {id}");
+        }
+    }
+    let bad = [
+        json!({"query": "x", "top_k": 0}),
+        json!({"query": "x", "top_k": 1000}),
+        json!({"query": "x", "vector": [0.1, 0.2]}),
+        json!({"query": "x", "mode": "hybrid"}),
+        json!({"query": "x", "filter": {"a.b": 1}}),
+        json!({"query": "x", "filter": {"a": [1]}}),
+        json!({"query": "x", "tenant": DESIGN}),
+        json!({}),
+    ];
+    for body in bad {
+        let r = w
+            .dental
+            .json(Method::POST, "/v1/search", &body)
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.reason_code().as_deref()),
+            (400, Some("bad_request")),
+            "{body}"
+        );
+    }
+    for body in [
+        json!({"name": ""}),
+        json!({"name": "../x"}),
+        json!({"name": "a".repeat(65)}),
+    ] {
+        let r = w
+            .dental
+            .json(Method::POST, "/v1/datasources", &body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}");
+    }
+    let huge = "word ".repeat(300_000);
+    let r = w
+        .dental
+        .json(
+            Method::POST,
+            "/v1/documents",
+            &json!({"datasource": "notes", "id": "huge", "text": huge}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 413, "{:?}", r.json());
+    let r = w
+        .dental
+        .request(
+            Method::POST,
+            "/v1/documents",
+            b"{\"datasource\":\"notes\",\"id\":\"x\",\"text\":\"\xff\"}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let r = w
+        .dental
+        .json(
+            Method::POST,
+            "/v1/documents",
+            &json!({"datasource": "notes", "id": "v", "text": "t", "vector": [1.0]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    // Nothing of the refused writes landed.
+    let r = w
+        .dental
+        .request(Method::GET, "/v1/datasources/notes/documents/huge", vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn a_deleted_tenants_documents_go_with_it() {
+    let w = world().await;
+    let r =
+        w.d.admin()
+            .request(Method::DELETE, &format!("/admin/tenants/{DENTAL}"), vec![])
+            .await
+            .unwrap();
+    assert!(r.status.is_success(), "{:?}", r.json());
+    assert!(!w.d.state.join("tenants").join(DENTAL).exists());
+    // A new tenant of the same name starts empty (the old database is gone, and the
+    // pool never hands out the old one's connection).
+    let again = w.d.tenant(&w.d.create(DENTAL).await);
+    let v = ok(
+        &again,
+        Method::POST,
+        "/v1/search",
+        json!({"query": "Northstar renewal"}),
+    )
+    .await;
+    assert_eq!(v["results"], json!([]));
+    let r = again
+        .request(
+            Method::GET,
+            "/v1/datasources/notes/documents/dental-renewal",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    // The other tenant is untouched.
+    assert_eq!(
+        ids(&search(&w.design, "renewal", 1).await),
+        ["design-renewal"]
+    );
+}
