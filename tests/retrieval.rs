@@ -420,3 +420,186 @@ async fn a_deleted_tenants_documents_go_with_it() {
         ["design-renewal"]
     );
 }
+
+async fn status_of(
+    c: &TenantClient,
+    method: Method,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = c.json(method, path, &body).await.unwrap();
+    (r.status.as_u16(), r.json())
+}
+
+/// Run state belongs to one run of one workspace and expires; memory belongs to the
+/// workspace (or one actor, when asked) and survives a restart; nothing moves from one to
+/// the other except by an explicit promote.
+#[tokio::test]
+async fn run_state_expires_memory_stays_and_only_promote_moves_between() {
+    let state = common::daemon::temp_state("memory");
+    let mut d = Daemon::start_with(As::Nobody, state, Some("[memory]\nrun_state_ttl_s = 1\n"));
+    let dental = d.tenant(&d.create(DENTAL).await);
+    let design = d.tenant(&d.create(DESIGN).await);
+    let sales = d.tenant(&token_for(&d, DENTAL, "sales", "member").await);
+    let colleague = d.tenant(&token_for(&d, DENTAL, "default", "member").await);
+    let draft = json!({"value": {"text": "follow-up draft for Northstar Dental"}});
+    ok(
+        &dental,
+        Method::PUT,
+        "/v1/runs/r1/state/draft",
+        draft.clone(),
+    )
+    .await;
+    ok(
+        &dental,
+        Method::PUT,
+        "/v1/runs/r1/state/scratch",
+        json!({"value": 42}),
+    )
+    .await;
+    let v = ok(&dental, Method::GET, "/v1/runs/r1/state/draft", json!(null)).await;
+    assert_eq!(v["value"], draft["value"]);
+    // Same run id and key elsewhere: nothing.
+    for c in [&design, &sales] {
+        let (s, _) = status_of(c, Method::GET, "/v1/runs/r1/state/draft", json!(null)).await;
+        assert_eq!(s, 404);
+    }
+    // Run state is not memory until promoted.
+    let (s, _) = status_of(&dental, Method::GET, "/v1/memory/draft", json!(null)).await;
+    assert_eq!(s, 404);
+    ok(
+        &dental,
+        Method::POST,
+        "/v1/runs/r1/promote",
+        json!({"keys": ["draft"]}),
+    )
+    .await;
+    let v = ok(&dental, Method::GET, "/v1/memory/draft", json!(null)).await;
+    assert_eq!(v["value"], draft["value"]);
+    let (s, _) = status_of(&dental, Method::GET, "/v1/memory/scratch", json!(null)).await;
+    assert_eq!(s, 404);
+    for c in [&design, &sales] {
+        let (s, _) = status_of(c, Method::GET, "/v1/memory/draft", json!(null)).await;
+        assert_eq!(s, 404);
+    }
+    // A colleague in the workspace sees workspace memory, not another actor's own.
+    assert_eq!(
+        ok(&colleague, Method::GET, "/v1/memory/draft", json!(null)).await["value"],
+        draft["value"]
+    );
+    ok(
+        &dental,
+        Method::PUT,
+        "/v1/users/me/memory/tone",
+        json!({"value": "formal"}),
+    )
+    .await;
+    assert_eq!(
+        ok(
+            &dental,
+            Method::GET,
+            "/v1/users/me/memory/tone",
+            json!(null)
+        )
+        .await["value"],
+        "formal"
+    );
+    for path in ["/v1/users/me/memory/tone", "/v1/memory/tone"] {
+        let (s, _) = status_of(&colleague, Method::GET, path, json!(null)).await;
+        assert_eq!(s, 404, "{path}");
+    }
+    // Run state expires (TTL 1 s here), and an expired key cannot be promoted.
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let (s, _) = status_of(
+        &dental,
+        Method::GET,
+        "/v1/runs/r1/state/scratch",
+        json!(null),
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, _) = status_of(
+        &dental,
+        Method::POST,
+        "/v1/runs/r1/promote",
+        json!({"keys": ["scratch"]}),
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, _) = status_of(&dental, Method::GET, "/v1/memory/scratch", json!(null)).await;
+    assert_eq!(s, 404);
+    // Memory survives a restart.
+    let mut d = tokio::task::spawn_blocking(move || {
+        assert!(d.terminate().success());
+        d
+    })
+    .await
+    .unwrap();
+    d.spawn();
+    assert_eq!(
+        ok(&dental, Method::GET, "/v1/memory/draft", json!(null)).await["value"],
+        draft["value"]
+    );
+    assert_eq!(
+        ok(
+            &dental,
+            Method::GET,
+            "/v1/users/me/memory/tone",
+            json!(null)
+        )
+        .await["value"],
+        "formal"
+    );
+    // Bad input changes nothing.
+    for (method, path, body, want) in [
+        (Method::PUT, "/v1/memory/a%2Fb", json!({"value": 1}), 400),
+        (Method::PUT, "/v1/memory/bad%20key", json!({"value": 1}), 400),
+        (
+            Method::PUT,
+            "/v1/memory/k",
+            json!({"value": 1, "tenant": DESIGN}),
+            400,
+        ),
+        (
+            Method::PUT,
+            "/v1/memory/k",
+            json!({"value": "x".repeat(70_000)}),
+            413,
+        ),
+        (
+            Method::POST,
+            "/v1/runs/r1/promote",
+            json!({"keys": []}),
+            400,
+        ),
+        (
+            Method::POST,
+            "/v1/runs/r1/promote",
+            json!({"keys": ["draft"], "scope": "tenant"}),
+            400,
+        ),
+    ] {
+        let (s, v) = status_of(&dental, method, path, body).await;
+        assert_eq!(s, want, "{path}: {v}");
+    }
+    let (s, _) = status_of(&dental, Method::GET, "/v1/memory/k", json!(null)).await;
+    assert_eq!(s, 404);
+    // A viewer reads memory but cannot write it.
+    let viewer = d.tenant(&token_for(&d, DENTAL, "default", "viewer").await);
+    assert_eq!(
+        ok(&viewer, Method::GET, "/v1/memory/draft", json!(null)).await["value"],
+        draft["value"]
+    );
+    let (s, v) = status_of(
+        &viewer,
+        Method::PUT,
+        "/v1/memory/draft",
+        json!({"value": 0}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["reason_code"].as_str()),
+        (403, Some("policy_denied")),
+        "{v}"
+    );
+}

@@ -9,7 +9,25 @@ use super::app::App;
 use super::error::ApiError;
 use super::http::{ApiBody, blocking, json_response, parse_json, percent_decode};
 use crate::auth::Boundary;
+use crate::retrieval::memory::{self, Owner};
 use crate::retrieval::{self, NewDocument, RetrievalError, Search};
+
+/// `PUT` of run state or memory.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValueIn {
+    value: serde_json::Value,
+}
+
+/// `POST /v1/runs/{run_id}/promote`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteIn {
+    keys: Vec<String>,
+    /// `workspace` (the default) or `user` (the calling actor's own memory).
+    #[serde(default)]
+    scope: Option<String>,
+}
 
 /// `POST /v1/datasources`.
 #[derive(Debug, serde::Deserialize)]
@@ -102,6 +120,12 @@ pub async fn route(
             Method::POST => search(app, b, body).await,
             _ => Err(ApiError::Method),
         },
+        _ if path.starts_with("/v1/runs/")
+            || path.starts_with("/v1/memory/")
+            || path.starts_with("/v1/users/me/memory/") =>
+        {
+            memory_route(app, b, method, path, body).await
+        }
         _ => {
             let rest = path.strip_prefix("/v1/datasources/")?;
             let (ds, id) = rest.split_once("/documents/")?;
@@ -124,9 +148,16 @@ pub async fn route(
     Some(r)
 }
 
-/// The policy action of a retrieval route (`None`: not one).
+/// The policy action of a retrieval or memory route (`None`: not one).
 pub fn action_of(method: &Method, path: &str) -> Option<crate::policy::Action> {
     use crate::policy::Action;
+    if memory_target(path).is_some() {
+        return match *method {
+            Method::GET => Some(Action::MemoryRead),
+            Method::PUT | Method::DELETE | Method::POST => Some(Action::MemoryWrite),
+            _ => None,
+        };
+    }
     match (method, path) {
         (&Method::POST, "/v1/datasources" | "/v1/documents") => Some(Action::RetrievalWrite),
         (&Method::POST, "/v1/search") => Some(Action::RetrievalRead),
@@ -356,4 +387,155 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
         }),
         b.trace_id(),
     ))
+}
+
+/// What a memory path names.
+#[derive(Debug)]
+enum MemoryTarget<'a> {
+    /// `/v1/runs/{run_id}/state/{key}`.
+    RunState(&'a str, &'a str),
+    /// `/v1/runs/{run_id}/promote`.
+    Promote(&'a str),
+    /// `/v1/memory/{key}` or `/v1/users/me/memory/{key}`.
+    Memory(bool, &'a str),
+}
+
+fn memory_target(path: &str) -> Option<MemoryTarget<'_>> {
+    if let Some(rest) = path.strip_prefix("/v1/runs/") {
+        if let Some(run) = rest.strip_suffix("/promote") {
+            return Some(MemoryTarget::Promote(run));
+        }
+        let (run, key) = rest.split_once("/state/")?;
+        return Some(MemoryTarget::RunState(run, key));
+    }
+    if let Some(key) = path.strip_prefix("/v1/users/me/memory/") {
+        return Some(MemoryTarget::Memory(true, key));
+    }
+    path.strip_prefix("/v1/memory/")
+        .map(|key| MemoryTarget::Memory(false, key))
+}
+
+async fn memory_route(
+    app: &Arc<App>,
+    b: &Boundary,
+    method: &Method,
+    path: &str,
+    body: &Bytes,
+) -> Result<Response<ApiBody>, ApiError> {
+    let target =
+        memory_target(path).ok_or_else(|| ApiError::NotFound(format!("no route {path}")))?;
+    let (key, db) = database(app, b);
+    let ws = b.workspace().to_string();
+    let app2 = app.clone();
+    let reply = |v: serde_json::Value| Ok(json_response(StatusCode::OK, &v, b.trace_id()));
+    match (target, method.clone()) {
+        (MemoryTarget::RunState(run, k), m) => {
+            memory::check_key("run id", run)?;
+            memory::check_key("key", k)?;
+            let (run, k) = (run.to_string(), k.to_string());
+            match m {
+                Method::PUT => {
+                    let v: ValueIn = parse_json(body)?;
+                    let ttl = app.config.memory.run_state_ttl_s.saturating_mul(1000);
+                    let (run2, k2) = (run.clone(), k.clone());
+                    blocking(move || {
+                        Ok(app2
+                            .retrieval
+                            .put_run_state(&key, &db, &ws, &run2, &k2, &v.value, ttl)?)
+                    })
+                    .await?;
+                    super::tenant::audit_ok(app, b, "run_state.put", Some(format!("{run}/{k}")))
+                        .await?;
+                    reply(serde_json::json!({"run_id": run, "key": k}))
+                }
+                Method::GET => {
+                    let v = blocking(move || {
+                        Ok(app2.retrieval.get_run_state(&key, &db, &ws, &run, &k)?)
+                    })
+                    .await?;
+                    reply(serde_json::json!({"value": v}))
+                }
+                _ => Err(ApiError::Method),
+            }
+        }
+        (MemoryTarget::Promote(run), Method::POST) => {
+            memory::check_key("run id", run)?;
+            let req: PromoteIn = parse_json(body)?;
+            if req.keys.is_empty() || req.keys.len() > memory::MAX_PROMOTE {
+                return Err(ApiError::BadRequest(format!(
+                    "keys: 1..={} names",
+                    memory::MAX_PROMOTE
+                )));
+            }
+            for k in &req.keys {
+                memory::check_key("key", k)?;
+            }
+            let owner = match req.scope.as_deref() {
+                None | Some("workspace") => Owner::Workspace,
+                Some("user") => Owner::Actor(b.actor().to_string()),
+                Some(other) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "scope {other:?}: workspace or user"
+                    )));
+                }
+            };
+            let (run, keys) = (run.to_string(), req.keys.clone());
+            let run2 = run.clone();
+            blocking(move || {
+                Ok(app2
+                    .retrieval
+                    .promote(&key, &db, &ws, &run2, &keys, &owner)?)
+            })
+            .await?;
+            super::tenant::audit_ok(
+                app,
+                b,
+                "run_state.promote",
+                Some(format!("{run}: {}", req.keys.join(","))),
+            )
+            .await?;
+            reply(serde_json::json!({"promoted": req.keys}))
+        }
+        (MemoryTarget::Promote(_), _) => Err(ApiError::Method),
+        (MemoryTarget::Memory(own, k), m) => {
+            memory::check_key("key", k)?;
+            let owner = if own {
+                Owner::Actor(b.actor().to_string())
+            } else {
+                Owner::Workspace
+            };
+            let k = k.to_string();
+            match m {
+                Method::PUT => {
+                    let v: ValueIn = parse_json(body)?;
+                    let k2 = k.clone();
+                    blocking(move || {
+                        Ok(app2
+                            .retrieval
+                            .put_memory(&key, &db, &ws, &owner, &k2, &v.value)?)
+                    })
+                    .await?;
+                    super::tenant::audit_ok(app, b, "memory.put", Some(k.clone())).await?;
+                    reply(serde_json::json!({"key": k}))
+                }
+                Method::GET => {
+                    let v = blocking(move || {
+                        Ok(app2.retrieval.get_memory(&key, &db, &ws, &owner, &k)?)
+                    })
+                    .await?;
+                    reply(serde_json::json!({"value": v}))
+                }
+                Method::DELETE => {
+                    let k2 = k.clone();
+                    blocking(move || {
+                        Ok(app2.retrieval.delete_memory(&key, &db, &ws, &owner, &k2)?)
+                    })
+                    .await?;
+                    super::tenant::audit_ok(app, b, "memory.delete", Some(k.clone())).await?;
+                    reply(serde_json::json!({"deleted": true, "key": k}))
+                }
+                _ => Err(ApiError::Method),
+            }
+        }
+    }
 }

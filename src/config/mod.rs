@@ -23,6 +23,7 @@ pub const ADMIN_ONLY_KEYS: &[&str] = &[
     "api_key_env",
     "api_key_file",
     "ca_file",
+    "memory",
     "server",
     "exec",
     "files",
@@ -291,6 +292,24 @@ pub struct AdminConfig {
     pub models: std::collections::BTreeMap<String, crate::llm::config::ModelConfig>,
     /// Prices per public model, USD per million tokens.
     pub rate_card: std::collections::BTreeMap<String, crate::llm::config::Rate>,
+    /// Run state and memory.
+    pub memory: MemoryConfig,
+}
+
+/// Run state and memory.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// How long run state lives after its last write, in seconds.
+    pub run_state_ttl_s: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            run_state_ttl_s: 3600,
+        }
+    }
 }
 
 impl AdminConfig {
@@ -325,6 +344,12 @@ impl AdminConfig {
                     return Err(ConfigError::Invalid {
                         path: path.display().to_string(),
                         why: format!("exec.nice = {}: must be 0..=19", c.exec.nice),
+                    });
+                }
+                if !(1..=30 * 86_400).contains(&c.memory.run_state_ttl_s) {
+                    return Err(ConfigError::Invalid {
+                        path: path.display().to_string(),
+                        why: "memory.run_state_ttl_s must be 1..=2592000".into(),
                     });
                 }
                 if c.exec.spawners > 64 {

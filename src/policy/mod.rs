@@ -23,6 +23,8 @@ pub const TOOLS: &[&str] = &[
     "config.write",
     "retrieval.read",
     "retrieval.write",
+    "memory.read",
+    "memory.write",
 ];
 
 /// What a tenant request wants to do.
@@ -44,6 +46,10 @@ pub enum Action {
     RetrievalRead,
     /// Create datasources, store or delete documents.
     RetrievalWrite,
+    /// Read run state or memory.
+    MemoryRead,
+    /// Write run state or memory, or promote run state to memory.
+    MemoryWrite,
 }
 
 impl Action {
@@ -58,13 +64,15 @@ impl Action {
             Action::Llm => "llm",
             Action::RetrievalRead => "retrieval.read",
             Action::RetrievalWrite => "retrieval.write",
+            Action::MemoryRead => "memory.read",
+            Action::MemoryWrite => "memory.write",
         }
     }
 
     fn reads_only(self) -> bool {
         matches!(
             self,
-            Action::FilesRead | Action::ConfigRead | Action::RetrievalRead
+            Action::FilesRead | Action::ConfigRead | Action::RetrievalRead | Action::MemoryRead
         )
     }
 }

@@ -3,10 +3,11 @@
 //! datasources are conditions inside each statement, never filters on results.
 //!
 //! Built so far: datasources, documents (upsert by the caller's id, chunked), full-text
-//! search with metadata filters. Not yet: vectors and hybrid search, the in-process
-//! embedder, run state and memory, caches.
+//! search with metadata filters, run state (expiring) and memory (durable), promotion
+//! between them. Not yet: vectors and hybrid search, the in-process embedder, caches.
 #![forbid(unsafe_code)]
 
+pub mod memory;
 pub mod query;
 pub mod store;
 

@@ -47,6 +47,22 @@ END;
 CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
 END;
+CREATE TABLE IF NOT EXISTS run_state (
+    workspace TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (workspace, run_id, key)
+);
+CREATE INDEX IF NOT EXISTS run_state_expires ON run_state(expires);
+CREATE TABLE IF NOT EXISTS memory (
+    workspace TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (workspace, owner, key)
+);
 ";
 
 /// A document to store (upserted by its id within its datasource).
@@ -126,11 +142,11 @@ impl std::fmt::Debug for Retrieval {
     }
 }
 
-fn sql(e: rusqlite::Error) -> RetrievalError {
+pub(super) fn sql(e: rusqlite::Error) -> RetrievalError {
     RetrievalError::Database(e.to_string())
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -168,7 +184,11 @@ impl Retrieval {
 
     /// The connection for `key` (the tenant and its incarnation, so a tenant made again
     /// under the same name never reuses the old one's handle), opening `db` if needed.
-    fn conn(&self, key: &str, db: &Path) -> Result<Arc<Mutex<Connection>>, RetrievalError> {
+    pub(super) fn conn(
+        &self,
+        key: &str,
+        db: &Path,
+    ) -> Result<Arc<Mutex<Connection>>, RetrievalError> {
         {
             let mut pool = lock(&self.open);
             if let Some((_, c)) = pool.conns.get(key) {
