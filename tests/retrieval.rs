@@ -553,7 +553,12 @@ async fn run_state_expires_memory_stays_and_only_promote_moves_between() {
     // Bad input changes nothing.
     for (method, path, body, want) in [
         (Method::PUT, "/v1/memory/a%2Fb", json!({"value": 1}), 400),
-        (Method::PUT, "/v1/memory/bad%20key", json!({"value": 1}), 400),
+        (
+            Method::PUT,
+            "/v1/memory/bad%20key",
+            json!({"value": 1}),
+            400,
+        ),
         (
             Method::PUT,
             "/v1/memory/k",
