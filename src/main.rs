@@ -238,6 +238,15 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Full-text retrieval through the library: ingestion, search latency across one big
+    /// tenant, database size, and optionally search across many small tenants.
+    Retrieval {
+        #[command(flatten)]
+        args: bulkhead::bench::retrieval::RetrievalArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// LLM routing overhead: chat completions straight to a fake upstream and through the
     /// daemon in one run: whole answers and time to the first streamed byte at several
     /// concurrencies, 200 clients paced below saturation, and memory per open stream.
@@ -327,6 +336,22 @@ fn main() -> ExitCode {
             }
         }
         Command::Sandbox(args) => run_sandbox(args),
+        Command::Bench {
+            which: BenchCommand::Retrieval { args, json },
+        } => match bulkhead::bench::retrieval::retrieval(&args) {
+            Ok(r) if json => {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(r) => {
+                bulkhead::bench::retrieval::print(&r);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bulkhead: bench: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Bench {
             which: BenchCommand::Files { args, json },
         } => {

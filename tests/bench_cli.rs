@@ -198,3 +198,40 @@ fn llm_benchmark_reports_direct_and_routed_latency() {
         "{v}"
     );
 }
+
+#[test]
+fn retrieval_benchmark_reports_search_ingest_and_size() {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulkhead"))
+        .args([
+            "bench",
+            "retrieval",
+            "--chunks",
+            "2000",
+            "--queries",
+            "20",
+            "--tenants",
+            "5",
+            "--tenant-chunks",
+            "50",
+            "--pool",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["chunks"], 2000, "{v}");
+    assert!(v["ingest_chunks_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    for k in ["search_us", "search_common_us"] {
+        let (p50, p99) = (v[k][0].as_u64().unwrap(), v[k][1].as_u64().unwrap());
+        assert!(p50 > 0 && p50 <= p99, "{v}");
+    }
+    assert!(v["db_bytes"].as_u64().unwrap() > 0, "{v}");
+    // The pool stayed within its bound while five tenants were searched.
+    assert!(v["many_tenants"][1].as_u64().unwrap() <= 2, "{v}");
+}

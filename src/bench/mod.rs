@@ -15,6 +15,7 @@ use crate::sandbox::{self, OutputMode, SandboxSpec};
 
 pub mod llm;
 pub mod noisy;
+pub mod retrieval;
 pub mod throughput;
 
 /// Options of `bulkhead bench coldstart`.
