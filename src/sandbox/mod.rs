@@ -6,7 +6,9 @@
 //! read-only tmpfs root with read-only system binds, a synthesized `/etc`, `/work`,
 //! a size-limited `/tmp`, its own `/proc` and a minimal `/dev`; `pivot_root` and detach the
 //! host root; Landlock; rlimits; new session; drop every capability; no_new_privs;
-//! default-deny seccomp; exec. All `unsafe` in the crate lives in this module, the one
+//! default-deny seccomp; exec. A run in a cell (`cell.rs`) joins the cell's user and
+//! network namespaces instead and starts from a copy of the cell's prebuilt root, adding
+//! only `/work`, `/tmp` and `/proc`. All `unsafe` in the crate lives in this module, the one
 //! place that lifts the crate-wide `unsafe_code = "deny"`.
 #![allow(unsafe_code)]
 
