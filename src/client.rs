@@ -74,6 +74,11 @@ impl SocketClient {
         path: &str,
         body: Vec<u8>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        // hyperlocal panics on a path it cannot parse; the same path after an equally
+        // plain host (its host is the socket path in hex) tells first.
+        if !path.starts_with('/') || format!("unix://h:0{path}").parse::<hyper::Uri>().is_err() {
+            return Err(format!("invalid request path {path:?}"));
+        }
         let uri: hyper::Uri = Uri::new(&self.socket, path).into();
         let req = Request::builder()
             .method(method)
@@ -127,5 +132,30 @@ impl SocketClient {
             serde_json::to_vec(body).map_err(|e| e.to_string())?,
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unparsable_path_is_an_error_not_a_panic() {
+        let c = SocketClient::new(Path::new("/nonexistent/bulkhead.sock"), "tk");
+        for path in ["/v1/memory/bad key", "relative", "/a\nb", "/\u{7f}"] {
+            let e = c
+                .request(Method::GET, path, Vec::new())
+                .await
+                .err()
+                .unwrap_or_default();
+            assert!(e.contains("invalid request path"), "{path:?}: {e}");
+        }
+        // A good path gets as far as the (missing) socket.
+        let e = c
+            .request(Method::GET, "/v1/usage", Vec::new())
+            .await
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("/nonexistent/bulkhead.sock"), "{e}");
     }
 }
