@@ -239,6 +239,39 @@ async fn ids_outside_the_boundary_are_not_found_and_writes_stay_inside() {
         let r = c.request(Method::DELETE, path, vec![]).await.unwrap();
         assert_eq!(r.status, 404);
     }
+    // Asking for a document of another workspace is counted (not a missing one).
+    let blocked = |c: &TenantClient| {
+        let c = c.clone();
+        async move {
+            let u = ok(&c, Method::GET, "/v1/usage", json!(null)).await;
+            u["usage"]["blocked_cross_boundary"].as_u64().unwrap_or(0)
+        }
+    };
+    let before = blocked(&w.dental).await;
+    let r = w
+        .dental
+        .request(
+            Method::GET,
+            "/v1/datasources/notes/documents/sales-pipeline",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (404, Some("not_found"))
+    );
+    let r = w
+        .dental
+        .request(
+            Method::GET,
+            "/v1/datasources/notes/documents/nowhere",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(blocked(&w.dental).await, before + 1);
     // Writing the same id elsewhere makes a separate document.
     ok(
         &w.design,

@@ -83,11 +83,26 @@ impl From<RetrievalError> for ApiError {
     fn from(e: RetrievalError) -> ApiError {
         match e {
             RetrievalError::Invalid(m) => ApiError::BadRequest(m),
-            RetrievalError::NotFound(m) => ApiError::NotFound(m),
+            RetrievalError::NotFound(m) | RetrievalError::Blocked(m) => ApiError::NotFound(m),
             RetrievalError::TooLarge(m) => ApiError::TooLarge(m),
             RetrievalError::Database(m) => ApiError::Internal(m),
         }
     }
+}
+
+/// Counts and logs (with the trace id) a request that named something of another
+/// workspace; the client gets the same 404 as for something that does not exist.
+fn counted(app: &App, b: &Boundary, e: RetrievalError) -> ApiError {
+    if matches!(e, RetrievalError::Blocked(_)) {
+        app.meters.record_blocked(b.tenant().as_str());
+        tracing::warn!(
+            tenant = %b.tenant(),
+            workspace = b.workspace(),
+            trace_id = b.trace_id(),
+            "blocked a cross-boundary access"
+        );
+    }
+    ApiError::from(e)
 }
 
 /// Where the caller's tenant keeps its database, and the pool key for it.
@@ -291,9 +306,10 @@ async fn get_document(
     let doc = blocking(move || {
         Ok(app2
             .retrieval
-            .get_document(&key, &db, &ws, &datasource, &id)?)
+            .get_document(&key, &db, &ws, &datasource, &id))
     })
-    .await?;
+    .await?
+    .map_err(|e| counted(app, b, e))?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::to_value(doc).unwrap_or_default(),
@@ -316,7 +332,9 @@ async fn delete_document(
         datasource.clone(),
         id.clone(),
     );
-    blocking(move || Ok(app2.retrieval.delete_document(&key, &db, &ws, &ds2, &id2)?)).await?;
+    blocking(move || Ok(app2.retrieval.delete_document(&key, &db, &ws, &ds2, &id2)))
+        .await?
+        .map_err(|e| counted(app, b, e))?;
     super::tenant::audit_ok(app, b, "document.delete", Some(datasource)).await?;
     Ok(json_response(
         StatusCode::OK,

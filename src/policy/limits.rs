@@ -226,6 +226,9 @@ pub struct Usage {
     pub spend_micro_month: u64,
     /// The month `spend_micro_month` counts (years × 12 + month - 1).
     pub month: u64,
+    /// Requests for a document that exists in another workspace of the tenant, answered
+    /// 404 like a missing one.
+    pub blocked_cross_boundary: u64,
     /// LLM spend of each actor (token id) that spent this month, micro-USD.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub actors: BTreeMap<String, ActorSpend>,
@@ -416,6 +419,16 @@ impl Meters {
             .into_iter()
             .filter_map(|n| all.get(&n).cloned().map(|u| (n, u)))
             .collect()
+    }
+
+    /// Counts a request refused because what it named lies outside its boundary.
+    pub fn record_blocked(&self, tenant: &str) {
+        let mut all = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(tenant.to_string())
+            .or_default()
+            .blocked_cross_boundary += 1;
+        drop(all);
+        self.mark(tenant);
     }
 
     /// Records a finished sandbox run.

@@ -23,6 +23,10 @@ pub enum RetrievalError {
     /// said).
     #[error("{0}")]
     NotFound(String),
+    /// The same answer to the client as `NotFound`, but the name exists in another
+    /// workspace of the tenant: the caller counts and logs it.
+    #[error("{0}")]
+    Blocked(String),
     /// More than the limits allow.
     #[error("{0}")]
     TooLarge(String),

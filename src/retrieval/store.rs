@@ -359,7 +359,9 @@ impl Retrieval {
             )
             .optional()
             .map_err(sql)?;
-        let (doc, metadata) = found.ok_or_else(|| not_found(datasource, id))?;
+        let Some((doc, metadata)) = found else {
+            return Err(elsewhere(&c, workspace, datasource, id));
+        };
         let mut stmt = c
             .prepare_cached("SELECT text FROM chunks WHERE document = ?1 ORDER BY seq")
             .map_err(sql)?;
@@ -398,7 +400,7 @@ impl Retrieval {
             )
             .optional()
             .map_err(sql)?
-            .ok_or_else(|| not_found(datasource, id))?;
+            .ok_or_else(|| elsewhere(&tx, workspace, datasource, id))?;
         tx.execute("DELETE FROM chunks WHERE document = ?1", params![doc])
             .map_err(sql)?;
         tx.execute("DELETE FROM documents WHERE id = ?1", params![doc])
@@ -477,8 +479,23 @@ impl Retrieval {
     }
 }
 
-fn not_found(datasource: &str, id: &str) -> RetrievalError {
-    RetrievalError::NotFound(format!("no document {id:?} in datasource {datasource:?}"))
+/// Why a document was not found in `workspace`: it exists in no other workspace of the
+/// tenant (`NotFound`) or it does (`Blocked`); the client is told the same either way.
+fn elsewhere(c: &Connection, workspace: &str, datasource: &str, id: &str) -> RetrievalError {
+    let message = format!("no document {id:?} in datasource {datasource:?}");
+    let other: Option<i64> = c
+        .query_row(
+            "SELECT 1 FROM documents d JOIN datasources s ON s.id = d.datasource
+             WHERE s.workspace <> ?1 AND s.name = ?2 AND d.ext_id = ?3 LIMIT 1",
+            params![workspace, datasource, id],
+            |r| r.get(0),
+        )
+        .optional()
+        .unwrap_or(None);
+    match other {
+        Some(_) => RetrievalError::Blocked(message),
+        None => RetrievalError::NotFound(message),
+    }
 }
 
 #[cfg(test)]
