@@ -282,6 +282,49 @@ impl Caller {
     }
 }
 
+/// `clients` tasks sending `per` calls each: each as soon as the last is answered, or
+/// with `pace`, one every `pace` per client, clients staggered across it. Returns the
+/// timings, the failures and the wall time.
+async fn drive(
+    c: &Caller,
+    clients: usize,
+    per: usize,
+    pace: Option<Duration>,
+) -> (Vec<Duration>, Vec<String>, Duration) {
+    let t0 = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per);
+                let mut failed = Vec::new();
+                for k in 0..per {
+                    if let Some(interval) = pace {
+                        let offset = interval.mul_f64(i as f64 / clients as f64);
+                        tokio::time::sleep_until(t0 + offset + interval * k as u32).await;
+                    }
+                    match c.call().await {
+                        Ok(d) => lat.push(d),
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (lat, failed)
+            })
+        })
+        .collect();
+    let (mut all, mut failures) = (Vec::new(), Vec::new());
+    for task in tasks {
+        match task.await {
+            Ok((lat, failed)) => {
+                all.extend(lat);
+                failures.extend(failed);
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    (all, failures, t0.elapsed())
+}
+
 /// Runs the benchmark.
 pub fn llm(args: &LlmArgs, exe: &Path) -> Result<LlmReport, String> {
     let (work, _uid) = prepare(&ColdstartArgs {
@@ -407,35 +450,9 @@ fn measure(args: &LlmArgs, exe: &Path, base: &Path) -> Result<LlmReport, String>
 
     let closed = |c: &Caller, clients: usize| {
         let per = (args.requests / clients.max(1)).max(1);
-        rt.block_on(async {
-            let t = Instant::now();
-            let tasks: Vec<_> = (0..clients.max(1))
-                .map(|_| {
-                    let c = c.clone();
-                    tokio::spawn(async move {
-                        let mut lat = Vec::with_capacity(per);
-                        let mut failed = Vec::new();
-                        for _ in 0..per {
-                            match c.call().await {
-                                Ok(d) => lat.push(d),
-                                Err(e) => failed.push(e),
-                            }
-                        }
-                        (lat, failed)
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for task in tasks {
-                if let Ok((lat, failed)) = task.await {
-                    all.extend(lat);
-                    for e in failed {
-                        note(e);
-                    }
-                }
-            }
-            stats(all, t.elapsed())
-        })
+        let (lat, failed, wall) = rt.block_on(drive(c, clients.max(1), per, None));
+        failed.into_iter().for_each(&note);
+        stats(lat, wall)
     };
     let mut levels = Vec::new();
     for &clients in &args.clients {
@@ -454,37 +471,9 @@ fn measure(args: &LlmArgs, exe: &Path, base: &Path) -> Result<LlmReport, String>
         let interval = Duration::from_secs_f64(clients as f64 / args.paced_rate);
         let per = (args.requests / clients).max(5);
         let run = |c: Caller| {
-            rt.block_on(async {
-                let t0 = tokio::time::Instant::now();
-                let tasks: Vec<_> = (0..clients)
-                    .map(|i| {
-                        let c = c.clone();
-                        let offset = interval.mul_f64(i as f64 / clients as f64);
-                        tokio::spawn(async move {
-                            let mut lat = Vec::with_capacity(per);
-                            let mut failed = Vec::new();
-                            for k in 0..per {
-                                tokio::time::sleep_until(t0 + offset + interval * k as u32).await;
-                                match c.call().await {
-                                    Ok(d) => lat.push(d),
-                                    Err(e) => failed.push(e),
-                                }
-                            }
-                            (lat, failed)
-                        })
-                    })
-                    .collect();
-                let mut all = Vec::new();
-                for task in tasks {
-                    if let Ok((lat, failed)) = task.await {
-                        all.extend(lat);
-                        for e in failed {
-                            note(e);
-                        }
-                    }
-                }
-                stats(all, t0.elapsed())
-            })
+            let (lat, failed, wall) = rt.block_on(drive(&c, clients, per, Some(interval)));
+            failed.into_iter().for_each(&note);
+            stats(lat, wall)
         };
         Some(Paced {
             clients,

@@ -133,6 +133,26 @@ macro_rules! check {
     };
 }
 
+/// Waits for one byte on the caller's sync pipe; EOF (the caller is gone) and errors other
+/// than EINTR fail as `step`.
+fn await_byte(fd: c_int, report: Sink, step: Step) -> Result<(), c_int> {
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: reads one byte into a local from a descriptor we hold.
+        let n = unsafe { libc::read(fd, (&mut byte as *mut u8).cast(), 1) };
+        if n == 1 {
+            return Ok(());
+        }
+        if n == 0 {
+            // SAFETY: our own thread's errno slot (see `errno`).
+            unsafe { *libc::__errno_location() = libc::EPIPE };
+        }
+        if n == 0 || errno() != libc::EINTR {
+            return Err(fail(report, step, 0));
+        }
+    }
+}
+
 /// Writes `data` to an existing file (the id maps, setgroups).
 ///
 /// # Safety
@@ -660,18 +680,8 @@ pub(crate) extern "C" fn sandbox_main(arg: *mut c_void) -> c_int {
             // Root caller: the parent maps the tenant's host ids for us; then we become the
             // sandbox user inside the namespace (dropping root's supplementary groups) and
             // never hold host uid 0 again.
-            let mut byte = 0u8;
-            loop {
-                let n = libc::read(args.sync_fd, (&mut byte as *mut u8).cast(), 1);
-                if n == 1 {
-                    break;
-                }
-                if n == 0 {
-                    *libc::__errno_location() = libc::EPIPE;
-                }
-                if n == 0 || errno() != libc::EINTR {
-                    return fail(report, Step::AwaitIdMaps, 0);
-                }
+            if let Err(status) = await_byte(args.sync_fd, report, Step::AwaitIdMaps) {
+                return status;
             }
             check!(
                 libc::syscall(libc::SYS_setgroups, 0usize, ptr::null::<libc::gid_t>()),
@@ -1162,18 +1172,8 @@ pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
         // The holder is pid 1 of a pid namespace of its own, where getppid() says 0; a
         // parent that died before the death signal was set shows as the sync pipe's
         // writer gone (checked again below, while the caller still holds it).
-        let mut byte = 0u8;
-        loop {
-            let n = libc::read(args.sync_fd, (&mut byte as *mut u8).cast(), 1);
-            if n == 1 {
-                break;
-            }
-            if n == 0 {
-                *libc::__errno_location() = libc::EPIPE;
-            }
-            if n == 0 || errno() != libc::EINTR {
-                return fail(report, Step::AwaitIdMaps, 0);
-            }
+        if let Err(status) = await_byte(args.sync_fd, report, Step::AwaitIdMaps) {
+            return status;
         }
         let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         check!(sock, report, Step::LoopbackSocket);
@@ -1250,17 +1250,8 @@ pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
             report,
             Step::SignalHostView
         );
-        loop {
-            let n = libc::read(args.sync_fd, (&mut byte as *mut u8).cast(), 1);
-            if n == 1 {
-                break;
-            }
-            if n == 0 {
-                *libc::__errno_location() = libc::EPIPE;
-            }
-            if n == 0 || errno() != libc::EINTR {
-                return fail(report, Step::AwaitHostViewTaken, 0);
-            }
+        if let Err(status) = await_byte(args.sync_fd, report, Step::AwaitHostViewTaken) {
+            return status;
         }
         libc::close(args.sync_fd);
         check!(
