@@ -9,6 +9,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod bench;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod egress;

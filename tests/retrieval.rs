@@ -346,8 +346,15 @@ async fn query_syntax_and_bad_input_get_clear_answers() {
     let bad = [
         json!({"query": "x", "top_k": 0}),
         json!({"query": "x", "top_k": 1000}),
-        json!({"query": "x", "vector": [0.1, 0.2]}),
+        json!({"query": "x", "vector": []}),
+        json!({"vector": [0.0, 0.0]}),
+        json!({"vector": [1.0, "x"]}),
+        json!({"vector": [1e39]}),
+        json!({"vector": vec![0.5; 5000]}),
         json!({"query": "x", "mode": "hybrid"}),
+        json!({"query": "x", "mode": "vector"}),
+        json!({"query": "x", "mode": "semantic"}),
+        json!({"vector": [1.0], "mode": "text"}),
         json!({"query": "x", "filter": {"a.b": 1}}),
         json!({"query": "x", "filter": {"a": [1]}}),
         json!({"query": "x", "tenant": DESIGN}),
@@ -403,18 +410,231 @@ async fn query_syntax_and_bad_input_get_clear_answers() {
         .json(
             Method::POST,
             "/v1/documents",
-            &json!({"datasource": "notes", "id": "v", "text": "t", "vector": [1.0]}),
+            &json!({"datasource": "notes", "id": "v", "text": "t", "vector": [1.0, "x"]}),
         )
         .await
         .unwrap();
     assert_eq!(r.status, 400);
     // Nothing of the refused writes landed.
+    for id in ["huge", "v"] {
+        let r = w
+            .dental
+            .request(
+                Method::GET,
+                &format!("/v1/datasources/notes/documents/{id}"),
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 404, "{id}");
+    }
+}
+
+/// A unit vector along axis `i` of 4, tilted slightly towards axis `j`.
+fn axis(i: usize, j: usize) -> serde_json::Value {
+    let mut v = vec![0.0; 4];
+    v[i] = 1.0;
+    v[j] += 0.1;
+    json!(v)
+}
+
+#[tokio::test]
+async fn supplied_vectors_rank_by_cosine_inside_the_boundary_and_fuse_with_text() {
+    let w = world().await;
+    // Each tenant and workspace gets vectors that would be the best match for the other's
+    // query, so any leak would rank first.
+    for (c, prefix) in [
+        (&w.dental, "dental"),
+        (&w.dental_other, "sales"),
+        (&w.design, "design"),
+    ] {
+        for (n, (i, j)) in [(0, 1), (1, 2), (2, 3)].into_iter().enumerate() {
+            ok(
+                c,
+                Method::POST,
+                "/v1/documents",
+                json!({"datasource": "notes", "id": format!("{prefix}-v{n}"),
+                       "text": format!("vector note {n} of {prefix}"), "vector": axis(i, j)}),
+            )
+            .await;
+        }
+    }
+    let v = ok(
+        &w.dental,
+        Method::POST,
+        "/v1/search",
+        json!({"vector": axis(1, 0), "top_k": 10}),
+    )
+    .await;
+    assert_eq!(v["mode"], "vector");
+    let found = ids(v["results"].as_array().unwrap());
+    assert_eq!(found.len(), 3, "only the tenant's three vectors: {found:?}");
+    assert_eq!(found[0], "dental-v1");
+    let scores: Vec<f64> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["score"].as_f64().unwrap())
+        .collect();
+    assert!(scores.windows(2).all(|p| p[0] >= p[1]), "{scores:?}");
+    assert!(
+        (scores[0] - 0.995).abs() < 0.01,
+        "cosine of near-parallel vectors: {scores:?}"
+    );
+    // Hybrid: the text match and the vector match both make the list.
+    let v = ok(
+        &w.dental,
+        Method::POST,
+        "/v1/search",
+        json!({"query": "support backlog", "vector": axis(2, 3), "top_k": 3}),
+    )
+    .await;
+    assert_eq!(v["mode"], "hybrid");
+    let found = ids(v["results"].as_array().unwrap());
+    assert!(found.contains(&"dental-followup".to_string()), "{found:?}");
+    assert!(found.contains(&"dental-v2".to_string()), "{found:?}");
+    assert!(
+        found.iter().all(|id| id.starts_with("dental-")),
+        "{found:?}"
+    );
+    // A filter and a datasource list restrict vector candidates too.
+    let v = ok(
+        &w.dental,
+        Method::POST,
+        "/v1/search",
+        json!({"vector": axis(1, 0), "filter": {"kind": "note"}, "datasources": ["notes"]}),
+    )
+    .await;
+    assert!(v["results"].as_array().unwrap().is_empty(), "{v}");
+    // Vectors of another dimension are refused, and change nothing.
+    for body in [
+        json!({"vector": [1.0, 0.0, 0.0]}),
+        json!({"query": "x", "vector": [1.0, 0.0], "mode": "hybrid"}),
+    ] {
+        let r = w
+            .dental
+            .json(Method::POST, "/v1/search", &body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "{body}");
+        assert!(
+            r.json()["error"].to_string().contains("dimensions"),
+            "{:?}",
+            r.json()
+        );
+    }
     let r = w
         .dental
-        .request(Method::GET, "/v1/datasources/notes/documents/huge", vec![])
+        .json(
+            Method::POST,
+            "/v1/documents",
+            &json!({"datasource": "notes", "id": "dental-v0", "text": "replaced", "vector": [1.0, 0.0]}),
+        )
         .await
         .unwrap();
-    assert_eq!(r.status, 404);
+    assert_eq!(r.status, 400);
+    let r = w
+        .dental
+        .request(
+            Method::GET,
+            "/v1/datasources/notes/documents/dental-v0",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.json()["text"], "vector note 0 of dental");
+    // Naming a datasource of another workspace is a 404 like a missing one.
+    ok(
+        &w.dental_other,
+        Method::POST,
+        "/v1/datasources",
+        json!({"name": "pipeline"}),
+    )
+    .await;
+    for ds in ["pipeline", "absent"] {
+        let r = w
+            .dental
+            .json(
+                Method::POST,
+                "/v1/search",
+                &json!({"query": "renewal", "datasources": [ds]}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.reason_code().as_deref()),
+            (404, Some("not_found")),
+            "{ds}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn search_results_are_cached_per_boundary_and_dropped_on_write() {
+    let w = world().await;
+    let body = json!({"query": "Northstar renewal risk", "top_k": 5});
+    let cache = |r: &bulkhead::client::Reply| {
+        r.headers
+            .get("x-bulkhead-cache")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let first = w
+        .dental
+        .json(Method::POST, "/v1/search", &body)
+        .await
+        .unwrap();
+    assert_eq!(cache(&first).as_deref(), Some("miss"));
+    let again = w
+        .dental
+        .json(Method::POST, "/v1/search", &body)
+        .await
+        .unwrap();
+    assert_eq!(cache(&again).as_deref(), Some("hit"));
+    assert_eq!(again.json()["results"], first.json()["results"]);
+    // The identical request from the lookalike tenant and from the other workspace is
+    // answered from their own data, never from this entry.
+    for (c, prefix) in [(&w.design, "design-"), (&w.dental_other, "sales-")] {
+        let r = c.json(Method::POST, "/v1/search", &body).await.unwrap();
+        assert_eq!(cache(&r).as_deref(), Some("miss"));
+        let found = ids(r.json()["results"].as_array().unwrap());
+        assert!(
+            !found.is_empty() && found.iter().all(|id| id.starts_with(prefix)),
+            "{found:?}"
+        );
+    }
+    // A write to the tenant's documents makes the next search fresh, and it sees the write.
+    ok(
+        &w.dental,
+        Method::POST,
+        "/v1/documents",
+        json!({"datasource": "notes", "id": "dental-new", "text": "Northstar renewal risk is now high"}),
+    )
+    .await;
+    let after = w
+        .dental
+        .json(Method::POST, "/v1/search", &body)
+        .await
+        .unwrap();
+    assert_eq!(cache(&after).as_deref(), Some("miss"));
+    assert!(ids(after.json()["results"].as_array().unwrap()).contains(&"dental-new".to_string()));
+    let r = w
+        .dental
+        .request(
+            Method::DELETE,
+            "/v1/datasources/notes/documents/dental-new",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let gone = w
+        .dental
+        .json(Method::POST, "/v1/search", &body)
+        .await
+        .unwrap();
+    assert_eq!(cache(&gone).as_deref(), Some("miss"));
+    assert!(!ids(gone.json()["results"].as_array().unwrap()).contains(&"dental-new".to_string()));
 }
 
 #[tokio::test]

@@ -203,6 +203,7 @@ pub async fn route(
                     app.meters.forget(tenant.as_str());
                     app.retrieval
                         .forget_under(&app.registry.tenant_dir(&tenant));
+                    app.search_cache.purge(tenant.as_str());
                     r
                 }
                 Err(e) => Err(e),

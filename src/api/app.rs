@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::audit::AuditLog;
@@ -33,6 +33,10 @@ pub struct App {
     pub audit: AuditLog,
     /// Per-tenant retrieval databases (a bounded pool of open ones).
     pub retrieval: crate::retrieval::Retrieval,
+    /// The in-process embedder, when `retrieval.embedder` names a model.
+    pub embedder: Option<Arc<crate::retrieval::embed::Embedder>>,
+    /// Search results, keyed from the caller's boundary.
+    pub search_cache: crate::cache::Cache<Arc<Vec<crate::retrieval::Hit>>>,
     /// The sandbox spawner.
     pub spawner: SpawnerClient,
     /// The admin key.

@@ -518,6 +518,18 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             config.llm().load_keys().map_err(start_err)?,
         )
         .map_err(start_err)?;
+        // Loading a model takes a moment and fails for reasons the admin must fix, so it
+        // happens (and stops the daemon) here rather than on the first request.
+        let (retrieval_pool, cache_entries) =
+            (config.retrieval.pool, config.retrieval.cache_entries);
+        let embedder = match &config.retrieval.embedder {
+            Some(dir) => {
+                let e = crate::retrieval::embed::Embedder::load(dir).map_err(start_err)?;
+                tracing::info!(model = e.id(), dim = e.dim(), "embedder loaded");
+                Some(Arc::new(e))
+            }
+            None => None,
+        };
         let scheduler = crate::policy::schedule::Scheduler::new(
             config.exec.effective_slots(),
             config
@@ -531,7 +543,9 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             config,
             registry,
             audit,
-            retrieval: crate::retrieval::Retrieval::new(256),
+            retrieval: crate::retrieval::Retrieval::new(retrieval_pool),
+            embedder,
+            search_cache: crate::cache::Cache::new(cache_entries),
             spawner,
             admin,
             overlays: std::sync::Mutex::new(overlays),

@@ -10,7 +10,7 @@ use super::error::ApiError;
 use super::http::{ApiBody, blocking, json_response, parse_json, percent_decode};
 use crate::auth::Boundary;
 use crate::retrieval::memory::{self, Owner};
-use crate::retrieval::{self, NewDocument, RetrievalError, Search};
+use crate::retrieval::{self, Mode, NewDocument, RetrievalError, Search};
 
 /// `PUT` of run state or memory.
 #[derive(Debug, serde::Deserialize)]
@@ -75,9 +75,67 @@ struct SearchIn {
     mode: Option<String>,
 }
 
-/// Vectors need an embeddings source, which this build does not have yet.
-const NO_VECTORS: &str =
-    "vector and hybrid search are not available: no embeddings source is configured";
+/// Chunks the in-process embedder embeds for one request.
+const MAX_EMBED_CHUNKS: usize = 1024;
+/// How long a search result stays cached (writes invalidate it sooner).
+const SEARCH_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A client's vector: an array of 1..=4096 finite numbers, returned at unit length.
+fn parse_vector(what: &str, v: &serde_json::Value) -> Result<Vec<f32>, ApiError> {
+    let bad = || ApiError::BadRequest(format!("{what}: an array of finite numbers"));
+    let items = v.as_array().ok_or_else(bad)?;
+    if items.len() > retrieval::vectors::MAX_DIM {
+        return Err(ApiError::BadRequest(format!(
+            "{what}: at most {} numbers",
+            retrieval::vectors::MAX_DIM
+        )));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for x in items {
+        let f = x.as_f64().ok_or_else(bad)? as f32;
+        if !f.is_finite() {
+            return Err(bad());
+        }
+        out.push(f);
+    }
+    Ok(retrieval::vectors::normalized(&out)?)
+}
+
+/// Unit vectors for `texts` from the in-process embedder, through the tenant's own
+/// embedding cache (keyed by model and content digest, in its database).
+fn embed_cached(
+    app: &App,
+    key: &str,
+    db: &std::path::Path,
+    embedder: &retrieval::embed::Embedder,
+    texts: &[&str],
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    let digests: Vec<[u8; 32]> = texts
+        .iter()
+        .map(|t| crate::cache::digest(t.as_bytes()))
+        .collect();
+    let mut found = app
+        .retrieval
+        .cached_embeddings(key, db, embedder.id(), &digests)?;
+    let missing: Vec<usize> = (0..texts.len()).filter(|i| found[*i].is_none()).collect();
+    if !missing.is_empty() {
+        let inputs: Vec<&str> = missing.iter().map(|i| texts[*i]).collect();
+        let fresh = embedder
+            .embed(&inputs)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let entries: Vec<([u8; 32], &[f32])> = missing
+            .iter()
+            .zip(&fresh)
+            .map(|(i, v)| (digests[*i], v.as_slice()))
+            .collect();
+        app.retrieval
+            .cache_embeddings(key, db, embedder.id(), &entries)?;
+        for (i, v) in missing.into_iter().zip(fresh) {
+            found[i] = Some(v);
+        }
+    }
+    Ok(found.into_iter().flatten().collect())
+}
 
 impl From<RetrievalError> for ApiError {
     fn from(e: RetrievalError) -> ApiError {
@@ -232,9 +290,10 @@ async fn put_documents(
     for d in docs {
         retrieval::check_name(&d.datasource)?;
         retrieval::check_id(&d.id)?;
-        if d.vector.is_some() {
-            return Err(ApiError::BadRequest(NO_VECTORS.into()));
-        }
+        let vector = match &d.vector {
+            Some(v) => Some(parse_vector(&format!("document {:?}: vector", d.id), v)?),
+            None => None,
+        };
         if d.text.len() > retrieval::MAX_TEXT {
             return Err(ApiError::TooLarge(format!(
                 "document {:?}: text over {} bytes",
@@ -253,11 +312,17 @@ async fn put_documents(
                 retrieval::MAX_METADATA
             )));
         }
+        // A document's own vector stands for each of its chunks.
+        let vectors = match vector {
+            Some(v) => vec![v; retrieval::store::chunks(&d.text).len()],
+            None => Vec::new(),
+        };
         new.push(NewDocument {
             datasource: d.datasource,
             id: d.id,
             text: d.text,
             metadata,
+            vectors,
         });
     }
     let summary: Vec<(String, String)> = new
@@ -266,7 +331,31 @@ async fn put_documents(
         .collect();
     let (key, db) = database(app, b);
     let (app2, ws) = (app.clone(), b.workspace().to_string());
-    let counts = blocking(move || Ok(app2.retrieval.put_documents(&key, &db, &ws, &new)?)).await?;
+    let embedder = app.embedder.clone();
+    if embedder.is_some() {
+        let to_embed: usize = new
+            .iter()
+            .filter(|d| d.vectors.is_empty())
+            .map(|d| retrieval::store::chunks(&d.text).len())
+            .sum();
+        if to_embed > MAX_EMBED_CHUNKS {
+            return Err(ApiError::TooLarge(format!(
+                "{to_embed} chunks to embed; at most {MAX_EMBED_CHUNKS} per request (send smaller batches)"
+            )));
+        }
+    }
+    let counts = blocking(move || {
+        if let Some(e) = &embedder {
+            for d in new.iter_mut().filter(|d| d.vectors.is_empty()) {
+                let parts = retrieval::store::chunks(&d.text);
+                if !parts.is_empty() {
+                    d.vectors = embed_cached(&app2, &key, &db, e, &parts)?;
+                }
+            }
+        }
+        Ok(app2.retrieval.put_documents(&key, &db, &ws, &new)?)
+    })
+    .await?;
     let mut sources: Vec<&str> = summary.iter().map(|(ds, _)| ds.as_str()).collect();
     sources.sort_unstable();
     sources.dedup();
@@ -343,20 +432,56 @@ async fn delete_document(
     ))
 }
 
+/// The ranking a search asks for, resolved against what the request and the daemon
+/// have: an explicit `mode` must be servable; without one, text and a vector source
+/// give hybrid, a vector alone gives vector, text alone gives text.
+fn resolve_mode(
+    requested: Option<&str>,
+    query: bool,
+    vector: bool,
+    embedder: bool,
+) -> Result<Mode, ApiError> {
+    let vectors = vector || (query && embedder);
+    let no_source = "no query vector was given and no embedder is configured (retrieval.embedder)";
+    match requested {
+        Some("text") if query => Ok(Mode::Text),
+        Some("text") => Err(ApiError::BadRequest("mode text needs a query".into())),
+        Some("vector") if vectors => Ok(Mode::Vector),
+        Some("vector") => Err(ApiError::BadRequest(format!("mode vector: {no_source}"))),
+        Some("hybrid") if query && vectors => Ok(Mode::Hybrid),
+        Some("hybrid") if !query => Err(ApiError::BadRequest("mode hybrid needs a query".into())),
+        Some("hybrid") => Err(ApiError::BadRequest(format!("mode hybrid: {no_source}"))),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "mode {other:?}: text, vector or hybrid"
+        ))),
+        None if query && vectors => Ok(Mode::Hybrid),
+        None if vector => Ok(Mode::Vector),
+        None if query => Ok(Mode::Text),
+        None => Err(ApiError::BadRequest(
+            "a query or a vector is required".into(),
+        )),
+    }
+}
+
 async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<ApiBody>, ApiError> {
     let req: SearchIn = parse_json(body)?;
-    if req.vector.is_some() || req.mode.as_deref().is_some_and(|m| m != "text") {
-        return Err(ApiError::BadRequest(NO_VECTORS.into()));
-    }
-    let query = req
-        .query
-        .ok_or_else(|| ApiError::BadRequest("query is required".into()))?;
+    let query = req.query.unwrap_or_default();
     if query.len() > retrieval::MAX_QUERY {
         return Err(ApiError::TooLarge(format!(
             "query over {} bytes",
             retrieval::MAX_QUERY
         )));
     }
+    let vector = match &req.vector {
+        Some(v) => Some(parse_vector("vector", v)?),
+        None => None,
+    };
+    let mode = resolve_mode(
+        req.mode.as_deref(),
+        !query.trim().is_empty(),
+        vector.is_some(),
+        app.embedder.is_some(),
+    )?;
     let top_k = req.top_k.unwrap_or(10);
     if !(1..=retrieval::MAX_TOP_K).contains(&top_k) {
         return Err(ApiError::BadRequest(format!(
@@ -387,24 +512,125 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
     if filter.len() > 16 {
         return Err(ApiError::BadRequest("at most 16 filter keys".into()));
     }
-    let s = Search {
+    let mut datasources = req.datasources;
+    if let Some(names) = &mut datasources {
+        names.sort_unstable();
+        names.dedup();
+    }
+    let mut s = Search {
         query,
+        vector,
+        mode,
         top_k,
-        datasources: req.datasources,
+        datasources,
         filter,
     };
     let (key, db) = database(app, b);
-    let (app2, ws) = (app.clone(), b.workspace().to_string());
-    let hits = blocking(move || Ok(app2.retrieval.search(&key, &db, &ws, &s)?)).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({
-            "mode": "text",
-            "note": "full-text only: no embeddings source is configured",
-            "results": hits,
-        }),
-        b.trace_id(),
-    ))
+    // Names the caller gave must be datasources of its workspace.
+    if let Some(names) = s.datasources.clone() {
+        let (app2, key2, db2, ws) = (
+            app.clone(),
+            key.clone(),
+            db.clone(),
+            b.workspace().to_string(),
+        );
+        blocking(move || Ok(app2.retrieval.check_datasources(&key2, &db2, &ws, &names)))
+            .await?
+            .map_err(|e| counted(app, b, e))?;
+    }
+    let version = {
+        let (app2, key2, db2) = (app.clone(), key.clone(), db.clone());
+        blocking(move || Ok(app2.retrieval.version(&key2, &db2)?)).await?
+    };
+    let cache_key = |v: retrieval::IndexVersion| search_cache_key(b, &s, v);
+    let (hits, cached) = match app.search_cache.get(&cache_key(version)) {
+        Some(hits) => (hits, true),
+        None => {
+            let (app2, ws) = (app.clone(), b.workspace().to_string());
+            let embedder = app.embedder.clone();
+            let s2 = s.clone();
+            let (hits, seen, query_vector) = blocking(move || {
+                let mut s2 = s2;
+                if let (Some(e), None, true) = (&embedder, &s2.vector, s2.mode != Mode::Text) {
+                    s2.vector = embed_cached(&app2, &key, &db, e, &[s2.query.as_str()])?
+                        .into_iter()
+                        .next();
+                }
+                let (hits, seen) = app2.retrieval.search(&key, &db, &ws, &s2)?;
+                Ok((hits, seen, s2.vector))
+            })
+            .await?;
+            let hits = Arc::new(hits);
+            // Keyed by the version the search saw, so a write in between is never
+            // hidden behind an entry of the version before it.
+            let k = cache_key(seen);
+            app.search_cache
+                .put(k, b.tenant().as_str(), hits.clone(), SEARCH_CACHE_TTL);
+            s.vector = query_vector;
+            (hits, false)
+        }
+    };
+    let mut sources: Vec<&str> = hits.iter().map(|h| h.datasource.as_str()).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    tracing::info!(
+        target: "bulkhead::trace",
+        trace_id = b.trace_id(),
+        tenant = %b.tenant(),
+        namespace = %format!("{}/{}", b.tenant(), b.workspace()),
+        mode = ?s.mode,
+        datasources = %sources.join(","),
+        results = hits.len(),
+        cache = if cached { "hit" } else { "miss" },
+        "search"
+    );
+    let mut body = serde_json::json!({"mode": s.mode, "results": &*hits});
+    if s.mode == Mode::Text && app.embedder.is_none() {
+        body["note"] =
+            "full-text only: no query vector was given and no embedder is configured".into();
+    }
+    let mut resp = json_response(StatusCode::OK, &body, b.trace_id());
+    resp.headers_mut().insert(
+        "x-bulkhead-cache",
+        hyper::header::HeaderValue::from_static(if cached { "hit" } else { "miss" }),
+    );
+    Ok(resp)
+}
+
+/// The search cache's key: the caller's boundary, the index version, and everything of
+/// the request that changes its answer (mode, query, vector, top_k, datasource set,
+/// filter).
+fn search_cache_key(
+    b: &Boundary,
+    s: &Search,
+    v: retrieval::IndexVersion,
+) -> crate::cache::CacheKey {
+    let mode = [s.mode as u8];
+    let version = [v.opened.to_le_bytes(), v.writes.to_le_bytes()].concat();
+    let top_k = (s.top_k as u64).to_le_bytes();
+    let vector = s
+        .vector
+        .as_deref()
+        .map(retrieval::vectors::to_blob)
+        .unwrap_or_default();
+    let sources = match &s.datasources {
+        Some(names) => serde_json::to_vec(names).unwrap_or_default(),
+        None => b"*".to_vec(),
+    };
+    let filter = serde_json::to_vec(&s.filter).unwrap_or_default();
+    crate::cache::CacheKey::new(
+        b,
+        crate::cache::Kind::Search,
+        &[
+            &mode,
+            &version,
+            &top_k,
+            s.query.as_bytes(),
+            &vector,
+            &crate::cache::digest(&sources),
+            &filter,
+        ],
+    )
 }
 
 /// What a memory path names.

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::retrieval::{NewDocument, Retrieval, Search};
+use crate::retrieval::{Mode, NewDocument, Retrieval, Search};
 
 /// Options of `bulkhead bench retrieval`.
 #[derive(clap::Args, Debug, Clone)]
@@ -101,6 +101,7 @@ fn fill(
                 id: format!("d{j}"),
                 text: words.text(50),
                 metadata: None,
+                vectors: Vec::new(),
             })
             .collect();
         r.put_documents(key, db, "default", &docs)
@@ -135,6 +136,8 @@ fn measure(args: &RetrievalArgs, dir: &std::path::Path) -> Result<RetrievalRepor
             };
             let q = Search {
                 query,
+                vector: None,
+                mode: Mode::Text,
                 top_k: 10,
                 datasources: None,
                 filter: Vec::new(),

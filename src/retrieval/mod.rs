@@ -7,11 +7,13 @@
 //! between them. Not yet: vectors and hybrid search, the in-process embedder, caches.
 #![forbid(unsafe_code)]
 
+pub mod embed;
 pub mod memory;
 pub mod query;
 pub mod store;
+pub mod vectors;
 
-pub use store::{Document, Hit, NewDocument, Retrieval, Search};
+pub use store::{Document, Hit, IndexVersion, Mode, NewDocument, Retrieval, Search};
 
 /// Retrieval failures.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 //! search ranks only allowed rows and `LIMIT` fills `top_k` from them.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +12,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::RetrievalError;
 use super::query::fts_expression;
+use super::vectors::{self, VectorIndex};
 
 /// Bytes of text per chunk (cut at a whitespace before it when there is one).
 const CHUNK_BYTES: usize = 1200;
@@ -56,6 +57,21 @@ CREATE TABLE IF NOT EXISTS run_state (
     PRIMARY KEY (workspace, run_id, key)
 );
 CREATE INDEX IF NOT EXISTS run_state_expires ON run_state(expires);
+CREATE TABLE IF NOT EXISTS vectors (
+    chunk INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
+    datasource INTEGER NOT NULL,
+    v BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS embedding_cache (
+    model TEXT NOT NULL,
+    digest BLOB NOT NULL,
+    v BLOB NOT NULL,
+    PRIMARY KEY (model, digest)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS memory (
     workspace TEXT NOT NULL,
     owner TEXT NOT NULL,
@@ -76,6 +92,8 @@ pub struct NewDocument {
     pub text: String,
     /// A JSON object, kept as given.
     pub metadata: Option<serde_json::Value>,
+    /// Unit vectors: none, or one per chunk of [`chunks`]`(text)`.
+    pub vectors: Vec<Vec<f32>>,
 }
 
 /// A stored document.
@@ -93,11 +111,27 @@ pub struct Document {
     pub metadata: Option<serde_json::Value>,
 }
 
+/// How a search ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// BM25 over the words of the query.
+    Text,
+    /// Nearest vectors to the query vector (cosine).
+    Vector,
+    /// Both, fused by reciprocal rank.
+    Hybrid,
+}
+
 /// What a search may look at and how much to return.
 #[derive(Debug, Clone)]
 pub struct Search {
-    /// The question.
+    /// The question (text and hybrid modes).
     pub query: String,
+    /// The query's unit vector (vector and hybrid modes).
+    pub vector: Option<Vec<f32>>,
+    /// How to rank.
+    pub mode: Mode,
     /// Results wanted.
     pub top_k: usize,
     /// Only these datasources (of the workspace); `None`: all of the workspace's.
@@ -117,7 +151,8 @@ pub struct Hit {
     pub chunk: i64,
     /// The chunk's text.
     pub text: String,
-    /// BM25 relevance (higher is better).
+    /// Relevance, higher is better: BM25 (text), cosine similarity (vector), or the
+    /// reciprocal-rank-fusion score (hybrid).
     pub score: f64,
     /// The document's metadata.
     pub metadata: Option<serde_json::Value>,
@@ -131,10 +166,47 @@ pub struct Retrieval {
 
 #[derive(Default)]
 struct Pool {
-    conns: HashMap<String, (PathBuf, Arc<Mutex<Connection>>)>,
+    conns: HashMap<String, (PathBuf, Arc<Mutex<Db>>)>,
     /// Least recently used first.
     order: Vec<String>,
 }
+
+/// One open tenant database and what is kept beside it.
+pub(super) struct Db {
+    conn: Connection,
+    /// Sign sketches of the stored vectors, loaded on the first vector search.
+    vectors: Option<VectorIndex>,
+    /// Changes on every write to documents; with `opened`, names the index's content
+    /// for the search cache (a reopened file starts a new sequence).
+    writes: u64,
+    opened: u64,
+}
+
+impl std::ops::Deref for Db {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Db {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+/// Which content of a tenant's index a result was computed from; any write to its
+/// documents gives a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IndexVersion {
+    /// Random per opening of the file.
+    pub opened: u64,
+    /// Writes since then.
+    pub writes: u64,
+}
+
+/// Reciprocal rank fusion's damping constant (the usual 60).
+const RRF_K: f64 = 60.0;
 
 impl std::fmt::Debug for Retrieval {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,7 +223,7 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Splits `text` into chunks of at most [`CHUNK_BYTES`], at whitespace where possible.
-fn chunks(text: &str) -> Vec<&str> {
+pub fn chunks(text: &str) -> Vec<&str> {
     let mut out = Vec::new();
     let mut rest = text.trim();
     while !rest.is_empty() {
@@ -184,11 +256,7 @@ impl Retrieval {
 
     /// The connection for `key` (the tenant and its incarnation, so a tenant made again
     /// under the same name never reuses the old one's handle), opening `db` if needed.
-    pub(super) fn conn(
-        &self,
-        key: &str,
-        db: &Path,
-    ) -> Result<Arc<Mutex<Connection>>, RetrievalError> {
+    pub(super) fn conn(&self, key: &str, db: &Path) -> Result<Arc<Mutex<Db>>, RetrievalError> {
         {
             let mut pool = lock(&self.open);
             if let Some((_, c)) = pool.conns.get(key) {
@@ -217,7 +285,12 @@ impl Retrieval {
         )
         .map_err(sql)?;
         c.execute_batch(SCHEMA).map_err(sql)?;
-        let c = Arc::new(Mutex::new(c));
+        let c = Arc::new(Mutex::new(Db {
+            conn: c,
+            vectors: None,
+            writes: 0,
+            opened: rand::random(),
+        }));
         let mut pool = lock(&self.open);
         if let Some((_, have)) = pool.conns.get(key) {
             return Ok(have.clone());
@@ -281,9 +354,16 @@ impl Retrieval {
         docs: &[NewDocument],
     ) -> Result<Vec<usize>, RetrievalError> {
         let c = self.conn(key, db)?;
-        let mut c = lock(&c);
-        let tx = c.transaction().map_err(sql)?;
+        let mut guard = lock(&c);
+        let db = &mut *guard;
+        let dim = docs.iter().find_map(|d| d.vectors.first()).map(Vec::len);
+        let tx = db.conn.transaction().map_err(sql)?;
+        if let Some(dim) = dim {
+            check_dimension(&tx, dim)?;
+        }
         let mut counts = Vec::with_capacity(docs.len());
+        let mut removed: Vec<i64> = Vec::new();
+        let mut added: Vec<(i64, i64, &[f32])> = Vec::new();
         for d in docs {
             let ds: i64 = tx
                 .query_row(
@@ -293,9 +373,7 @@ impl Retrieval {
                 )
                 .optional()
                 .map_err(sql)?
-                .ok_or_else(|| {
-                    RetrievalError::NotFound(format!("no datasource {:?}", d.datasource))
-                })?;
+                .ok_or_else(|| datasource_elsewhere(&tx, workspace, &d.datasource))?;
             let metadata = d.metadata.as_ref().map(|m| m.to_string());
             let existing: Option<i64> = tx
                 .query_row(
@@ -305,8 +383,23 @@ impl Retrieval {
                 )
                 .optional()
                 .map_err(sql)?;
+            let parts = chunks(&d.text);
+            if !d.vectors.is_empty() && d.vectors.len() != parts.len() {
+                return Err(RetrievalError::Invalid(format!(
+                    "document {:?}: {} vectors for {} chunks",
+                    d.id,
+                    d.vectors.len(),
+                    parts.len()
+                )));
+            }
+            if d.vectors.iter().any(|v| Some(v.len()) != dim) {
+                return Err(RetrievalError::Invalid(
+                    "vectors in one request must all have the same dimension".into(),
+                ));
+            }
             let doc = match existing {
                 Some(id) => {
+                    removed.extend(chunk_ids(&tx, id)?);
                     tx.execute("DELETE FROM chunks WHERE document = ?1", params![id])
                         .map_err(sql)?;
                     tx.execute(
@@ -325,18 +418,116 @@ impl Retrieval {
                     tx.last_insert_rowid()
                 }
             };
-            let parts = chunks(&d.text);
             for (seq, text) in parts.iter().enumerate() {
                 tx.execute(
                     "INSERT INTO chunks (document, seq, text) VALUES (?1, ?2, ?3)",
                     params![doc, seq as i64, text],
                 )
                 .map_err(sql)?;
+                if let Some(v) = d.vectors.get(seq) {
+                    let chunk = tx.last_insert_rowid();
+                    tx.execute(
+                        "INSERT INTO vectors (chunk, datasource, v) VALUES (?1, ?2, ?3)",
+                        params![chunk, ds, vectors::to_blob(v)],
+                    )
+                    .map_err(sql)?;
+                    added.push((chunk, ds, v));
+                }
             }
             counts.push(parts.len());
         }
         tx.commit().map_err(sql)?;
+        db.writes += 1;
+        if let Some(index) = &mut db.vectors {
+            for chunk in removed {
+                index.remove(chunk);
+            }
+            for (chunk, ds, v) in added {
+                index.insert(chunk, ds, v);
+            }
+        }
         Ok(counts)
+    }
+
+    /// Checks that every name in `names` is a datasource of `workspace`.
+    pub fn check_datasources(
+        &self,
+        key: &str,
+        db: &Path,
+        workspace: &str,
+        names: &[String],
+    ) -> Result<(), RetrievalError> {
+        let c = self.conn(key, db)?;
+        let c = lock(&c);
+        let mut stmt = c
+            .prepare_cached("SELECT 1 FROM datasources WHERE workspace = ?1 AND name = ?2")
+            .map_err(sql)?;
+        for name in names {
+            if !stmt.exists(params![workspace, name]).map_err(sql)? {
+                return Err(datasource_elsewhere(&c, workspace, name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Which content of the tenant's index a search would see now.
+    pub fn version(&self, key: &str, db: &Path) -> Result<IndexVersion, RetrievalError> {
+        let c = self.conn(key, db)?;
+        let c = lock(&c);
+        Ok(IndexVersion {
+            opened: c.opened,
+            writes: c.writes,
+        })
+    }
+
+    /// Cached embeddings of `model` for the given content digests (`None` where absent).
+    pub fn cached_embeddings(
+        &self,
+        key: &str,
+        db: &Path,
+        model: &str,
+        digests: &[[u8; 32]],
+    ) -> Result<Vec<Option<Vec<f32>>>, RetrievalError> {
+        let c = self.conn(key, db)?;
+        let c = lock(&c);
+        let mut stmt = c
+            .prepare_cached("SELECT v FROM embedding_cache WHERE model = ?1 AND digest = ?2")
+            .map_err(sql)?;
+        digests
+            .iter()
+            .map(|d| {
+                let blob: Option<Vec<u8>> = stmt
+                    .query_row(params![model, &d[..]], |r| r.get(0))
+                    .optional()
+                    .map_err(sql)?;
+                Ok(blob.and_then(|b| vectors::from_blob(&b)))
+            })
+            .collect()
+    }
+
+    /// Remembers embeddings of `model` by content digest.
+    pub fn cache_embeddings(
+        &self,
+        key: &str,
+        db: &Path,
+        model: &str,
+        entries: &[([u8; 32], &[f32])],
+    ) -> Result<(), RetrievalError> {
+        let c = self.conn(key, db)?;
+        let mut c = lock(&c);
+        let tx = c.transaction().map_err(sql)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO embedding_cache (model, digest, v) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(sql)?;
+            for (digest, v) in entries {
+                stmt.execute(params![model, &digest[..], vectors::to_blob(v)])
+                    .map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
     }
 
     /// The document `id` of datasource `datasource` in `workspace`.
@@ -389,8 +580,9 @@ impl Retrieval {
         id: &str,
     ) -> Result<(), RetrievalError> {
         let c = self.conn(key, db)?;
-        let mut c = lock(&c);
-        let tx = c.transaction().map_err(sql)?;
+        let mut guard = lock(&c);
+        let db = &mut *guard;
+        let tx = db.conn.transaction().map_err(sql)?;
         let doc: i64 = tx
             .query_row(
                 "SELECT d.id FROM documents d JOIN datasources s ON s.id = d.datasource
@@ -401,81 +593,350 @@ impl Retrieval {
             .optional()
             .map_err(sql)?
             .ok_or_else(|| elsewhere(&tx, workspace, datasource, id))?;
+        let removed = chunk_ids(&tx, doc)?;
         tx.execute("DELETE FROM chunks WHERE document = ?1", params![doc])
             .map_err(sql)?;
         tx.execute("DELETE FROM documents WHERE id = ?1", params![doc])
             .map_err(sql)?;
-        tx.commit().map_err(sql)
+        tx.commit().map_err(sql)?;
+        db.writes += 1;
+        if let Some(index) = &mut db.vectors {
+            for chunk in removed {
+                index.remove(chunk);
+            }
+        }
+        Ok(())
     }
 
-    /// Full-text search over the workspace's (allowed) datasources: candidates are
-    /// restricted inside the query, then ranked by BM25 and cut at `top_k`.
+    /// Searches the workspace's (allowed) datasources. Every ranking query restricts its
+    /// candidates to the workspace, the named datasources and the metadata filter before
+    /// ranking, so `top_k` fills from allowed rows. Returns the hits and the index
+    /// version they were computed from.
     pub fn search(
         &self,
         key: &str,
         db: &Path,
         workspace: &str,
         s: &Search,
-    ) -> Result<Vec<Hit>, RetrievalError> {
-        let Some(expr) = fts_expression(&s.query) else {
-            return Ok(Vec::new());
-        };
+    ) -> Result<(Vec<Hit>, IndexVersion), RetrievalError> {
         let c = self.conn(key, db)?;
-        let c = lock(&c);
+        let mut guard = lock(&c);
+        let db = &mut *guard;
+        let version = IndexVersion {
+            opened: db.opened,
+            writes: db.writes,
+        };
+        let hits = match s.mode {
+            Mode::Text => text_hits(&db.conn, workspace, s, s.top_k)?,
+            Mode::Vector => vector_hits(db, workspace, s, s.top_k)?,
+            Mode::Hybrid => {
+                // Each list goes deeper than top_k so a chunk ranked moderately by both
+                // can outrank one ranked high by only one.
+                let depth = (s.top_k * 3).max(30);
+                let text = text_hits(&db.conn, workspace, s, depth)?;
+                let near = vector_hits(db, workspace, s, depth)?;
+                fuse(text, near, s.top_k)
+            }
+        };
+        Ok((hits, version))
+    }
+}
+
+/// Appends the conditions that keep rows (aliases `s` datasources, `d` documents) inside
+/// `workspace`, the named datasources and, with `filter`, the metadata filter; every
+/// value is bound.
+fn restrict(
+    sql_text: &mut String,
+    args: &mut Vec<rusqlite::types::Value>,
+    workspace: &str,
+    s: &Search,
+    filter: bool,
+) {
+    args.push(workspace.to_string().into());
+    sql_text.push_str(&format!(" AND s.workspace = ?{}", args.len()));
+    if let Some(names) = &s.datasources {
+        args.push(serde_json::Value::from(names.clone()).to_string().into());
+        sql_text.push_str(&format!(
+            " AND s.name IN (SELECT value FROM json_each(?{}))",
+            args.len()
+        ));
+    }
+    if !filter {
+        return;
+    }
+    for (k, v) in &s.filter {
+        // Keys are checked to be [A-Za-z0-9_] by the caller; both are bound.
+        sql_text.push_str(&format!(
+            " AND json_extract(d.metadata, ?{}) IS ?{}",
+            args.len() + 1,
+            args.len() + 2
+        ));
+        args.push(format!("$.{k}").into());
+        args.push(match v {
+            serde_json::Value::Bool(b) => i64::from(*b).into(),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => i.into(),
+                None => n.as_f64().unwrap_or(0.0).into(),
+            },
+            serde_json::Value::String(t) => t.clone().into(),
+            _ => rusqlite::types::Value::Null,
+        });
+    }
+}
+
+fn hit_row(r: &rusqlite::Row<'_>, score: f64) -> rusqlite::Result<Hit> {
+    Ok(Hit {
+        datasource: r.get(0)?,
+        id: r.get(1)?,
+        chunk: r.get(2)?,
+        text: r.get(3)?,
+        metadata: r
+            .get::<_, Option<String>>(4)?
+            .and_then(|m| serde_json::from_str(&m).ok()),
+        score,
+    })
+}
+
+/// BM25 over the allowed chunks, best `depth`.
+fn text_hits(
+    c: &Connection,
+    workspace: &str,
+    s: &Search,
+    depth: usize,
+) -> Result<Vec<Hit>, RetrievalError> {
+    let Some(expr) = fts_expression(&s.query) else {
+        return Ok(Vec::new());
+    };
+    let mut sql_text = String::from(
+        "SELECT s.name, d.ext_id, c.seq, c.text, d.metadata, bm25(chunks_fts)
+         FROM chunks_fts
+         JOIN chunks c ON c.id = chunks_fts.rowid
+         JOIN documents d ON d.id = c.document
+         JOIN datasources s ON s.id = d.datasource
+         WHERE chunks_fts MATCH ?1",
+    );
+    let mut args: Vec<rusqlite::types::Value> = vec![expr.into()];
+    restrict(&mut sql_text, &mut args, workspace, s, true);
+    args.push((depth as i64).into());
+    sql_text.push_str(&format!(" ORDER BY bm25(chunks_fts) LIMIT ?{}", args.len()));
+    let mut stmt = c.prepare_cached(&sql_text).map_err(sql)?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+            let rank: f64 = r.get(5)?;
+            hit_row(r, -rank)
+        })
+        .map_err(sql)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql)?;
+    Ok(rows)
+}
+
+/// Sign-sketch candidates gathered per result wanted, before exact rescoring; measured
+/// against exact search on all-MiniLM-L6-v2 vectors (`bulkhead bench retrieval`).
+const OVERSAMPLE: usize = 40;
+/// Fewest candidates rescored.
+const MIN_CANDIDATES: usize = 400;
+
+/// Nearest allowed chunks to the query vector by cosine, best `depth`: candidates by
+/// sign sketch among the allowed datasources (and filtered chunks), rescored exactly
+/// from the stored float vectors.
+fn vector_hits(
+    db: &mut Db,
+    workspace: &str,
+    s: &Search,
+    depth: usize,
+) -> Result<Vec<Hit>, RetrievalError> {
+    let Some(q) = &s.vector else {
+        return Err(RetrievalError::Invalid(
+            "this search mode needs a query vector".into(),
+        ));
+    };
+    let Some(dim) = stored_dimension(&db.conn)? else {
+        return Ok(Vec::new());
+    };
+    if q.len() != dim {
+        return Err(RetrievalError::Invalid(format!(
+            "vector: {} dimensions, but this tenant's vectors have {dim}",
+            q.len()
+        )));
+    }
+    let Db { conn, vectors, .. } = db;
+    let mut sql_text = String::from("SELECT s.id FROM datasources s WHERE 1");
+    let mut args = Vec::new();
+    restrict(&mut sql_text, &mut args, workspace, s, false);
+    let sources: Vec<i64> = conn
+        .prepare_cached(&sql_text)
+        .map_err(sql)?
+        .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
+        .map_err(sql)?
+        .collect::<Result<_, _>>()
+        .map_err(sql)?;
+    if sources.is_empty() {
+        return Ok(Vec::new());
+    }
+    let only: Option<HashSet<i64>> = if s.filter.is_empty() {
+        None
+    } else {
         let mut sql_text = String::from(
-            "SELECT s.name, d.ext_id, c.seq, c.text, d.metadata, bm25(chunks_fts)
-             FROM chunks_fts
-             JOIN chunks c ON c.id = chunks_fts.rowid
+            "SELECT c.id FROM chunks c
              JOIN documents d ON d.id = c.document
              JOIN datasources s ON s.id = d.datasource
-             WHERE chunks_fts MATCH ?1 AND s.workspace = ?2",
+             WHERE 1",
         );
-        let mut args: Vec<rusqlite::types::Value> = vec![expr.into(), workspace.to_string().into()];
-        if let Some(names) = &s.datasources {
-            sql_text.push_str(" AND s.name IN (SELECT value FROM json_each(?3))");
-            args.push(serde_json::Value::from(names.clone()).to_string().into());
-        }
-        for (k, v) in &s.filter {
-            // Keys are checked to be [A-Za-z0-9_] by the caller; both are bound.
-            sql_text.push_str(&format!(
-                " AND json_extract(d.metadata, ?{}) IS ?{}",
-                args.len() + 1,
-                args.len() + 2
-            ));
-            args.push(format!("$.{k}").into());
-            args.push(match v {
-                serde_json::Value::Bool(b) => i64::from(*b).into(),
-                serde_json::Value::Number(n) => match n.as_i64() {
-                    Some(i) => i.into(),
-                    None => n.as_f64().unwrap_or(0.0).into(),
-                },
-                serde_json::Value::String(t) => t.clone().into(),
-                _ => rusqlite::types::Value::Null,
-            });
-        }
-        sql_text.push_str(&format!(
-            " ORDER BY bm25(chunks_fts) LIMIT ?{}",
-            args.len() + 1
-        ));
-        args.push((s.top_k as i64).into());
-        let mut stmt = c.prepare_cached(&sql_text).map_err(sql)?;
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                Ok(Hit {
-                    datasource: r.get(0)?,
-                    id: r.get(1)?,
-                    chunk: r.get(2)?,
-                    text: r.get(3)?,
-                    metadata: r
-                        .get::<_, Option<String>>(4)?
-                        .and_then(|m| serde_json::from_str(&m).ok()),
-                    score: -r.get::<_, f64>(5)?,
-                })
-            })
-            .map_err(sql)?
-            .collect::<Result<Vec<_>, _>>()
+        let mut args = Vec::new();
+        restrict(&mut sql_text, &mut args, workspace, s, true);
+        Some(
+            conn.prepare_cached(&sql_text)
+                .map_err(sql)?
+                .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
+                .map_err(sql)?
+                .collect::<Result<_, _>>()
+                .map_err(sql)?,
+        )
+    };
+    if vectors.is_none() {
+        *vectors = Some(load_index(conn, dim)?);
+    }
+    let Some(index) = vectors.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let wanted = (depth * OVERSAMPLE).max(MIN_CANDIDATES);
+    let candidates = index.candidates(q, &sources, only.as_ref(), wanted);
+    let mut scored: Vec<(f32, i64)> = Vec::with_capacity(candidates.len());
+    {
+        let mut stmt = conn
+            .prepare_cached("SELECT v FROM vectors WHERE chunk = ?1")
             .map_err(sql)?;
-        Ok(rows)
+        for chunk in candidates {
+            let mut rows = stmt.query(params![chunk]).map_err(sql)?;
+            if let Some(r) = rows.next().map_err(sql)? {
+                let blob = r.get_ref(0).map_err(sql)?.as_blob().map_err(|e| {
+                    RetrievalError::Database(format!("vector of chunk {chunk}: {e}"))
+                })?;
+                if let Some(v) = vectors::from_blob(blob) {
+                    scored.push((vectors::dot(q, &v), chunk));
+                }
+            }
+        }
+    }
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    scored.truncate(depth);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT s.name, d.ext_id, c.seq, c.text, d.metadata FROM chunks c
+             JOIN documents d ON d.id = c.document
+             JOIN datasources s ON s.id = d.datasource
+             WHERE c.id = ?1 AND s.workspace = ?2",
+        )
+        .map_err(sql)?;
+    let mut hits = Vec::with_capacity(scored.len());
+    for (score, chunk) in scored {
+        if let Some(h) = stmt
+            .query_row(params![chunk, workspace], |r| hit_row(r, f64::from(score)))
+            .optional()
+            .map_err(sql)?
+        {
+            hits.push(h);
+        }
+    }
+    Ok(hits)
+}
+
+/// Reciprocal rank fusion of two ranked lists, best `top_k`.
+fn fuse(text: Vec<Hit>, near: Vec<Hit>, top_k: usize) -> Vec<Hit> {
+    let mut fused: Vec<Hit> = Vec::with_capacity(text.len() + near.len());
+    for list in [text, near] {
+        for (rank, mut hit) in list.into_iter().enumerate() {
+            let score = 1.0 / (RRF_K + rank as f64 + 1.0);
+            match fused
+                .iter_mut()
+                .find(|h| h.datasource == hit.datasource && h.id == hit.id && h.chunk == hit.chunk)
+            {
+                Some(h) => h.score += score,
+                None => {
+                    hit.score = score;
+                    fused.push(hit);
+                }
+            }
+        }
+    }
+    // Stable: equal scores keep text-first order.
+    fused.sort_by(|a, b| b.score.total_cmp(&a.score));
+    fused.truncate(top_k);
+    fused
+}
+
+/// Every stored vector's sketch.
+fn load_index(c: &Connection, dim: usize) -> Result<VectorIndex, RetrievalError> {
+    let mut index = VectorIndex::new(dim);
+    let mut stmt = c
+        .prepare("SELECT chunk, datasource, v FROM vectors")
+        .map_err(sql)?;
+    let mut rows = stmt.query([]).map_err(sql)?;
+    while let Some(r) = rows.next().map_err(sql)? {
+        let chunk: i64 = r.get(0).map_err(sql)?;
+        let source: i64 = r.get(1).map_err(sql)?;
+        let blob = r
+            .get_ref(2)
+            .map_err(sql)?
+            .as_blob()
+            .map_err(|e| RetrievalError::Database(format!("vector of chunk {chunk}: {e}")))?;
+        if let Some(v) = vectors::from_blob(blob) {
+            index.insert(chunk, source, &v);
+        }
+    }
+    Ok(index)
+}
+
+/// The dimension recorded with the first stored vector.
+fn stored_dimension(c: &Connection) -> Result<Option<usize>, RetrievalError> {
+    let v: Option<String> = c
+        .query_row("SELECT value FROM meta WHERE key = 'dim'", [], |r| r.get(0))
+        .optional()
+        .map_err(sql)?;
+    Ok(v.and_then(|v| v.parse().ok()))
+}
+
+/// Refuses vectors of another dimension than the tenant's; records it if there is none.
+fn check_dimension(c: &Connection, dim: usize) -> Result<(), RetrievalError> {
+    match stored_dimension(c)? {
+        Some(have) if have != dim => Err(RetrievalError::Invalid(format!(
+            "vector: {dim} dimensions, but this tenant's vectors have {have}"
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('dim', ?1)",
+                params![dim.to_string()],
+            )
+            .map_err(sql)?;
+            Ok(())
+        }
+    }
+}
+
+/// The chunk ids of document `doc`.
+fn chunk_ids(c: &Connection, doc: i64) -> Result<Vec<i64>, RetrievalError> {
+    c.prepare_cached("SELECT id FROM chunks WHERE document = ?1")
+        .map_err(sql)?
+        .query_map(params![doc], |r| r.get(0))
+        .map_err(sql)?
+        .collect::<Result<_, _>>()
+        .map_err(sql)
+}
+
+/// Why datasource `name` is not in `workspace`: absent from the tenant (`NotFound`) or
+/// in another of its workspaces (`Blocked`); the client is told the same either way.
+fn datasource_elsewhere(c: &Connection, workspace: &str, name: &str) -> RetrievalError {
+    let message = format!("no datasource {name:?}");
+    let other = c
+        .prepare_cached("SELECT 1 FROM datasources WHERE workspace <> ?1 AND name = ?2")
+        .and_then(|mut s| s.exists(params![workspace, name]))
+        .unwrap_or(false);
+    if other {
+        RetrievalError::Blocked(message)
+    } else {
+        RetrievalError::NotFound(message)
     }
 }
 
