@@ -68,7 +68,10 @@ fn vectors_agree_with_an_independent_numpy_forward_pass() {
     assert_eq!(e.dim(), 384);
     let ours = e.embed(&SENTENCES).unwrap();
     let mut child = Command::new("python3")
-        .args([script("minilm_reference.py").as_str(), dir.to_str().unwrap()])
+        .args([
+            script("minilm_reference.py").as_str(),
+            dir.to_str().unwrap(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -101,10 +104,7 @@ fn vectors_agree_with_an_independent_numpy_forward_pass() {
 #[tokio::test]
 async fn a_paraphrase_finds_the_right_tenants_churn_note_and_never_the_others() {
     let dir = model_dir();
-    let config = format!(
-        "[retrieval]\nembedder = {:?}\n",
-        dir.to_str().unwrap()
-    );
+    let config = format!("[retrieval]\nembedder = {:?}\n", dir.to_str().unwrap());
     let d = Daemon::start_with(As::Nobody, temp_state("emb"), Some(&config));
     let a = d.tenant(&d.create("northstar-dental").await);
     let b = d.tenant(&d.create("northstar-design").await);
@@ -112,16 +112,28 @@ async fn a_paraphrase_finds_the_right_tenants_churn_note_and_never_the_others() 
         (
             &a,
             vec![
-                ("a-churn", "Northstar Dental said support has been slow for months and they are evaluating other vendors before the renewal."),
-                ("a-invoice", "Invoice 2231 for Northstar Dental was paid on time."),
+                (
+                    "a-churn",
+                    "Northstar Dental said support has been slow for months and they are evaluating other vendors before the renewal.",
+                ),
+                (
+                    "a-invoice",
+                    "Invoice 2231 for Northstar Dental was paid on time.",
+                ),
                 ("a-lunch", "The team lunch moved to Thursday at noon."),
             ],
         ),
         (
             &b,
             vec![
-                ("b-churn", "Northstar Design is unhappy with pricing and plans to cancel their subscription next quarter."),
-                ("b-seats", "Northstar Design added three seats for their new hires."),
+                (
+                    "b-churn",
+                    "Northstar Design is unhappy with pricing and plans to cancel their subscription next quarter.",
+                ),
+                (
+                    "b-seats",
+                    "Northstar Design added three seats for their new hires.",
+                ),
             ],
         ),
     ];
@@ -136,7 +148,11 @@ async fn a_paraphrase_finds_the_right_tenants_churn_note_and_never_the_others() 
             .map(|(id, text)| json!({"datasource": "notes", "id": id, "text": text}))
             .collect();
         let r = c
-            .json(Method::POST, "/v1/documents", &json!({"documents": documents}))
+            .json(
+                Method::POST,
+                "/v1/documents",
+                &json!({"documents": documents}),
+            )
             .await
             .unwrap();
         assert_eq!(r.status, 200, "{:?}", r.json());
@@ -161,7 +177,10 @@ async fn a_paraphrase_finds_the_right_tenants_churn_note_and_never_the_others() 
                 .map(|h| h["id"].as_str().unwrap())
                 .collect();
             assert_eq!(ids.first().copied(), Some(mine), "{mode}: {ids:?}");
-            assert!(ids.iter().all(|id| !id.starts_with(theirs)), "{mode}: {ids:?}");
+            assert!(
+                ids.iter().all(|id| !id.starts_with(theirs)),
+                "{mode}: {ids:?}"
+            );
         }
     }
     // With the embedder, a question without a mode is answered hybrid.

@@ -683,6 +683,95 @@ async fn identifying_fields_and_odd_bounds_never_reach_upstream() {
     assert_eq!(fake.requests().len(), 1);
 }
 
+#[tokio::test]
+async fn cached_answers_are_only_for_tenants_that_opt_in_and_never_cross_boundaries() {
+    let (d, fake) = with_fake("llmcache", "k");
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    let plain = d.create("plain").await;
+    for t in [&a, &b] {
+        let r = d
+            .tenant(t)
+            .json(
+                Method::PUT,
+                "/v1/config",
+                &serde_json::json!({"llm_cache_ttl_s": 60}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+    }
+    let r = d
+        .tenant(&a)
+        .json(
+            Method::PUT,
+            "/v1/config",
+            &serde_json::json!({"llm_cache_ttl_s": 0}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "a ttl of 0 is refused: {:?}", r.json());
+    let body = serde_json::json!({"model": "fast", "messages": [{"role": "user", "content": "same question"}]});
+    let ask = |token: &str| {
+        let c = d.tenant(token);
+        let body = body.clone();
+        async move {
+            let r = c
+                .json(Method::POST, "/v1/chat/completions", &body)
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{:?}", r.json());
+            let h = |k: &str| {
+                r.headers
+                    .get(k)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            (h("x-bulkhead-cache"), h("x-bulkhead-cost-usd"))
+        }
+    };
+    let first = ask(&a).await;
+    assert_eq!(first.0.as_deref(), Some("miss"));
+    assert_ne!(first.1.as_deref(), Some("0"));
+    assert_eq!(fake.requests().len(), 1);
+    // The same request again from acme: answered from its entry, free, not sent.
+    assert_eq!(ask(&a).await, (Some("hit".into()), Some("0".into())));
+    assert_eq!(fake.requests().len(), 1);
+    // The identical request from another tenant that also opted in is its own miss.
+    assert_eq!(ask(&b).await.0.as_deref(), Some("miss"));
+    assert_eq!(fake.requests().len(), 2);
+    // Another actor of acme (a new token) does not share acme's first actor's entry.
+    let other = d
+        .admin()
+        .json(
+            Method::POST,
+            "/admin/tenants/acme/tokens",
+            &serde_json::json!({"role": "member"}),
+        )
+        .await
+        .unwrap();
+    let other = other.json()["token"].as_str().unwrap().to_string();
+    assert_eq!(ask(&other).await.0.as_deref(), Some("miss"));
+    assert_eq!(fake.requests().len(), 3);
+    // A tenant that did not opt in is never cached.
+    assert_eq!(ask(&plain).await.0, None);
+    assert_eq!(ask(&plain).await.0, None);
+    assert_eq!(fake.requests().len(), 5);
+    // A new system prompt is a new prompt version: no stale answer.
+    let r = d
+        .tenant(&a)
+        .json(
+            Method::PUT,
+            "/v1/config",
+            &serde_json::json!({"llm_cache_ttl_s": 60, "system_prompt": "Be terse."}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(ask(&a).await.0.as_deref(), Some("miss"));
+    assert_eq!(fake.requests().len(), 6);
+}
+
 /// A throwaway CA and a certificate it signed for `localhost` and 127.0.0.1, made with
 /// the openssl command: (CA certificate, server chain, server key).
 fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {

@@ -712,11 +712,20 @@ async fn run_state_expires_memory_stays_and_only_promote_moves_between() {
     .await;
     let v = ok(&dental, Method::GET, "/v1/runs/r1/state/draft", json!(null)).await;
     assert_eq!(v["value"], draft["value"]);
-    // Same run id and key elsewhere: nothing.
+    // Same run id and key elsewhere: nothing. From the tenant's other workspace that is
+    // a blocked cross-boundary access, counted; from the other tenant it is just absent.
+    let blocked = |c: &TenantClient| {
+        let c = c.clone();
+        async move {
+            let u = ok(&c, Method::GET, "/v1/usage", json!(null)).await;
+            u["usage"]["blocked_cross_boundary"].as_u64().unwrap_or(0)
+        }
+    };
     for c in [&design, &sales] {
         let (s, _) = status_of(c, Method::GET, "/v1/runs/r1/state/draft", json!(null)).await;
         assert_eq!(s, 404);
     }
+    assert_eq!((blocked(&dental).await, blocked(&design).await), (1, 0));
     // Run state is not memory until promoted.
     let (s, _) = status_of(&dental, Method::GET, "/v1/memory/draft", json!(null)).await;
     assert_eq!(s, 404);
@@ -761,6 +770,9 @@ async fn run_state_expires_memory_stays_and_only_promote_moves_between() {
         let (s, _) = status_of(&colleague, Method::GET, path, json!(null)).await;
         assert_eq!(s, 404, "{path}");
     }
+    // Since: sales asked for the default workspace's memory key once, the colleague for
+    // another actor's key under both paths.
+    assert_eq!(blocked(&dental).await, 4);
     // Run state expires (TTL 1 s here), and an expired key cannot be promoted.
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
     let (s, _) = status_of(

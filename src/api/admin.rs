@@ -204,6 +204,7 @@ pub async fn route(
                     app.retrieval
                         .forget_under(&app.registry.tenant_dir(&tenant));
                     app.search_cache.purge(tenant.as_str());
+                    app.llm_cache.purge(tenant.as_str());
                     r
                 }
                 Err(e) => Err(e),

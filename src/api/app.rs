@@ -37,6 +37,8 @@ pub struct App {
     pub embedder: Option<Arc<crate::retrieval::embed::Embedder>>,
     /// Search results, keyed from the caller's boundary.
     pub search_cache: crate::cache::Cache<Arc<Vec<crate::retrieval::Hit>>>,
+    /// LLM answers of tenants that opted in, keyed from the caller's boundary.
+    pub llm_cache: crate::cache::Cache<Arc<super::llm::CachedAnswer>>,
     /// The sandbox spawner.
     pub spawner: SpawnerClient,
     /// The admin key.

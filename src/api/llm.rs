@@ -516,6 +516,13 @@ async fn relay(
 async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>, ApiError> {
     let t0 = std::time::Instant::now();
     let limits = app.limits(b.tenant());
+    let settings = app.settings(b.tenant());
+    // Only where the tenant opted in, and only whole answers: a stream is relayed as
+    // it comes.
+    let cache = match settings.llm_cache_ttl_s {
+        Some(ttl) if !c.stream => Some((llm_cache_key(b, &c, &settings), ttl)),
+        _ => None,
+    };
     let rate = app
         .llm
         .worst_rate(&c.model)
@@ -563,6 +570,32 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
                 ApiError::BudgetExceeded(why)
             }
         })?;
+    if let Some((key, _)) = &cache
+        && let Some(hit) = app.llm_cache.get(key)
+    {
+        let settled = Settled {
+            model: hit.model.clone(),
+            tokens: (0, 0),
+            spent: 0,
+            attempts: 0,
+            outcome: "ok",
+            reason: Some("cache_hit"),
+            worst_tokens,
+        };
+        settle(app, b, &c.model, reserve, t0, settled).await?;
+        let status = StatusCode::from_u16(hit.status).unwrap_or(StatusCode::OK);
+        let mut resp = response(status, "application/json", hit.body.to_vec(), b.trace_id());
+        let headers = resp.headers_mut();
+        headers.insert(
+            "x-bulkhead-cost-usd",
+            hyper::header::HeaderValue::from_static("0"),
+        );
+        headers.insert(
+            "x-bulkhead-cache",
+            hyper::header::HeaderValue::from_static("hit"),
+        );
+        return Ok(resp);
+    }
     let answer = if c.stream {
         match app
             .llm
@@ -630,11 +663,56 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
     settle(app, b, &c.model, reserve, t0, settled).await?;
     let a = answer.map_err(ApiError::from)?;
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if let Some((key, ttl)) = cache
+        && status.is_success()
+    {
+        app.llm_cache.put(
+            key,
+            b.tenant().as_str(),
+            Arc::new(CachedAnswer {
+                status: a.status,
+                model: a.model.clone(),
+                body: a.body.clone(),
+            }),
+            std::time::Duration::from_secs(u64::from(ttl)),
+        );
+    }
     let mut resp = response(status, "application/json", a.body.to_vec(), b.trace_id());
     if let Ok(v) = hyper::header::HeaderValue::from_str(&usd(spent)) {
         resp.headers_mut().insert("x-bulkhead-cost-usd", v);
     }
+    if cache.is_some() {
+        resp.headers_mut().insert(
+            "x-bulkhead-cache",
+            hyper::header::HeaderValue::from_static("miss"),
+        );
+    }
     Ok(resp)
+}
+
+/// A whole LLM answer kept for a tenant that opted in.
+#[derive(Debug)]
+pub struct CachedAnswer {
+    status: u16,
+    model: String,
+    body: bytes::Bytes,
+}
+
+/// The LLM cache's key: the caller's whole boundary, the route, the model, the version
+/// of the tenant's system prompt and the digest of the exact upstream request (which
+/// already carries the prompt and the effective output bound).
+fn llm_cache_key(
+    b: &Boundary,
+    c: &Call,
+    settings: &crate::config::TenantSettings,
+) -> crate::cache::CacheKey {
+    let prompt = crate::cache::digest(settings.system_prompt.as_deref().unwrap_or("").as_bytes());
+    let request = crate::cache::digest(&serde_json::to_vec(&c.upstream_body).unwrap_or_default());
+    crate::cache::CacheKey::new(
+        b,
+        crate::cache::Kind::Llm,
+        &[c.path.as_bytes(), c.model.as_bytes(), &prompt, &request],
+    )
 }
 
 #[cfg(test)]

@@ -546,6 +546,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             retrieval: crate::retrieval::Retrieval::new(retrieval_pool),
             embedder,
             search_cache: crate::cache::Cache::new(cache_entries),
+            llm_cache: crate::cache::Cache::new(cache_entries),
             spawner,
             admin,
             overlays: std::sync::Mutex::new(overlays),

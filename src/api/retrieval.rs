@@ -668,6 +668,15 @@ async fn memory_route(
 ) -> Result<Response<ApiBody>, ApiError> {
     let target =
         memory_target(path).ok_or_else(|| ApiError::NotFound(format!("no route {path}")))?;
+    tracing::info!(
+        target: "bulkhead::trace",
+        trace_id = b.trace_id(),
+        tenant = %b.tenant(),
+        namespace = %format!("{}/{}", b.tenant(), b.workspace()),
+        method = %method,
+        memory = ?target,
+        "memory"
+    );
     let (key, db) = database(app, b);
     let ws = b.workspace().to_string();
     let app2 = app.clone();
@@ -694,9 +703,10 @@ async fn memory_route(
                 }
                 Method::GET => {
                     let v = blocking(move || {
-                        Ok(app2.retrieval.get_run_state(&key, &db, &ws, &run, &k)?)
+                        Ok(app2.retrieval.get_run_state(&key, &db, &ws, &run, &k))
                     })
-                    .await?;
+                    .await?
+                    .map_err(|e| counted(app, b, e))?;
                     reply(serde_json::json!({"value": v}))
                 }
                 _ => Err(ApiError::Method),
@@ -725,12 +735,9 @@ async fn memory_route(
             };
             let (run, keys) = (run.to_string(), req.keys.clone());
             let run2 = run.clone();
-            blocking(move || {
-                Ok(app2
-                    .retrieval
-                    .promote(&key, &db, &ws, &run2, &keys, &owner)?)
-            })
-            .await?;
+            blocking(move || Ok(app2.retrieval.promote(&key, &db, &ws, &run2, &keys, &owner)))
+                .await?
+                .map_err(|e| counted(app, b, e))?;
             super::tenant::audit_ok(
                 app,
                 b,
@@ -763,18 +770,17 @@ async fn memory_route(
                     reply(serde_json::json!({"key": k}))
                 }
                 Method::GET => {
-                    let v = blocking(move || {
-                        Ok(app2.retrieval.get_memory(&key, &db, &ws, &owner, &k)?)
-                    })
-                    .await?;
+                    let v =
+                        blocking(move || Ok(app2.retrieval.get_memory(&key, &db, &ws, &owner, &k)))
+                            .await?
+                            .map_err(|e| counted(app, b, e))?;
                     reply(serde_json::json!({"value": v}))
                 }
                 Method::DELETE => {
                     let k2 = k.clone();
-                    blocking(move || {
-                        Ok(app2.retrieval.delete_memory(&key, &db, &ws, &owner, &k2)?)
-                    })
-                    .await?;
+                    blocking(move || Ok(app2.retrieval.delete_memory(&key, &db, &ws, &owner, &k2)))
+                        .await?
+                        .map_err(|e| counted(app, b, e))?;
                     super::tenant::audit_ok(app, b, "memory.delete", Some(k.clone())).await?;
                     reply(serde_json::json!({"deleted": true, "key": k}))
                 }

@@ -34,7 +34,7 @@ pub const ADMIN_ONLY_KEYS: &[&str] = &[
 ];
 
 /// Keys a tenant overlay may set.
-pub const TENANT_KEYS: &[&str] = &["model", "max_tokens", "system_prompt"];
+pub const TENANT_KEYS: &[&str] = &["model", "max_tokens", "system_prompt", "llm_cache_ttl_s"];
 
 /// Configuration errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -67,7 +67,7 @@ pub enum ConfigError {
     },
     /// An overlay sets a key that does not exist.
     #[error(
-        "tenant {tenant}: {path}: unknown key `{key}` (tenant keys: model, max_tokens, system_prompt)"
+        "tenant {tenant}: {path}: unknown key `{key}` (tenant keys: model, max_tokens, system_prompt, llm_cache_ttl_s)"
     )]
     UnknownKey {
         /// Tenant.
@@ -255,6 +255,10 @@ pub struct TenantSettings {
     /// Applied to every call of the tenant.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub system_prompt: Option<String>,
+    /// Opt-in: identical non-streamed LLM calls within this many seconds (1..=86400) are
+    /// answered from the cache, keyed by the caller's whole boundary. Absent: no caching.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_cache_ttl_s: Option<u32>,
 }
 
 impl TenantSettings {
@@ -267,7 +271,22 @@ impl TenantSettings {
                 .system_prompt
                 .clone()
                 .or_else(|| self.system_prompt.clone()),
+            llm_cache_ttl_s: overlay.llm_cache_ttl_s.or(self.llm_cache_ttl_s),
         }
+    }
+
+    /// Refuses values outside their ranges.
+    fn checked(self, path: &str) -> Result<TenantSettings, ConfigError> {
+        if self
+            .llm_cache_ttl_s
+            .is_some_and(|t| !(1..=86_400).contains(&t))
+        {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                why: "llm_cache_ttl_s must be 1..=86400 (leave it out for no caching)".into(),
+            });
+        }
+        Ok(self)
     }
 }
 
@@ -447,6 +466,7 @@ pub fn parse_overlay_toml(
             path: path.into(),
             why: e.to_string(),
         })
+        .and_then(|s: TenantSettings| s.checked(path))
 }
 
 /// Parses an overlay sent as JSON (`PUT /v1/config`).
@@ -458,10 +478,12 @@ pub fn parse_overlay_json(tenant: &str, body: &[u8]) -> Result<TenantSettings, C
             why: e.to_string(),
         })?;
     check_keys(tenant, path, map.keys())?;
-    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| ConfigError::Invalid {
-        path: path.into(),
-        why: e.to_string(),
-    })
+    serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| ConfigError::Invalid {
+            path: path.into(),
+            why: e.to_string(),
+        })
+        .and_then(|s: TenantSettings| s.checked(path))
 }
 
 /// Loads a tenant's overlay file if present.

@@ -27,7 +27,7 @@ pub enum EmbedError {
 }
 
 /// Texts run through the model together.
-const BATCH: usize = 16;
+const BATCH: usize = 64;
 
 #[cfg(feature = "embedder")]
 mod imp {
@@ -100,10 +100,17 @@ mod imp {
             let weights_path = dir.join("model.safetensors");
             let weights = std::fs::read(&weights_path).map_err(|e| load_err(&weights_path, e))?;
             let digest = Sha256::digest(&weights);
+            // Packages often name the directory just `model`; its parent says which.
+            let name = |p: Option<&std::ffi::OsStr>| {
+                p.map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+            };
+            let mut label = name(dir.file_name());
+            if label == "model" {
+                label = name(dir.parent().and_then(Path::file_name));
+            }
             let id = format!(
                 "{}@{}",
-                dir.file_name()
-                    .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
+                label,
                 digest[..8]
                     .iter()
                     .map(|b| format!("{b:02x}"))

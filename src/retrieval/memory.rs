@@ -118,7 +118,14 @@ impl Retrieval {
         .optional()
         .map_err(sql)?
         .map(decode)
-        .ok_or_else(|| RetrievalError::NotFound(format!("no state {key:?} for run {run_id:?}")))
+        .ok_or_else(|| {
+            run_elsewhere(
+                &c,
+                workspace,
+                run_id,
+                format!("no state {key:?} for run {run_id:?}"),
+            )
+        })
     }
 
     /// Sets memory `key` of `owner` in `workspace`.
@@ -162,7 +169,7 @@ impl Retrieval {
         .optional()
         .map_err(sql)?
         .map(decode)
-        .ok_or_else(|| RetrievalError::NotFound(format!("no memory {key:?}")))
+        .ok_or_else(|| memory_elsewhere(&c, workspace, owner, key))
     }
 
     /// Deletes memory `key` of `owner` in `workspace`.
@@ -183,7 +190,7 @@ impl Retrieval {
             )
             .map_err(sql)?;
         if n == 0 {
-            return Err(RetrievalError::NotFound(format!("no memory {key:?}")));
+            return Err(memory_elsewhere(&c, workspace, owner, key));
         }
         Ok(())
     }
@@ -213,7 +220,12 @@ impl Retrieval {
                 .optional()
                 .map_err(sql)?
                 .ok_or_else(|| {
-                    RetrievalError::NotFound(format!("no state {key:?} for run {run_id:?}"))
+                    run_elsewhere(
+                        &tx,
+                        workspace,
+                        run_id,
+                        format!("no state {key:?} for run {run_id:?}"),
+                    )
                 })?;
             tx.execute(
                 "INSERT INTO memory (workspace, owner, key, value) VALUES (?1, ?2, ?3, ?4)
@@ -223,5 +235,46 @@ impl Retrieval {
             .map_err(sql)?;
         }
         tx.commit().map_err(sql)
+    }
+}
+
+/// `NotFound`, or `Blocked` when the run id has state in another workspace of the tenant
+/// (the client is told the same either way).
+fn run_elsewhere(
+    c: &rusqlite::Connection,
+    workspace: &str,
+    run_id: &str,
+    message: String,
+) -> RetrievalError {
+    let other = c
+        .prepare_cached("SELECT 1 FROM run_state WHERE workspace <> ?1 AND run_id = ?2 LIMIT 1")
+        .and_then(|mut s| s.exists(params![workspace, run_id]))
+        .unwrap_or(false);
+    if other {
+        RetrievalError::Blocked(message)
+    } else {
+        RetrievalError::NotFound(message)
+    }
+}
+
+/// `NotFound`, or `Blocked` when `key` is held by another workspace or another actor of
+/// the tenant (the client is told the same either way).
+fn memory_elsewhere(
+    c: &rusqlite::Connection,
+    workspace: &str,
+    owner: &Owner,
+    key: &str,
+) -> RetrievalError {
+    let message = format!("no memory {key:?}");
+    let other = c
+        .prepare_cached(
+            "SELECT 1 FROM memory WHERE key = ?3 AND NOT (workspace = ?1 AND owner = ?2) LIMIT 1",
+        )
+        .and_then(|mut s| s.exists(params![workspace, owner.column(), key]))
+        .unwrap_or(false);
+    if other {
+        RetrievalError::Blocked(message)
+    } else {
+        RetrievalError::NotFound(message)
     }
 }

@@ -1,10 +1,10 @@
 //! Per-tenant retrieval: datasources and documents in the tenant's own SQLite file,
-//! searched with BM25 (FTS5). The tenant is the file; the workspace and the allowed
-//! datasources are conditions inside each statement, never filters on results.
-//!
-//! Built so far: datasources, documents (upsert by the caller's id, chunked), full-text
-//! search with metadata filters, run state (expiring) and memory (durable), promotion
-//! between them. Not yet: vectors and hybrid search, the in-process embedder, caches.
+//! searched with BM25 (FTS5), by vector (cosine, through the in-memory sketch index of
+//! [`vectors`]) or both fused. The tenant is the file; the workspace, the allowed
+//! datasources and the metadata filter restrict candidates before ranking, never
+//! results afterwards. Run state (expiring) and memory (durable) live in the same file
+//! ([`memory`]); embeddings come from the caller or the in-process [`embed`]der and are
+//! cached per tenant by model and content digest.
 #![forbid(unsafe_code)]
 
 pub mod embed;

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
     document INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
-    text TEXT NOT NULL
+    text TEXT NOT NULL,
+    datasource INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS chunks_document ON chunks(document);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
@@ -281,10 +282,12 @@ impl Retrieval {
         }
         let c = Connection::open(db).map_err(sql)?;
         c.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;
+             PRAGMA mmap_size = 268435456;",
         )
         .map_err(sql)?;
         c.execute_batch(SCHEMA).map_err(sql)?;
+        migrate(&c)?;
         let c = Arc::new(Mutex::new(Db {
             conn: c,
             vectors: None,
@@ -420,8 +423,8 @@ impl Retrieval {
             };
             for (seq, text) in parts.iter().enumerate() {
                 tx.execute(
-                    "INSERT INTO chunks (document, seq, text) VALUES (?1, ?2, ?3)",
-                    params![doc, seq as i64, text],
+                    "INSERT INTO chunks (document, seq, text, datasource) VALUES (?1, ?2, ?3, ?4)",
+                    params![doc, seq as i64, text, ds],
                 )
                 .map_err(sql)?;
                 if let Some(v) = d.vectors.get(seq) {
@@ -707,6 +710,59 @@ fn text_hits(
     let Some(expr) = fts_expression(&s.query) else {
         return Ok(Vec::new());
     };
+    if s.filter.is_empty() {
+        let allowed = allowed_sources(c, workspace, s)?;
+        if allowed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all: i64 = c
+            .prepare_cached("SELECT count(*) FROM datasources")
+            .and_then(|mut st| st.query_row([], |r| r.get(0)))
+            .map_err(sql)?;
+        // When the caller may see every datasource of the file (a tenant searched
+        // whole), checking each match would exclude nothing; otherwise each match is
+        // checked through the chunk's own datasource column, without joining documents.
+        // The workspace is checked again on the rows returned either way.
+        let restricted = (allowed.len() as i64) < all;
+        let (join, only) = if restricted {
+            (
+                " JOIN chunks k ON k.id = chunks_fts.rowid",
+                " AND k.datasource IN (SELECT value FROM json_each(?4))",
+            )
+        } else {
+            ("", "")
+        };
+        let sql_text = format!(
+            "SELECT s.name, d.ext_id, c.seq, c.text, d.metadata, t.r
+             FROM (SELECT chunks_fts.rowid AS id, bm25(chunks_fts) AS r FROM chunks_fts{join}
+                   WHERE chunks_fts MATCH ?1{only}
+                   ORDER BY r LIMIT ?3) t
+             JOIN chunks c ON c.id = t.id
+             JOIN documents d ON d.id = c.document
+             JOIN datasources s ON s.id = d.datasource
+             WHERE s.workspace = ?2
+             ORDER BY t.r"
+        );
+        let ids = serde_json::Value::from(allowed).to_string();
+        let mut stmt = c.prepare_cached(&sql_text).map_err(sql)?;
+        let mut args: Vec<rusqlite::types::Value> = vec![
+            expr.into(),
+            workspace.to_string().into(),
+            (depth as i64).into(),
+        ];
+        if restricted {
+            args.push(ids.into());
+        }
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                let rank: f64 = r.get(5)?;
+                hit_row(r, -rank)
+            })
+            .map_err(sql)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(sql)?;
+        return Ok(rows);
+    }
     let mut sql_text = String::from(
         "SELECT s.name, d.ext_id, c.seq, c.text, d.metadata, bm25(chunks_fts)
          FROM chunks_fts
@@ -731,11 +787,31 @@ fn text_hits(
     Ok(rows)
 }
 
-/// Sign-sketch candidates gathered per result wanted, before exact rescoring; measured
-/// against exact search on all-MiniLM-L6-v2 vectors (`bulkhead bench retrieval`).
-const OVERSAMPLE: usize = 40;
-/// Fewest candidates rescored.
-const MIN_CANDIDATES: usize = 400;
+/// Sign-sketch candidates per result wanted, reranked by byte vectors; set against
+/// exact search on all-MiniLM-L6-v2 vectors (`bulkhead bench retrieval --embedder`).
+const OVERSAMPLE: usize = 64;
+/// Fewest sign-sketch candidates.
+const MIN_CANDIDATES: usize = 1000;
+/// Byte-vector survivors per result wanted that are rescored from the stored floats.
+const RESCORE: usize = 2;
+
+/// Ids of the datasources the search may look at: the workspace's, or those of them it
+/// names.
+fn allowed_sources(
+    c: &Connection,
+    workspace: &str,
+    s: &Search,
+) -> Result<Vec<i64>, RetrievalError> {
+    let mut sql_text = String::from("SELECT s.id FROM datasources s WHERE 1");
+    let mut args = Vec::new();
+    restrict(&mut sql_text, &mut args, workspace, s, false);
+    c.prepare_cached(&sql_text)
+        .map_err(sql)?
+        .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
+        .map_err(sql)?
+        .collect::<Result<_, _>>()
+        .map_err(sql)
+}
 
 /// Nearest allowed chunks to the query vector by cosine, best `depth`: candidates by
 /// sign sketch among the allowed datasources (and filtered chunks), rescored exactly
@@ -761,16 +837,7 @@ fn vector_hits(
         )));
     }
     let Db { conn, vectors, .. } = db;
-    let mut sql_text = String::from("SELECT s.id FROM datasources s WHERE 1");
-    let mut args = Vec::new();
-    restrict(&mut sql_text, &mut args, workspace, s, false);
-    let sources: Vec<i64> = conn
-        .prepare_cached(&sql_text)
-        .map_err(sql)?
-        .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
-        .map_err(sql)?
-        .collect::<Result<_, _>>()
-        .map_err(sql)?;
+    let sources = allowed_sources(conn, workspace, s)?;
     if sources.is_empty() {
         return Ok(Vec::new());
     }
@@ -800,8 +867,8 @@ fn vector_hits(
     let Some(index) = vectors.as_ref() else {
         return Ok(Vec::new());
     };
-    let wanted = (depth * OVERSAMPLE).max(MIN_CANDIDATES);
-    let candidates = index.candidates(q, &sources, only.as_ref(), wanted);
+    let wide = (depth * OVERSAMPLE).max(MIN_CANDIDATES);
+    let candidates = index.nearest(q, &sources, only.as_ref(), wide, depth * RESCORE);
     let mut scored: Vec<(f32, i64)> = Vec::with_capacity(candidates.len());
     {
         let mut stmt = conn
@@ -886,6 +953,25 @@ fn load_index(c: &Connection, dim: usize) -> Result<VectorIndex, RetrievalError>
         }
     }
     Ok(index)
+}
+
+/// Brings a database made by an earlier version up to this schema: chunks gained their
+/// datasource (so a search checks it without joining documents for every match).
+fn migrate(c: &Connection) -> Result<(), RetrievalError> {
+    let current: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('chunks') WHERE name = 'datasource'")
+        .and_then(|mut s| s.exists([]))
+        .map_err(sql)?;
+    if !current {
+        c.execute_batch(
+            "BEGIN;
+             ALTER TABLE chunks ADD COLUMN datasource INTEGER NOT NULL DEFAULT 0;
+             UPDATE chunks SET datasource = (SELECT datasource FROM documents WHERE id = chunks.document);
+             COMMIT;",
+        )
+        .map_err(sql)?;
+    }
+    Ok(())
 }
 
 /// The dimension recorded with the first stored vector.

@@ -1,12 +1,13 @@
 //! The in-memory candidate index for vector search, one per open tenant database.
 //!
-//! Vectors are stored as float32 in the tenant's database (the truth, used to rescore);
-//! this index keeps one sign bit per dimension of each, so a search scans 48 bytes per
-//! 384-dimensional vector instead of 1,536. The scan looks only at rows of the
-//! caller's allowed datasources (and, with a metadata filter, only at the chunks the
-//! filter admits), picks the nearest candidates by Hamming distance, and the caller
-//! rescores those exactly. Restricting before ranking is what lets `top_k` always fill
-//! from allowed data.
+//! Vectors are stored as float32 in the tenant's database (the truth, used for the
+//! final scores). This index keeps two smaller copies of each: one sign bit per
+//! dimension (48 bytes for 384 dimensions, against 1,536) and one signed byte per
+//! dimension with a scale. A search scans the sign bits of the rows of the caller's
+//! allowed datasources (and, with a metadata filter, only the chunks the filter admits),
+//! keeps the nearest by Hamming distance, reranks those by their byte vectors, and the
+//! caller rescores the best few from the stored floats. Restricting before ranking is
+//! what lets `top_k` always fill from allowed data.
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -86,7 +87,25 @@ fn signs(v: &[f32], out: &mut Vec<u64>) {
     }
 }
 
-/// Sign-bit sketches of every vector of one tenant database.
+/// `v` as signed bytes, and the scale that maps them back.
+fn quantize(v: &[f32], out: &mut Vec<i8>) -> f32 {
+    let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+    out.extend(
+        v.iter()
+            .map(|x| (x / scale).round().clamp(-127.0, 127.0) as i8),
+    );
+    scale
+}
+
+fn dot_i8(a: &[i8], b: &[i8]) -> i32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| i32::from(*x) * i32::from(*y))
+        .sum()
+}
+
+/// Sign-bit and byte sketches of every vector of one tenant database.
 #[derive(Debug, Default)]
 pub struct VectorIndex {
     dim: usize,
@@ -94,6 +113,8 @@ pub struct VectorIndex {
     chunks: Vec<i64>,
     sources: Vec<i64>,
     bits: Vec<u64>,
+    bytes: Vec<i8>,
+    scales: Vec<f32>,
     slot: HashMap<i64, usize>,
 }
 
@@ -127,6 +148,8 @@ impl VectorIndex {
         self.chunks.push(chunk);
         self.sources.push(source);
         signs(v, &mut self.bits);
+        let scale = quantize(v, &mut self.bytes);
+        self.scales.push(scale);
     }
 
     /// Drops the vector of `chunk`, if held (the last slot moves into its place).
@@ -139,25 +162,60 @@ impl VectorIndex {
             let moved = self.chunks[last];
             self.chunks.swap(at, last);
             self.sources.swap(at, last);
+            self.scales.swap(at, last);
             for w in 0..self.words {
                 self.bits.swap(at * self.words + w, last * self.words + w);
+            }
+            for d in 0..self.dim {
+                self.bytes.swap(at * self.dim + d, last * self.dim + d);
             }
             self.slot.insert(moved, at);
         }
         self.chunks.pop();
         self.sources.pop();
+        self.scales.pop();
         self.bits.truncate(last * self.words);
+        self.bytes.truncate(last * self.dim);
     }
 
-    /// Up to `n` chunks nearest to `query` by sign agreement, among those of datasources
-    /// in `sources` and, when given, in `only`. Ties at the cut are broken by slot order.
-    pub fn candidates(
+    /// Up to `n` chunks nearest to `query`, best first, among those of datasources in
+    /// `sources` and, when given, in `only`: the `wide` nearest by sign agreement,
+    /// reranked by their byte vectors.
+    pub fn nearest(
+        &self,
+        query: &[f32],
+        sources: &[i64],
+        only: Option<&HashSet<i64>>,
+        wide: usize,
+        n: usize,
+    ) -> Vec<i64> {
+        let slots = self.by_signs(query, sources, only, wide.max(n));
+        let mut q = Vec::with_capacity(self.dim);
+        quantize(query, &mut q);
+        let mut scored: Vec<(f32, usize)> = slots
+            .into_iter()
+            .map(|i| {
+                let row = &self.bytes[i * self.dim..(i + 1) * self.dim];
+                (dot_i8(row, &q) as f32 * self.scales[i], i)
+            })
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        scored
+            .into_iter()
+            .take(n)
+            .map(|(_, i)| self.chunks[i])
+            .collect()
+    }
+
+    /// Slots of up to `n` allowed vectors nearest to `query` by sign agreement (ties at
+    /// the cut broken by slot order).
+    fn by_signs(
         &self,
         query: &[f32],
         sources: &[i64],
         only: Option<&HashSet<i64>>,
         n: usize,
-    ) -> Vec<i64> {
+    ) -> Vec<usize> {
         if query.len() != self.dim || n == 0 {
             return Vec::new();
         }
@@ -194,10 +252,10 @@ impl VectorIndex {
         for (d, i) in dist {
             let d = usize::from(d);
             if d < cut {
-                out.push(self.chunks[i as usize]);
+                out.push(i as usize);
             } else if d == cut && at_cut > 0 {
                 at_cut -= 1;
-                out.push(self.chunks[i as usize]);
+                out.push(i as usize);
             }
         }
         out
@@ -228,14 +286,14 @@ mod tests {
             ix.insert(c, c % 3, &unit(c as u64, 96));
         }
         let q = unit(7, 96);
-        let got = ix.candidates(&q, &[1], None, 50);
+        let got = ix.nearest(&q, &[1], None, 60, 50);
         assert_eq!(got.len(), 50);
         assert!(got.iter().all(|c| c % 3 == 1));
         let only: HashSet<i64> = [1, 4, 7, 2].into_iter().collect();
-        let mut got = ix.candidates(&q, &[1], Some(&only), 50);
+        let mut got = ix.nearest(&q, &[1], Some(&only), 60, 50);
         got.sort_unstable();
         assert_eq!(got, vec![1, 4, 7]);
-        assert!(ix.candidates(&q, &[9], None, 50).is_empty());
+        assert!(ix.nearest(&q, &[9], None, 60, 50).is_empty());
     }
 
     #[test]
@@ -245,13 +303,24 @@ mod tests {
             ix.insert(c, 0, &unit(c as u64, 384));
         }
         let q = unit(500, 384);
-        assert!(ix.candidates(&q, &[0], None, 1).contains(&500));
+        assert_eq!(ix.nearest(&q, &[0], None, 10, 1), vec![500]);
         ix.remove(500);
         ix.remove(500);
         assert_eq!(ix.len(), 999);
-        assert!(!ix.candidates(&q, &[0], None, 999).contains(&500));
+        assert!(!ix.nearest(&q, &[0], None, 999, 999).contains(&500));
         // The slot that moved into the hole is still found by its own query.
-        assert_eq!(ix.candidates(&unit(999, 384), &[0], None, 1), vec![999]);
+        assert_eq!(ix.nearest(&unit(999, 384), &[0], None, 10, 1), vec![999]);
+        // Byte vectors rank like the floats they stand for.
+        let exact = |q: &[f32]| {
+            let mut all: Vec<(f32, i64)> = (0..1000)
+                .filter(|c| *c != 500)
+                .map(|c| (dot(q, &unit(c as u64, 384)), c))
+                .collect();
+            all.sort_by(|a, b| b.0.total_cmp(&a.0));
+            all.into_iter().take(5).map(|(_, c)| c).collect::<Vec<_>>()
+        };
+        let q = unit(12345, 384);
+        assert_eq!(ix.nearest(&q, &[0], None, 999, 5), exact(&q));
     }
 
     #[test]
