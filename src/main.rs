@@ -162,6 +162,9 @@ enum TokenOp {
         /// Comma-separated tool allowlist (exec,files.read,files.write,config.read,config.write).
         #[arg(long, value_delimiter = ',')]
         tools: Option<Vec<String>>,
+        /// Comma-separated datasources of the workspace the token may use (default: all).
+        #[arg(long, value_delimiter = ',')]
+        datasources: Option<Vec<String>>,
     },
     /// Revoke a token by id (tk_<tenant>_<8 hex>).
     Revoke { id: String },
@@ -901,11 +904,15 @@ async fn tenants(at: StateArgs, op: TenantOp) -> Result<u8, String> {
                     workspace,
                     role,
                     tools,
+                    datasources,
                 },
         } => {
             let mut body = serde_json::json!({"workspace": workspace, "role": role});
             if let Some(t) = tools {
                 body["tools"] = t.into();
+            }
+            if let Some(d) = datasources {
+                body["datasources"] = d.into();
             }
             let v = check(
                 c.json(

@@ -873,3 +873,140 @@ async fn run_state_expires_memory_stays_and_only_promote_moves_between() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn a_tokens_datasource_allowlist_bounds_every_retrieval_route() {
+    let w = world().await;
+    ok(
+        &w.dental,
+        Method::POST,
+        "/v1/datasources",
+        json!({"name": "private"}),
+    )
+    .await;
+    for (ds, id, v) in [
+        ("private", "secret-plan", axis(0, 1)),
+        ("notes", "open-plan", axis(1, 0)),
+    ] {
+        ok(
+            &w.dental,
+            Method::POST,
+            "/v1/documents",
+            json!({"datasource": ds, "id": id, "vector": v,
+                   "text": "Northstar Dental renewal risk plan, board only"}),
+        )
+        .await;
+    }
+    let r =
+        w.d.admin()
+            .json(
+                Method::POST,
+                &format!("/admin/tenants/{DENTAL}/tokens"),
+                &json!({"role": "member", "datasources": ["notes", "not-made-yet"]}),
+            )
+            .await
+            .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let narrow = w.d.tenant(r.json()["token"].as_str().unwrap());
+    let blocked = || async {
+        let u = ok(&w.dental, Method::GET, "/v1/usage", json!(null)).await;
+        u["usage"]["blocked_cross_boundary"].as_u64().unwrap_or(0)
+    };
+    let before = blocked().await;
+    // Text, vector and hybrid searches see the allowed datasource only; the owner's
+    // token sees both.
+    for body in [
+        json!({"query": "Northstar renewal plan board", "top_k": 10}),
+        json!({"vector": axis(0, 1), "top_k": 10}),
+        json!({"query": "board plan", "vector": axis(0, 1), "top_k": 10}),
+    ] {
+        let v = ok(&narrow, Method::POST, "/v1/search", body.clone()).await;
+        let found = ids(v["results"].as_array().unwrap());
+        assert!(
+            found.contains(&"open-plan".to_string()),
+            "{body}: {found:?}"
+        );
+        assert!(
+            !found.contains(&"secret-plan".to_string()),
+            "{body}: {found:?}"
+        );
+        let v = ok(&w.dental, Method::POST, "/v1/search", body.clone()).await;
+        assert!(ids(v["results"].as_array().unwrap()).contains(&"secret-plan".to_string()));
+    }
+    // Naming the other datasource anywhere is a 404, counted.
+    let attempts = [
+        (
+            Method::POST,
+            "/v1/search",
+            json!({"query": "plan", "datasources": ["private"]}),
+        ),
+        (
+            Method::POST,
+            "/v1/search",
+            json!({"query": "plan", "datasources": ["notes", "private"]}),
+        ),
+        (
+            Method::GET,
+            "/v1/datasources/private/documents/secret-plan",
+            json!(null),
+        ),
+        (
+            Method::DELETE,
+            "/v1/datasources/private/documents/secret-plan",
+            json!(null),
+        ),
+        (
+            Method::POST,
+            "/v1/documents",
+            json!({"datasource": "private", "id": "x", "text": "t"}),
+        ),
+    ];
+    for (m, path, body) in &attempts {
+        let r = narrow.json(m.clone(), path, body).await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.reason_code().as_deref()),
+            (404, Some("not_found")),
+            "{m} {path} {body}"
+        );
+    }
+    assert_eq!(blocked().await, before + attempts.len() as u64);
+    // It cannot make datasources outside its list; the document it could not delete is
+    // still there.
+    let r = narrow
+        .json(Method::POST, "/v1/datasources", &json!({"name": "side"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (403, Some("policy_denied"))
+    );
+    ok(
+        &w.dental,
+        Method::GET,
+        "/v1/datasources/private/documents/secret-plan",
+        json!(null),
+    )
+    .await;
+    // A listed datasource that does not exist yet restricts searches to nothing there,
+    // rather than failing them.
+    let v = ok(
+        &narrow,
+        Method::POST,
+        "/v1/search",
+        json!({"query": "plan"}),
+    )
+    .await;
+    assert!(!v["results"].as_array().unwrap().is_empty());
+    for bad in [json!(["../x"]), json!([""]), json!("notes")] {
+        let r =
+            w.d.admin()
+                .json(
+                    Method::POST,
+                    &format!("/admin/tenants/{DENTAL}/tokens"),
+                    &json!({"role": "member", "datasources": bad}),
+                )
+                .await
+                .unwrap();
+        assert_eq!(r.status, 400, "{bad}");
+    }
+}

@@ -28,6 +28,9 @@ struct CreateToken {
     /// Tool allowlist; absent: every tool the role allows.
     #[serde(default)]
     tools: Option<Vec<String>>,
+    /// Datasource allowlist within the workspace; absent: all of them.
+    #[serde(default)]
+    datasources: Option<Vec<String>>,
 }
 
 fn event(
@@ -288,15 +291,30 @@ pub async fn route(
             if let Some(tools) = &create.tools {
                 crate::policy::validate_tools(tools).map_err(ApiError::BadRequest)?;
             }
+            if let Some(names) = &create.datasources {
+                if names.len() > 256 {
+                    return Err(ApiError::BadRequest(
+                        "datasources: at most 256 names".into(),
+                    ));
+                }
+                for n in names {
+                    crate::retrieval::check_name(n)
+                        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                }
+            }
             let name_s = name.to_string();
             let r = match existing(&app, name) {
                 Ok(tenant) => {
                     let app2 = app.clone();
                     let ws = create.workspace.unwrap_or_else(|| "default".into());
                     let role = create.role.unwrap_or(Role::Member);
-                    let tools = create.tools;
-                    blocking(move || Ok(app2.registry.create_token(&tenant, &ws, role, tools)?))
-                        .await
+                    let (tools, sources) = (create.tools, create.datasources);
+                    blocking(move || {
+                        Ok(app2
+                            .registry
+                            .create_token(&tenant, &ws, role, tools, sources)?)
+                    })
+                    .await
                 }
                 Err(e) => Err(e),
             };

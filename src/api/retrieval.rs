@@ -163,6 +163,19 @@ fn counted(app: &App, b: &Boundary, e: RetrievalError) -> ApiError {
     ApiError::from(e)
 }
 
+/// Whether the token may use datasource `name` (its allowlist, when it has one); one
+/// outside it is answered like a missing one, and counted.
+fn allowed(app: &App, b: &Boundary, name: &str) -> Result<(), ApiError> {
+    match b.allowed_datasources() {
+        Some(list) if !list.iter().any(|n| n == name) => Err(counted(
+            app,
+            b,
+            RetrievalError::Blocked(format!("no datasource {name:?}")),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Where the caller's tenant keeps its database, and the pool key for it.
 fn database(app: &App, b: &Boundary) -> (String, std::path::PathBuf) {
     (
@@ -253,6 +266,14 @@ async fn create_datasource(
 ) -> Result<Response<ApiBody>, ApiError> {
     let req: CreateDatasource = parse_json(body)?;
     retrieval::check_name(&req.name)?;
+    if b.allowed_datasources()
+        .is_some_and(|list| !list.contains(&req.name))
+    {
+        return Err(ApiError::Policy(crate::policy::Denial::Scope {
+            scope: "retrieval.write",
+            why: "the token's datasource allowlist does not name it",
+        }));
+    }
     let (key, db) = database(app, b);
     let (app2, ws, name) = (app.clone(), b.workspace().to_string(), req.name.clone());
     let created =
@@ -290,6 +311,7 @@ async fn put_documents(
     for d in docs {
         retrieval::check_name(&d.datasource)?;
         retrieval::check_id(&d.id)?;
+        allowed(app, b, &d.datasource)?;
         let vector = match &d.vector {
             Some(v) => Some(parse_vector(&format!("document {:?}: vector", d.id), v)?),
             None => None,
@@ -390,6 +412,7 @@ async fn get_document(
 ) -> Result<Response<ApiBody>, ApiError> {
     retrieval::check_name(&datasource)?;
     retrieval::check_id(&id)?;
+    allowed(app, b, &datasource)?;
     let (key, db) = database(app, b);
     let (app2, ws) = (app.clone(), b.workspace().to_string());
     let doc = blocking(move || {
@@ -414,6 +437,7 @@ async fn delete_document(
 ) -> Result<Response<ApiBody>, ApiError> {
     retrieval::check_name(&datasource)?;
     retrieval::check_id(&id)?;
+    allowed(app, b, &datasource)?;
     let (key, db) = database(app, b);
     let (app2, ws, ds2, id2) = (
         app.clone(),
@@ -512,7 +536,17 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
     if filter.len() > 16 {
         return Err(ApiError::BadRequest("at most 16 filter keys".into()));
     }
+    let requested = req.datasources.clone();
     let mut datasources = req.datasources;
+    if let Some(names) = &datasources {
+        for n in names {
+            allowed(app, b, n)?;
+        }
+    }
+    // A token with an allowlist searches only those datasources, whatever it asks.
+    if datasources.is_none() {
+        datasources = b.allowed_datasources().map(<[String]>::to_vec);
+    }
     if let Some(names) = &mut datasources {
         names.sort_unstable();
         names.dedup();
@@ -527,7 +561,7 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
     };
     let (key, db) = database(app, b);
     // Names the caller gave must be datasources of its workspace.
-    if let Some(names) = s.datasources.clone() {
+    if let Some(names) = requested {
         let (app2, key2, db2, ws) = (
             app.clone(),
             key.clone(),

@@ -41,6 +41,7 @@ pub struct Boundary {
     pub(in crate::auth) actor: TokenId,
     pub(in crate::auth) role: Role,
     pub(in crate::auth) allowed_tools: Option<Vec<String>>,
+    pub(in crate::auth) allowed_datasources: Option<Vec<String>>,
     pub(in crate::auth) trace_id: String,
     pub(in crate::auth) incarnation: String,
 }
@@ -53,6 +54,10 @@ impl Boundary {
     /// The token's tool allowlist; `None` means every tool its role allows.
     pub fn allowed_tools(&self) -> Option<&[String]> {
         self.allowed_tools.as_deref()
+    }
+    /// The token's datasource allowlist within its workspace; `None` means all of them.
+    pub fn allowed_datasources(&self) -> Option<&[String]> {
+        self.allowed_datasources.as_deref()
     }
     /// The tenant.
     pub fn tenant(&self) -> &TenantName {

@@ -177,6 +177,8 @@ pub struct Credential<'a> {
     pub role: Role,
     /// The token's tool allowlist (`None`: every tool its role allows).
     pub allowed_tools: Option<&'a [String]>,
+    /// The token's datasource allowlist (`None`: every datasource of its workspace).
+    pub allowed_datasources: Option<&'a [String]>,
 }
 
 impl TokenParts {
@@ -187,17 +189,20 @@ impl TokenParts {
         creds: impl IntoIterator<Item = Credential<'a>>,
         incarnation: &str,
     ) -> Result<Boundary, AuthError> {
-        let mut found: Option<(String, Role, Option<Vec<String>>)> = None;
+        type Found = (String, Role, Option<Vec<String>>, Option<Vec<String>>);
+        let mut found: Option<Found> = None;
         for c in creds {
             if c.digest.ct_eq(&self.digest) {
                 found = Some((
                     c.workspace.to_string(),
                     c.role,
                     c.allowed_tools.map(<[String]>::to_vec),
+                    c.allowed_datasources.map(<[String]>::to_vec),
                 ));
             }
         }
-        let (workspace, role, allowed_tools) = found.ok_or(AuthError::UnknownToken)?;
+        let (workspace, role, allowed_tools, allowed_datasources) =
+            found.ok_or(AuthError::UnknownToken)?;
         let actor = TokenId::for_digest(&self.tenant, &self.digest);
         Ok(Boundary {
             tenant: self.tenant,
@@ -205,6 +210,7 @@ impl TokenParts {
             actor,
             role,
             allowed_tools,
+            allowed_datasources,
             trace_id: trace_id(),
             incarnation: incarnation.to_string(),
         })
@@ -287,12 +293,14 @@ mod tests {
                     workspace: "w2",
                     role: Role::Viewer,
                     allowed_tools: None,
+                    allowed_datasources: None,
                 },
                 Credential {
                     digest: &issued.digest,
                     workspace: "default",
                     role: Role::Owner,
                     allowed_tools: None,
+                    allowed_datasources: None,
                 },
             ]
         };

@@ -51,6 +51,9 @@ pub struct TokenRecord {
     /// Tools this token may use; absent means every tool its role allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_tools: Option<Vec<String>>,
+    /// Datasources of its workspace this token may read and write; absent means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_datasources: Option<Vec<String>>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
 }
@@ -262,6 +265,7 @@ impl Registry {
             workspace: &t.workspace,
             role: t.role,
             allowed_tools: t.allowed_tools.as_deref(),
+            allowed_datasources: t.allowed_datasources.as_deref(),
         });
         Ok((parts.authenticate(creds, &rec.incarnation)?, frozen))
     }
@@ -355,6 +359,7 @@ impl Registry {
         role: Role,
         primary: bool,
         tools: Option<Vec<String>>,
+        datasources: Option<Vec<String>>,
     ) -> Result<(IssuedToken, TokenRecord), RegistryError> {
         validate_workspace(workspace)?;
         let issued = auth::issue_token(name)?;
@@ -365,6 +370,7 @@ impl Registry {
             role,
             primary,
             allowed_tools: tools,
+            allowed_datasources: datasources,
             created_unix: now_unix(),
         };
         Ok((issued, rec))
@@ -378,7 +384,7 @@ impl Registry {
             return Err(RegistryError::AlreadyExists(name.to_string()));
         }
         let (host_uid, host_gid) = self.allocate_ids(&records)?;
-        let (issued, token) = Self::new_token(&name, "default", Role::Owner, true, None)?;
+        let (issued, token) = Self::new_token(&name, "default", Role::Owner, true, None, None)?;
         let rec = TenantRecord {
             name: name.to_string(),
             host_uid,
@@ -465,13 +471,21 @@ impl Registry {
     /// Replaces the tenant's primary token; the old one fails from the next request on.
     pub fn rotate(&self, name: &TenantName) -> Result<IssuedToken, RegistryError> {
         self.update(name, |r| {
-            let (workspace, role, tools) = r
+            let (workspace, role, tools, datasources) = r
                 .tokens
                 .iter()
                 .find(|t| t.primary)
-                .map(|t| (t.workspace.clone(), t.role, t.allowed_tools.clone()))
-                .unwrap_or(("default".into(), Role::Owner, None));
-            let (issued, token) = Self::new_token(name, &workspace, role, true, tools)?;
+                .map(|t| {
+                    (
+                        t.workspace.clone(),
+                        t.role,
+                        t.allowed_tools.clone(),
+                        t.allowed_datasources.clone(),
+                    )
+                })
+                .unwrap_or(("default".into(), Role::Owner, None, None));
+            let (issued, token) =
+                Self::new_token(name, &workspace, role, true, tools, datasources)?;
             r.tokens.retain(|t| !t.primary);
             r.tokens.push(token);
             Ok(issued)
@@ -485,9 +499,11 @@ impl Registry {
         workspace: &str,
         role: Role,
         tools: Option<Vec<String>>,
+        datasources: Option<Vec<String>>,
     ) -> Result<IssuedToken, RegistryError> {
         self.update(name, |r| {
-            let (issued, token) = Self::new_token(name, workspace, role, false, tools)?;
+            let (issued, token) =
+                Self::new_token(name, workspace, role, false, tools, datasources)?;
             r.tokens.push(token);
             Ok(issued)
         })
