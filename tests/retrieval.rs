@@ -543,7 +543,47 @@ async fn supplied_vectors_rank_by_cosine_inside_the_boundary_and_fuse_with_text(
         .await
         .unwrap();
     assert_eq!(r.json()["text"], "vector note 0 of dental");
-    // Naming a datasource of another workspace is a 404 like a missing one.
+    // Dimensions belong to datasources: another workspace storing vectors of another
+    // dimension neither fails nor shows in this workspace's searches.
+    ok(
+        &w.dental_other,
+        Method::POST,
+        "/v1/datasources",
+        json!({"name": "tiny"}),
+    )
+    .await;
+    ok(
+        &w.dental_other,
+        Method::POST,
+        "/v1/documents",
+        json!({"datasource": "tiny", "id": "t3", "text": "three", "vector": [1.0, 2.0, 3.0]}),
+    )
+    .await;
+    let v = ok(
+        &w.dental,
+        Method::POST,
+        "/v1/search",
+        json!({"vector": axis(1, 0)}),
+    )
+    .await;
+    assert_eq!(ids(v["results"].as_array().unwrap())[0], "dental-v1");
+    let r = w
+        .dental
+        .json(
+            Method::POST,
+            "/v1/search",
+            &json!({"vector": [1.0, 2.0, 3.0]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"].to_string().contains("[4]"),
+        "{:?}",
+        r.json()
+    );
+    // Naming a datasource of another workspace is a 404 like a missing one, counted
+    // when it exists there; writes included.
     ok(
         &w.dental_other,
         Method::POST,
@@ -551,6 +591,28 @@ async fn supplied_vectors_rank_by_cosine_inside_the_boundary_and_fuse_with_text(
         json!({"name": "pipeline"}),
     )
     .await;
+    let usage = ok(&w.dental, Method::GET, "/v1/usage", json!(null)).await;
+    let before = usage["usage"]["blocked_cross_boundary"]
+        .as_u64()
+        .unwrap_or(0);
+    let r = w
+        .dental
+        .json(
+            Method::POST,
+            "/v1/documents",
+            &json!({"datasource": "pipeline", "id": "planted", "text": "t"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.reason_code().as_deref()),
+        (404, Some("not_found"))
+    );
+    let usage = ok(&w.dental, Method::GET, "/v1/usage", json!(null)).await;
+    assert_eq!(
+        usage["usage"]["blocked_cross_boundary"].as_u64(),
+        Some(before + 1)
+    );
     for ds in ["pipeline", "absent"] {
         let r = w
             .dental

@@ -192,9 +192,21 @@ pub async fn route(
                     let t2 = tenant.clone();
                     let frozen = blocking(move || Ok(app2.registry.set_frozen(&t2, true)?)).await;
                     app.kill_tenant_runs(&tenant).await;
+                    // Its retrieval files may not be opened again under this incarnation
+                    // (an in-flight request would open the next tenant's by path).
+                    let pool_key = app
+                        .registry
+                        .record(&tenant)
+                        .map(|r| crate::retrieval::pool_key(tenant.as_str(), &r.incarnation));
+                    if let Some(k) = &pool_key {
+                        app.retrieval.retire(k, &app.registry.tenant_dir(&tenant));
+                    }
                     let app2 = app.clone();
                     let t2 = tenant.clone();
                     let r = frozen.and(blocking(move || Ok(app2.registry.delete(&t2)?)).await);
+                    if let (Err(_), Some(k)) = (&r, &pool_key) {
+                        app.retrieval.unretire(k);
+                    }
                     app.overlays
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

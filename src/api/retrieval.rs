@@ -179,7 +179,7 @@ fn allowed(app: &App, b: &Boundary, name: &str) -> Result<(), ApiError> {
 /// Where the caller's tenant keeps its database, and the pool key for it.
 fn database(app: &App, b: &Boundary) -> (String, std::path::PathBuf) {
     (
-        format!("{}:{}", b.tenant(), b.incarnation()),
+        retrieval::pool_key(b.tenant().as_str(), b.incarnation()),
         app.registry.tenant_dir(b.tenant()).join("retrieval.db"),
     )
 }
@@ -366,7 +366,9 @@ async fn put_documents(
             )));
         }
     }
+    let b2 = b.clone();
     let counts = blocking(move || {
+        let mut new = new;
         if let Some(e) = &embedder {
             for d in new.iter_mut().filter(|d| d.vectors.is_empty()) {
                 let parts = retrieval::store::chunks(&d.text);
@@ -375,7 +377,9 @@ async fn put_documents(
                 }
             }
         }
-        Ok(app2.retrieval.put_documents(&key, &db, &ws, &new)?)
+        app2.retrieval
+            .put_documents(&key, &db, &ws, &new)
+            .map_err(|e| counted(&app2, &b2, e))
     })
     .await?;
     let mut sources: Vec<&str> = summary.iter().map(|(ds, _)| ds.as_str()).collect();

@@ -208,7 +208,9 @@ impl Retrieval {
     ) -> Result<(), RetrievalError> {
         let c = self.conn(pool_key, db)?;
         let mut c = lock(&c);
-        let tx = c.transaction().map_err(sql)?;
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql)?;
         let now = now_ms();
         for key in keys {
             let value: String = tx

@@ -37,6 +37,12 @@ pub enum RetrievalError {
     Database(String),
 }
 
+/// The pool key of a tenant's database: the tenant and its incarnation, so a tenant made
+/// again under the same name never shares the old one's handle.
+pub fn pool_key(tenant: &str, incarnation: &str) -> String {
+    format!("{tenant}:{incarnation}")
+}
+
 /// Longest datasource name.
 pub const MAX_NAME: usize = 64;
 /// Longest document id, in bytes.

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS datasources (
     id INTEGER PRIMARY KEY,
     workspace TEXT NOT NULL,
     name TEXT NOT NULL,
+    dim INTEGER,
     UNIQUE (workspace, name)
 );
 CREATE TABLE IF NOT EXISTS documents (
@@ -62,10 +63,6 @@ CREATE TABLE IF NOT EXISTS vectors (
     chunk INTEGER PRIMARY KEY REFERENCES chunks(id) ON DELETE CASCADE,
     datasource INTEGER NOT NULL,
     v BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS embedding_cache (
     model TEXT NOT NULL,
@@ -165,8 +162,15 @@ pub struct Retrieval {
     open: Mutex<Pool>,
 }
 
+/// What a pool key may no longer open: the keys of deleted tenants' incarnations. A
+/// request of a deleted incarnation still in flight would otherwise open, by path, the
+/// file of a tenant made again under the same name.
+#[derive(Default)]
+struct Retired(std::collections::HashSet<String>);
+
 #[derive(Default)]
 struct Pool {
+    retired: Retired,
     conns: HashMap<String, (PathBuf, Arc<Mutex<Db>>)>,
     /// Least recently used first.
     order: Vec<String>,
@@ -175,8 +179,8 @@ struct Pool {
 /// One open tenant database and what is kept beside it.
 pub(super) struct Db {
     conn: Connection,
-    /// Sign sketches of the stored vectors, loaded on the first vector search.
-    vectors: Option<VectorIndex>,
+    /// Sketches of the stored vectors by dimension, loaded on the first vector search.
+    vectors: Option<HashMap<usize, VectorIndex>>,
     /// Changes on every write to documents; with `opened`, names the index's content
     /// for the search cache (a reopened file starts a new sequence).
     writes: u64,
@@ -258,8 +262,12 @@ impl Retrieval {
     /// The connection for `key` (the tenant and its incarnation, so a tenant made again
     /// under the same name never reuses the old one's handle), opening `db` if needed.
     pub(super) fn conn(&self, key: &str, db: &Path) -> Result<Arc<Mutex<Db>>, RetrievalError> {
+        let gone = || RetrievalError::NotFound("the tenant was deleted".into());
         {
             let mut pool = lock(&self.open);
+            if pool.retired.0.contains(key) {
+                return Err(gone());
+            }
             if let Some((_, c)) = pool.conns.get(key) {
                 let c = c.clone();
                 pool.order.retain(|k| k != key);
@@ -295,17 +303,44 @@ impl Retrieval {
             opened: rand::random(),
         }));
         let mut pool = lock(&self.open);
+        // Retired while the file was being opened: the path may already name the file
+        // of a new tenant of the same name. (A key retired after this check opened the
+        // old file, which deletion removes only after retiring.)
+        if pool.retired.0.contains(key) {
+            return Err(gone());
+        }
         if let Some((_, have)) = pool.conns.get(key) {
             return Ok(have.clone());
         }
-        while pool.conns.len() >= self.cap && !pool.order.is_empty() {
-            let oldest = pool.order.remove(0);
+        // Only idle databases are closed: one in use stays (the pool may briefly hold
+        // more than its cap), so a key never has two connections to its file.
+        while pool.conns.len() >= self.cap {
+            let idle = pool.order.iter().position(|k| {
+                pool.conns
+                    .get(k)
+                    .is_some_and(|(_, c)| Arc::strong_count(c) == 1)
+            });
+            let Some(at) = idle else { break };
+            let oldest = pool.order.remove(at);
             pool.conns.remove(&oldest);
         }
         pool.conns
             .insert(key.to_string(), (db.to_path_buf(), c.clone()));
         pool.order.push(key.to_string());
         Ok(c)
+    }
+
+    /// Stops `key` (a tenant incarnation about to be deleted) from opening its file
+    /// again, and closes every pooled connection to files under `dir`. Call before the
+    /// files go.
+    pub fn retire(&self, key: &str, dir: &Path) {
+        lock(&self.open).retired.0.insert(key.to_string());
+        self.forget_under(dir);
+    }
+
+    /// Undoes [`Retrieval::retire`] when the deletion failed and the tenant stays.
+    pub fn unretire(&self, key: &str) {
+        lock(&self.open).retired.0.remove(key);
     }
 
     /// Closes every pooled connection to files under `dir` (a tenant being deleted).
@@ -359,11 +394,10 @@ impl Retrieval {
         let c = self.conn(key, db)?;
         let mut guard = lock(&c);
         let db = &mut *guard;
-        let dim = docs.iter().find_map(|d| d.vectors.first()).map(Vec::len);
-        let tx = db.conn.transaction().map_err(sql)?;
-        if let Some(dim) = dim {
-            check_dimension(&tx, dim)?;
-        }
+        let tx = db
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql)?;
         let mut counts = Vec::with_capacity(docs.len());
         let mut removed: Vec<i64> = Vec::new();
         let mut added: Vec<(i64, i64, &[f32])> = Vec::new();
@@ -395,10 +429,14 @@ impl Retrieval {
                     parts.len()
                 )));
             }
-            if d.vectors.iter().any(|v| Some(v.len()) != dim) {
-                return Err(RetrievalError::Invalid(
-                    "vectors in one request must all have the same dimension".into(),
-                ));
+            if let Some(first) = d.vectors.first() {
+                if d.vectors.iter().any(|v| v.len() != first.len()) {
+                    return Err(RetrievalError::Invalid(format!(
+                        "document {:?}: its vectors differ in dimension",
+                        d.id
+                    )));
+                }
+                check_dimension(&tx, ds, &d.datasource, first.len())?;
             }
             let doc = match existing {
                 Some(id) => {
@@ -441,12 +479,15 @@ impl Retrieval {
         }
         tx.commit().map_err(sql)?;
         db.writes += 1;
-        if let Some(index) = &mut db.vectors {
+        if let Some(indexes) = &mut db.vectors {
             for chunk in removed {
-                index.remove(chunk);
+                indexes.values_mut().for_each(|ix| ix.remove(chunk));
             }
             for (chunk, ds, v) in added {
-                index.insert(chunk, ds, v);
+                indexes
+                    .entry(v.len())
+                    .or_insert_with(|| VectorIndex::new(v.len()))
+                    .insert(chunk, ds, v);
             }
         }
         Ok(counts)
@@ -518,7 +559,9 @@ impl Retrieval {
     ) -> Result<(), RetrievalError> {
         let c = self.conn(key, db)?;
         let mut c = lock(&c);
-        let tx = c.transaction().map_err(sql)?;
+        let tx = c
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql)?;
         {
             let mut stmt = tx
                 .prepare_cached(
@@ -585,7 +628,10 @@ impl Retrieval {
         let c = self.conn(key, db)?;
         let mut guard = lock(&c);
         let db = &mut *guard;
-        let tx = db.conn.transaction().map_err(sql)?;
+        let tx = db
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql)?;
         let doc: i64 = tx
             .query_row(
                 "SELECT d.id FROM documents d JOIN datasources s ON s.id = d.datasource
@@ -603,9 +649,9 @@ impl Retrieval {
             .map_err(sql)?;
         tx.commit().map_err(sql)?;
         db.writes += 1;
-        if let Some(index) = &mut db.vectors {
+        if let Some(indexes) = &mut db.vectors {
             for chunk in removed {
-                index.remove(chunk);
+                indexes.values_mut().for_each(|ix| ix.remove(chunk));
             }
         }
         Ok(())
@@ -827,19 +873,36 @@ fn vector_hits(
             "this search mode needs a query vector".into(),
         ));
     };
-    let Some(dim) = stored_dimension(&db.conn)? else {
-        return Ok(Vec::new());
-    };
-    if q.len() != dim {
-        return Err(RetrievalError::Invalid(format!(
-            "vector: {} dimensions, but this tenant's vectors have {dim}",
-            q.len()
-        )));
-    }
     let Db { conn, vectors, .. } = db;
     let sources = allowed_sources(conn, workspace, s)?;
     if sources.is_empty() {
         return Ok(Vec::new());
+    }
+    // Each datasource's vectors have one dimension, fixed by its first; only the
+    // searched datasources' are compared with the query's (nothing of other workspaces
+    // is revealed or can get in the way).
+    let dims: Vec<usize> = conn
+        .prepare_cached(
+            "SELECT DISTINCT dim FROM datasources
+             WHERE dim IS NOT NULL AND id IN (SELECT value FROM json_each(?1)) ORDER BY dim",
+        )
+        .map_err(sql)?
+        .query_map(
+            params![serde_json::Value::from(sources.clone()).to_string()],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(sql)?
+        .map(|d| d.map(|d| d as usize))
+        .collect::<Result<_, _>>()
+        .map_err(sql)?;
+    if dims.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !dims.contains(&q.len()) {
+        return Err(RetrievalError::Invalid(format!(
+            "vector: {} dimensions, but the datasources searched hold vectors of {dims:?}",
+            q.len()
+        )));
     }
     let only: Option<HashSet<i64>> = if s.filter.is_empty() {
         None
@@ -862,9 +925,9 @@ fn vector_hits(
         )
     };
     if vectors.is_none() {
-        *vectors = Some(load_index(conn, dim)?);
+        *vectors = Some(load_index(conn)?);
     }
-    let Some(index) = vectors.as_ref() else {
+    let Some(index) = vectors.as_ref().and_then(|m| m.get(&q.len())) else {
         return Ok(Vec::new());
     };
     let wide = (depth * OVERSAMPLE).max(MIN_CANDIDATES);
@@ -888,18 +951,24 @@ fn vector_hits(
     }
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     scored.truncate(depth);
+    // Each result is read back under the same restriction it was chosen by, so a stale
+    // sketch could never hand out a row from elsewhere.
     let mut stmt = conn
         .prepare_cached(
             "SELECT s.name, d.ext_id, c.seq, c.text, d.metadata FROM chunks c
              JOIN documents d ON d.id = c.document
              JOIN datasources s ON s.id = d.datasource
-             WHERE c.id = ?1 AND s.workspace = ?2",
+             WHERE c.id = ?1 AND s.workspace = ?2
+               AND s.id IN (SELECT value FROM json_each(?3))",
         )
         .map_err(sql)?;
+    let allowed = serde_json::Value::from(sources.clone()).to_string();
     let mut hits = Vec::with_capacity(scored.len());
     for (score, chunk) in scored {
         if let Some(h) = stmt
-            .query_row(params![chunk, workspace], |r| hit_row(r, f64::from(score)))
+            .query_row(params![chunk, workspace, allowed], |r| {
+                hit_row(r, f64::from(score))
+            })
             .optional()
             .map_err(sql)?
         {
@@ -933,9 +1002,9 @@ fn fuse(text: Vec<Hit>, near: Vec<Hit>, top_k: usize) -> Vec<Hit> {
     fused
 }
 
-/// Every stored vector's sketch.
-fn load_index(c: &Connection, dim: usize) -> Result<VectorIndex, RetrievalError> {
-    let mut index = VectorIndex::new(dim);
+/// Every stored vector's sketch, by dimension.
+fn load_index(c: &Connection) -> Result<HashMap<usize, VectorIndex>, RetrievalError> {
+    let mut indexes: HashMap<usize, VectorIndex> = HashMap::new();
     let mut stmt = c
         .prepare("SELECT chunk, datasource, v FROM vectors")
         .map_err(sql)?;
@@ -949,14 +1018,18 @@ fn load_index(c: &Connection, dim: usize) -> Result<VectorIndex, RetrievalError>
             .as_blob()
             .map_err(|e| RetrievalError::Database(format!("vector of chunk {chunk}: {e}")))?;
         if let Some(v) = vectors::from_blob(blob) {
-            index.insert(chunk, source, &v);
+            indexes
+                .entry(v.len())
+                .or_insert_with(|| VectorIndex::new(v.len()))
+                .insert(chunk, source, &v);
         }
     }
-    Ok(index)
+    Ok(indexes)
 }
 
 /// Brings a database made by an earlier version up to this schema: chunks gained their
-/// datasource (so a search checks it without joining documents for every match).
+/// datasource (so a search checks it without joining documents for every match), and
+/// datasources their vectors' dimension.
 fn migrate(c: &Connection) -> Result<(), RetrievalError> {
     let current: bool = c
         .prepare("SELECT 1 FROM pragma_table_info('chunks') WHERE name = 'datasource'")
@@ -971,29 +1044,41 @@ fn migrate(c: &Connection) -> Result<(), RetrievalError> {
         )
         .map_err(sql)?;
     }
+    let dims: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('datasources') WHERE name = 'dim'")
+        .and_then(|mut s| s.exists([]))
+        .map_err(sql)?;
+    if !dims {
+        c.execute_batch(
+            "BEGIN;
+             ALTER TABLE datasources ADD COLUMN dim INTEGER;
+             UPDATE datasources SET dim = (SELECT length(v) / 4 FROM vectors WHERE vectors.datasource = datasources.id LIMIT 1);
+             COMMIT;",
+        )
+        .map_err(sql)?;
+    }
     Ok(())
 }
 
-/// The dimension recorded with the first stored vector.
-fn stored_dimension(c: &Connection) -> Result<Option<usize>, RetrievalError> {
-    let v: Option<String> = c
-        .query_row("SELECT value FROM meta WHERE key = 'dim'", [], |r| r.get(0))
-        .optional()
+/// Refuses vectors of another dimension than datasource `ds` already holds; records it
+/// with the first.
+fn check_dimension(c: &Connection, ds: i64, name: &str, dim: usize) -> Result<(), RetrievalError> {
+    let have: Option<i64> = c
+        .query_row(
+            "SELECT dim FROM datasources WHERE id = ?1",
+            params![ds],
+            |r| r.get(0),
+        )
         .map_err(sql)?;
-    Ok(v.and_then(|v| v.parse().ok()))
-}
-
-/// Refuses vectors of another dimension than the tenant's; records it if there is none.
-fn check_dimension(c: &Connection, dim: usize) -> Result<(), RetrievalError> {
-    match stored_dimension(c)? {
-        Some(have) if have != dim => Err(RetrievalError::Invalid(format!(
-            "vector: {dim} dimensions, but this tenant's vectors have {have}"
+    match have {
+        Some(have) if have as usize != dim => Err(RetrievalError::Invalid(format!(
+            "vector: {dim} dimensions, but datasource {name:?} holds vectors of {have}"
         ))),
         Some(_) => Ok(()),
         None => {
             c.execute(
-                "INSERT INTO meta (key, value) VALUES ('dim', ?1)",
-                params![dim.to_string()],
+                "UPDATE datasources SET dim = ?1 WHERE id = ?2",
+                params![dim as i64, ds],
             )
             .map_err(sql)?;
             Ok(())
@@ -1069,6 +1154,34 @@ mod tests {
         );
         r.forget_under(&dir);
         assert_eq!(r.open_count(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_database_in_use_is_never_closed_and_a_retired_key_never_opens_again() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-retire-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let r = Retrieval::new(1);
+        let (a, b) = (dir.join("a.db"), dir.join("b.db"));
+        let held = r.conn("a:1", &a).unwrap();
+        r.conn("b:1", &b).unwrap();
+        // `a` is in use, so opening `b` went over the cap rather than closing it: a
+        // second connection to a.db would make concurrent writers fail with BUSY.
+        assert_eq!(r.open_count(), 2);
+        assert!(Arc::ptr_eq(&held, &r.conn("a:1", &a).unwrap()));
+        drop(held);
+        r.conn("c:1", &dir.join("c.db")).unwrap();
+        assert!(r.open_count() <= 2);
+        // A deleted incarnation's key cannot open the file again, even by its old path,
+        // which a tenant made again under the same name now owns; the new key can.
+        r.retire("a:1", &dir);
+        assert!(matches!(
+            r.create_datasource("a:1", &a, "w", "d"),
+            Err(RetrievalError::NotFound(_))
+        ));
+        assert!(r.create_datasource("a:2", &a, "w", "d").unwrap());
+        r.unretire("a:1");
+        assert!(!r.create_datasource("a:1", &a, "w", "d").unwrap());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
