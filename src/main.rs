@@ -159,7 +159,8 @@ enum TokenOp {
         /// owner|admin|member|viewer
         #[arg(long, default_value = "member")]
         role: String,
-        /// Comma-separated tool allowlist (exec,files.read,files.write,config.read,config.write).
+        /// Comma-separated tool allowlist (exec, files.read, files.write, config.read, config.write,
+        /// llm, retrieval.read, retrieval.write, memory.read, memory.write).
         #[arg(long, value_delimiter = ',')]
         tools: Option<Vec<String>>,
         /// Comma-separated datasources of the workspace the token may use (default: all).
