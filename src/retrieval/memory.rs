@@ -9,7 +9,7 @@ use std::path::Path;
 use rusqlite::{OptionalExtension, params};
 
 use super::RetrievalError;
-use super::store::{Retrieval, lock, sql};
+use super::store::{Retrieval, lock, not_found_or_blocked, sql};
 
 /// Largest stored value, in bytes of JSON.
 pub const MAX_VALUE: usize = 64 * 1024;
@@ -248,15 +248,12 @@ fn run_elsewhere(
     run_id: &str,
     message: String,
 ) -> RetrievalError {
-    let other = c
-        .prepare_cached("SELECT 1 FROM run_state WHERE workspace <> ?1 AND run_id = ?2 LIMIT 1")
-        .and_then(|mut s| s.exists(params![workspace, run_id]))
-        .unwrap_or(false);
-    if other {
-        RetrievalError::Blocked(message)
-    } else {
-        RetrievalError::NotFound(message)
-    }
+    not_found_or_blocked(
+        c,
+        "SELECT 1 FROM run_state WHERE workspace <> ?1 AND run_id = ?2",
+        params![workspace, run_id],
+        message,
+    )
 }
 
 /// `NotFound`, or `Blocked` when `key` is held by another workspace or another actor of
@@ -267,16 +264,10 @@ fn memory_elsewhere(
     owner: &Owner,
     key: &str,
 ) -> RetrievalError {
-    let message = format!("no memory {key:?}");
-    let other = c
-        .prepare_cached(
-            "SELECT 1 FROM memory WHERE key = ?3 AND NOT (workspace = ?1 AND owner = ?2) LIMIT 1",
-        )
-        .and_then(|mut s| s.exists(params![workspace, owner.column(), key]))
-        .unwrap_or(false);
-    if other {
-        RetrievalError::Blocked(message)
-    } else {
-        RetrievalError::NotFound(message)
-    }
+    not_found_or_blocked(
+        c,
+        "SELECT 1 FROM memory WHERE key = ?3 AND NOT (workspace = ?1 AND owner = ?2)",
+        params![workspace, owner.column(), key],
+        format!("no memory {key:?}"),
+    )
 }

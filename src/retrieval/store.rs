@@ -790,7 +790,6 @@ fn text_hits(
              ORDER BY t.r"
         );
         let ids = serde_json::Value::from(allowed).to_string();
-        let mut stmt = c.prepare_cached(&sql_text).map_err(sql)?;
         let mut args: Vec<rusqlite::types::Value> = vec![
             expr.into(),
             workspace.to_string().into(),
@@ -799,15 +798,7 @@ fn text_hits(
         if restricted {
             args.push(ids.into());
         }
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                let rank: f64 = r.get(5)?;
-                hit_row(r, -rank)
-            })
-            .map_err(sql)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(sql)?;
-        return Ok(rows);
+        return bm25_rows(c, &sql_text, &args);
     }
     let mut sql_text = String::from(
         "SELECT s.name, d.ext_id, c.seq, c.text, d.metadata, bm25(chunks_fts)
@@ -821,16 +812,24 @@ fn text_hits(
     restrict(&mut sql_text, &mut args, workspace, s, true);
     args.push((depth as i64).into());
     sql_text.push_str(&format!(" ORDER BY bm25(chunks_fts) LIMIT ?{}", args.len()));
-    let mut stmt = c.prepare_cached(&sql_text).map_err(sql)?;
-    let rows = stmt
+    bm25_rows(c, &sql_text, &args)
+}
+
+/// Runs a full-text statement whose sixth column is the BM25 rank (lower is better).
+fn bm25_rows(
+    c: &Connection,
+    sql_text: &str,
+    args: &[rusqlite::types::Value],
+) -> Result<Vec<Hit>, RetrievalError> {
+    c.prepare_cached(sql_text)
+        .map_err(sql)?
         .query_map(rusqlite::params_from_iter(args.iter()), |r| {
             let rank: f64 = r.get(5)?;
             hit_row(r, -rank)
         })
         .map_err(sql)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(sql)?;
-    Ok(rows)
+        .map_err(sql)
 }
 
 /// Sign-sketch candidates per result wanted, reranked by byte vectors; set against
@@ -1099,10 +1098,26 @@ fn chunk_ids(c: &Connection, doc: i64) -> Result<Vec<i64>, RetrievalError> {
 /// Why datasource `name` is not in `workspace`: absent from the tenant (`NotFound`) or
 /// in another of its workspaces (`Blocked`); the client is told the same either way.
 fn datasource_elsewhere(c: &Connection, workspace: &str, name: &str) -> RetrievalError {
-    let message = format!("no datasource {name:?}");
+    not_found_or_blocked(
+        c,
+        "SELECT 1 FROM datasources WHERE workspace <> ?1 AND name = ?2",
+        params![workspace, name],
+        format!("no datasource {name:?}"),
+    )
+}
+
+/// `Blocked` with `message` when `elsewhere` (a query for the name outside the caller's
+/// boundary) finds a row, else `NotFound`: what the caller counts differs, what the
+/// client is told does not.
+pub(super) fn not_found_or_blocked(
+    c: &Connection,
+    elsewhere: &str,
+    args: impl rusqlite::Params,
+    message: String,
+) -> RetrievalError {
     let other = c
-        .prepare_cached("SELECT 1 FROM datasources WHERE workspace <> ?1 AND name = ?2")
-        .and_then(|mut s| s.exists(params![workspace, name]))
+        .prepare_cached(elsewhere)
+        .and_then(|mut s| s.exists(args))
         .unwrap_or(false);
     if other {
         RetrievalError::Blocked(message)
@@ -1114,20 +1129,13 @@ fn datasource_elsewhere(c: &Connection, workspace: &str, name: &str) -> Retrieva
 /// Why a document was not found in `workspace`: it exists in no other workspace of the
 /// tenant (`NotFound`) or it does (`Blocked`); the client is told the same either way.
 fn elsewhere(c: &Connection, workspace: &str, datasource: &str, id: &str) -> RetrievalError {
-    let message = format!("no document {id:?} in datasource {datasource:?}");
-    let other: Option<i64> = c
-        .query_row(
-            "SELECT 1 FROM documents d JOIN datasources s ON s.id = d.datasource
-             WHERE s.workspace <> ?1 AND s.name = ?2 AND d.ext_id = ?3 LIMIT 1",
-            params![workspace, datasource, id],
-            |r| r.get(0),
-        )
-        .optional()
-        .unwrap_or(None);
-    match other {
-        Some(_) => RetrievalError::Blocked(message),
-        None => RetrievalError::NotFound(message),
-    }
+    not_found_or_blocked(
+        c,
+        "SELECT 1 FROM documents d JOIN datasources s ON s.id = d.datasource
+         WHERE s.workspace <> ?1 AND s.name = ?2 AND d.ext_id = ?3",
+        params![workspace, datasource, id],
+        format!("no document {id:?} in datasource {datasource:?}"),
+    )
 }
 
 #[cfg(test)]
