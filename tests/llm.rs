@@ -93,6 +93,11 @@ impl Fake {
 
 /// A daemon (as uid 65534) routing to a fresh fake upstream whose key file holds `key`.
 fn with_fake(tag: &str, key: &str) -> (Daemon, Fake) {
+    with_fake_and(tag, key, "")
+}
+
+/// Like [`with_fake`], with `extra` appended to the daemon's config.
+fn with_fake_and(tag: &str, key: &str, extra: &str) -> (Daemon, Fake) {
     let state = temp_state(tag);
     let dir = state.with_extension("fake");
     std::fs::create_dir_all(&dir).unwrap();
@@ -101,7 +106,8 @@ fn with_fake(tag: &str, key: &str) -> (Daemon, Fake) {
     std::fs::write(&key_file, key).unwrap();
     std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
     std::os::unix::fs::chown(&key_file, Some(65534), Some(65534)).unwrap();
-    let d = Daemon::start_with(As::Nobody, state, Some(&config(fake.port, &key_file)));
+    let config = config(fake.port, &key_file) + extra;
+    let d = Daemon::start_with(As::Nobody, state, Some(&config));
     (d, fake)
 }
 
@@ -962,4 +968,237 @@ output = 1.0
         let _ = std::fs::remove_dir_all(&bad_state);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `x-bulkhead-cost-usd` header of a reply, in micro-USD.
+fn cost_micro(r: &bulkhead::client::Reply) -> u64 {
+    let usd: f64 = r
+        .headers
+        .get("x-bulkhead-cost-usd")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no x-bulkhead-cost-usd in {:?}", r.headers));
+    (usd * 1e6).round() as u64
+}
+
+#[tokio::test]
+async fn a_providers_embeddings_model_feeds_retrieval_charged_to_the_tenant_it_embeds_for() {
+    let extra = r#"
+[models."embed"]
+provider = "fake"
+upstream = "bow-embed"
+
+[rate_card."embed"]
+input = 1000.0
+output = 0.0
+
+[retrieval]
+embeddings_model = "embed"
+"#;
+    let (d, fake) = with_fake_and("llmembed", "k", extra);
+    let a = d.create("acme").await;
+    let b = d.create("beta").await;
+    let embeddings = |fake: &Fake| {
+        fake.requests()
+            .into_iter()
+            .filter(|r| r["path"] == "/v1/embeddings")
+            .count()
+    };
+    let put = |token: &str, docs: serde_json::Value| {
+        let c = d.tenant(token);
+        async move {
+            c.json(
+                Method::POST,
+                "/v1/documents",
+                &serde_json::json!({ "documents": docs }),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let mut trace_ids = Vec::new();
+    let mut charged = [0u64; 2];
+    for (i, (t, churn)) in [
+        (
+            &a,
+            "the customer Northstar may cancel its renewal next quarter",
+        ),
+        (
+            &b,
+            "the customer Polaris may cancel its renewal next quarter",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = d
+            .tenant(t)
+            .json(
+                Method::POST,
+                "/v1/datasources",
+                &serde_json::json!({"name": "notes"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{:?}", r.json());
+        let r = put(
+            t,
+            serde_json::json!([
+                {"datasource": "notes", "id": "churn", "text": churn},
+                {"datasource": "notes", "id": "lunch", "text": "pasta and salad for the team lunch"},
+            ]),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        charged[i] += cost_micro(&r);
+        trace_ids.push(r.headers["x-trace-id"].to_str().unwrap().to_string());
+    }
+    assert_eq!(embeddings(&fake), 2, "one upstream call per batch");
+    assert!(charged.iter().all(|c| *c > 0), "{charged:?}");
+
+    // Vector search over provider vectors finds each tenant's own churn note first,
+    // and only its own documents.
+    for (t, want) in [(&a, "Northstar"), (&b, "Polaris")] {
+        let r = d
+            .tenant(t)
+            .json(
+                Method::POST,
+                "/v1/search",
+                &serde_json::json!({"query": "will a customer cancel the renewal?", "mode": "vector"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        let v = r.json();
+        assert_eq!(v["mode"], "vector");
+        let results = v["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2, "{v}");
+        assert_eq!(results[0]["id"], "churn", "{v}");
+        assert!(results[0]["text"].as_str().unwrap().contains(want), "{v}");
+        let other = if want == "Northstar" {
+            "Polaris"
+        } else {
+            "Northstar"
+        };
+        assert!(!v.to_string().contains(other), "{v}");
+        charged[usize::from(want == "Polaris")] += cost_micro(&r);
+        trace_ids.push(r.headers["x-trace-id"].to_str().unwrap().to_string());
+    }
+    assert_eq!(embeddings(&fake), 4, "one call per query");
+
+    // Each tenant paid for its own calls, and exactly what its replies said.
+    for (i, t) in [&a, &b].into_iter().enumerate() {
+        let u = d
+            .tenant(t)
+            .request(Method::GET, "/v1/usage", vec![])
+            .await
+            .unwrap()
+            .json();
+        assert_eq!(
+            u["usage"]["spend_micro_today"].as_u64(),
+            Some(charged[i]),
+            "{u}"
+        );
+    }
+    // Nothing of either tenant went upstream: not the names, tokens or trace ids.
+    let traffic = std::fs::read_to_string(&fake.log).unwrap();
+    for secret in [a.as_str(), b.as_str(), "acme", "beta"]
+        .into_iter()
+        .chain(trace_ids.iter().map(String::as_str))
+    {
+        assert!(!traffic.contains(secret), "{secret:?} went upstream");
+    }
+
+    // Text already embedded for the tenant is not embedded (or paid for) again.
+    let r = put(
+        &a,
+        serde_json::json!([{"datasource": "notes", "id": "lunch", "text": "pasta and salad for the team lunch"}]),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(cost_micro(&r), 0);
+    assert_eq!(embeddings(&fake), 4);
+    // A text acme embedded first is embedded again, and paid for, on beta's first
+    // write of it: beta never reads acme's cache.
+    let offsite = serde_json::json!([{"datasource": "notes", "id": "offsite", "text": "agenda for the planning offsite"}]);
+    for (i, t) in [&a, &b].into_iter().enumerate() {
+        let r = put(t, offsite.clone()).await;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        assert!(cost_micro(&r) > 0);
+        charged[i] += cost_micro(&r);
+        assert_eq!(embeddings(&fake), 5 + i);
+    }
+
+    // Out of budget: the write is refused before anything is sent or stored.
+    let r = d
+        .admin()
+        .json(
+            Method::PUT,
+            "/admin/tenants/acme/limits",
+            &serde_json::json!({"daily_budget_usd": charged[0] as f64 / 1e6}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = put(
+        &a,
+        serde_json::json!([{"datasource": "notes", "id": "new", "text": "a brand new note"}]),
+    )
+    .await;
+    assert_eq!(r.status, 402, "{:?}", r.json());
+    assert_eq!(r.json()["error"]["reason_code"], "tenant_budget_exceeded");
+    assert_eq!(embeddings(&fake), 6);
+    let r = d
+        .tenant(&a)
+        .request(Method::GET, "/v1/datasources/notes/documents/new", vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    // A datasource that does not exist is refused before embedding is paid for.
+    let r = put(
+        &b,
+        serde_json::json!([{"datasource": "nope", "id": "x", "text": "some text"}]),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{:?}", r.json());
+    assert_eq!(embeddings(&fake), 6);
+
+    // A tenant whose model allowlist leaves the embeddings model out gets no vectors:
+    // its searches are full-text and say why; nothing is sent for it.
+    let r = d
+        .admin()
+        .json(
+            Method::PUT,
+            "/admin/tenants/beta/limits",
+            &serde_json::json!({"allowed_models": ["fast"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = d
+        .tenant(&b)
+        .json(
+            Method::POST,
+            "/v1/search",
+            &serde_json::json!({"query": "cancel renewal"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let v = r.json();
+    assert_eq!(v["mode"], "text", "{v}");
+    assert!(v["note"].as_str().unwrap().contains("not allowed"), "{v}");
+    assert_eq!(embeddings(&fake), 6);
+
+    // The trace names the tool each request used, under its trace id.
+    let log = d.log_text();
+    for id in &trace_ids {
+        let line = log
+            .lines()
+            .find(|l| {
+                l.contains(id.as_str()) && l.contains("bulkhead::trace") && l.contains("tool")
+            })
+            .unwrap_or_else(|| panic!("no tool trace for {id}"));
+        assert!(line.contains("retrieval."), "{line}");
+    }
 }

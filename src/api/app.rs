@@ -33,8 +33,8 @@ pub struct App {
     pub audit: AuditLog,
     /// Per-tenant retrieval databases (a bounded pool of open ones).
     pub retrieval: crate::retrieval::Retrieval,
-    /// The in-process embedder, when `retrieval.embedder` names a model.
-    pub embedder: Option<Arc<crate::retrieval::embed::Embedder>>,
+    /// Where documents and queries without vectors get them, if anywhere.
+    pub embeddings: Option<super::retrieval::Embeddings>,
     /// Search results, keyed from the caller's boundary.
     pub search_cache: crate::cache::Cache<Arc<Vec<crate::retrieval::Hit>>>,
     /// LLM answers of tenants that opted in, keyed from the caller's boundary.

@@ -85,6 +85,9 @@ pub enum ApiError {
     /// Every upstream for the model failed.
     #[error("{0}")]
     UpstreamUnavailable(String),
+    /// The provider answered, but with an error or an answer that cannot be used.
+    #[error("{0}")]
+    UpstreamRefused(String),
     /// The tenant's work/ cannot be measured, so it counts as over its `disk_bytes` limit.
     #[error(
         "{0}; with disk_bytes set, writes and runs are refused until it can (delete files, or the admin lifts the limit)"
@@ -129,6 +132,7 @@ impl ApiError {
                 (StatusCode::PAYMENT_REQUIRED, "actor_budget_exceeded")
             }
             ApiError::UpstreamUnavailable(_) => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+            ApiError::UpstreamRefused(_) => (StatusCode::BAD_GATEWAY, "upstream_refused"),
             ApiError::QuotaExceeded(_) | ApiError::Unmeasurable(_) => {
                 (StatusCode::FORBIDDEN, "quota_exceeded")
             }

@@ -271,18 +271,24 @@ fn checked_model(
             .ok_or_else(|| ApiError::BadRequest("`model` is required".into()))?,
         Some(_) => return Err(ApiError::BadRequest("`model` must be a string".into())),
     };
-    if !app.llm.has(&model) {
-        return Err(ApiError::ModelNotFound(model));
+    allowed_model(app, b, &model)?;
+    Ok(model)
+}
+
+/// `model` is configured, and in the tenant's model allowlist if it has one.
+pub(super) fn allowed_model(app: &App, b: &Boundary, model: &str) -> Result<(), ApiError> {
+    if !app.llm.has(model) {
+        return Err(ApiError::ModelNotFound(model.to_string()));
     }
     if app
         .limits(b.tenant())
         .allowed_models
         .as_ref()
-        .is_some_and(|a| !a.contains(&model))
+        .is_some_and(|a| !a.iter().any(|m| m == model))
     {
-        return Err(ApiError::ModelNotAllowed(model));
+        return Err(ApiError::ModelNotAllowed(model.to_string()));
     }
-    Ok(model)
+    Ok(())
 }
 
 /// One upstream call, as the handlers prepared it.
@@ -511,18 +517,19 @@ async fn relay(
     }
 }
 
-/// Reserves the call's worst case, makes it, settles to its usage, audits it and
-/// answers with the provider's body (or its event stream) and the cost.
-async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>, ApiError> {
+/// A call's admission: its worst-case cost held against the budgets and its worst-case
+/// tokens taken from the `tpm` bucket, until it settles.
+struct Reservation {
+    reserve: u64,
+    worst_tokens: u64,
+    t0: std::time::Instant,
+}
+
+/// Counts the call against `rpm` and `tpm` and reserves its worst-case cost against
+/// every budget, so concurrent calls cannot overshoot a cap.
+fn reserve(app: &App, b: &Boundary, c: &Call) -> Result<Reservation, ApiError> {
     let t0 = std::time::Instant::now();
     let limits = app.limits(b.tenant());
-    let settings = app.settings(b.tenant());
-    // Only where the tenant opted in, and only whole answers: a stream is relayed as
-    // it comes.
-    let cache = match settings.llm_cache_ttl_s {
-        Some(ttl) if !c.stream => Some((llm_cache_key(b, &c, &settings), ttl)),
-        _ => None,
-    };
     let rate = app
         .llm
         .worst_rate(&c.model)
@@ -570,6 +577,63 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
                 ApiError::BudgetExceeded(why)
             }
         })?;
+    Ok(Reservation {
+        reserve,
+        worst_tokens,
+        t0,
+    })
+}
+
+/// Settles a whole (not streamed) answer to what the provider reported and audits it;
+/// returns what was charged, in micro-USD.
+async fn settle_answer(
+    app: &App,
+    b: &Boundary,
+    c: &Call,
+    r: &Reservation,
+    answer: &Result<crate::llm::upstream::Answer, crate::llm::upstream::LlmError>,
+) -> Result<u64, ApiError> {
+    let (spent, tokens) = match answer {
+        Ok(a) => match (a.usage, app.llm.rate(&a.model)) {
+            (Some(u), Some(rate)) => (cost_micro(u, rate), (u.input, u.output)),
+            // A success without usage cannot be priced exactly: it is charged its
+            // reservation, never less than it might have cost.
+            (None, _) if (200..300).contains(&a.status) => (r.reserve, (0, 0)),
+            _ => (0, (0, 0)),
+        },
+        Err(_) => (0, (0, 0)),
+    };
+    let (outcome, reason) = match answer {
+        Ok(a) if (200..300).contains(&a.status) => ("ok", None),
+        Ok(_) => ("error", Some("upstream_refused")),
+        Err(e) => ("error", Some(ApiError::from_llm_ref(e).status_and_code().1)),
+    };
+    let settled = Settled {
+        model: answer
+            .as_ref()
+            .map_or_else(|_| c.model.clone(), |a| a.model.clone()),
+        tokens,
+        spent,
+        attempts: answer.as_ref().map_or(0, |a| a.attempts),
+        outcome,
+        reason,
+        worst_tokens: r.worst_tokens,
+    };
+    settle(app, b, &c.model, r.reserve, r.t0, settled).await?;
+    Ok(spent)
+}
+
+/// Reserves the call's worst case, makes it, settles to its usage, audits it and
+/// answers with the provider's body (or its event stream) and the cost.
+async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>, ApiError> {
+    let settings = app.settings(b.tenant());
+    // Only where the tenant opted in, and only whole answers: a stream is relayed as
+    // it comes.
+    let cache = match settings.llm_cache_ttl_s {
+        Some(ttl) if !c.stream => Some((llm_cache_key(b, &c, &settings), ttl)),
+        _ => None,
+    };
+    let r = reserve(app, b, &c)?;
     if let Some((key, _)) = &cache
         && let Some(hit) = app.llm_cache.get(key)
     {
@@ -580,9 +644,9 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
             attempts: 0,
             outcome: "ok",
             reason: Some("cache_hit"),
-            worst_tokens,
+            worst_tokens: r.worst_tokens,
         };
-        settle(app, b, &c.model, reserve, t0, settled).await?;
+        settle(app, b, &c.model, r.reserve, r.t0, settled).await?;
         let status = StatusCode::from_u16(hit.status).unwrap_or(StatusCode::OK);
         let mut resp = response(status, "application/json", hit.body.to_vec(), b.trace_id());
         let headers = resp.headers_mut();
@@ -608,9 +672,9 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
                     app: app.clone(),
                     b: b.clone(),
                     asked: c.model.clone(),
-                    reserve,
-                    t0,
-                    worst_tokens,
+                    reserve: r.reserve,
+                    t0: r.t0,
+                    worst_tokens: r.worst_tokens,
                 };
                 tokio::spawn(relay(pending, s, tx));
                 let mut resp = Response::new(http_body_util::Either::Right(body));
@@ -634,33 +698,7 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
     } else {
         app.llm.post(c.path, &c.model, &c.upstream_body).await
     };
-    let (spent, tokens) = match &answer {
-        Ok(a) => match (a.usage, app.llm.rate(&a.model)) {
-            (Some(u), Some(r)) => (cost_micro(u, r), (u.input, u.output)),
-            // A success without usage cannot be priced exactly: it is charged its
-            // reservation, never less than it might have cost.
-            (None, _) if (200..300).contains(&a.status) => (reserve, (0, 0)),
-            _ => (0, (0, 0)),
-        },
-        Err(_) => (0, (0, 0)),
-    };
-    let (outcome, reason) = match &answer {
-        Ok(a) if (200..300).contains(&a.status) => ("ok", None),
-        Ok(_) => ("error", Some("upstream_refused")),
-        Err(e) => ("error", Some(ApiError::from_llm_ref(e).status_and_code().1)),
-    };
-    let settled = Settled {
-        model: answer
-            .as_ref()
-            .map_or_else(|_| c.model.clone(), |a| a.model.clone()),
-        tokens,
-        spent,
-        attempts: answer.as_ref().map_or(0, |a| a.attempts),
-        outcome,
-        reason,
-        worst_tokens,
-    };
-    settle(app, b, &c.model, reserve, t0, settled).await?;
+    let spent = settle_answer(app, b, &c, &r, &answer).await?;
     let a = answer.map_err(ApiError::from)?;
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
     if let Some((key, ttl)) = cache
@@ -688,6 +726,86 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
         );
     }
     Ok(resp)
+}
+
+/// Embeds `inputs` with the embeddings model the admin configured for retrieval
+/// (`retrieval.embeddings_model`), charged to the caller's tenant like any call of
+/// `/v1/embeddings`: the model must be in the tenant's allowlist, the call is reserved
+/// against its budgets and audited. Returns one vector per input, as the provider gave
+/// it, and what the call cost (micro-USD).
+pub(super) async fn embed_for_retrieval(
+    app: &Arc<App>,
+    b: &Boundary,
+    model: &str,
+    inputs: &[&str],
+) -> Result<(Vec<Vec<f32>>, u64), ApiError> {
+    allowed_model(app, b, model)?;
+    let c = Call {
+        path: "embeddings",
+        model: model.to_string(),
+        upstream_body: serde_json::json!({"model": model, "input": inputs}),
+        max_tokens: 0,
+        body_len: 0,
+        stream: false,
+    };
+    let r = reserve(app, b, &c)?;
+    let answer = app.llm.post(c.path, &c.model, &c.upstream_body).await;
+    let spent = settle_answer(app, b, &c, &r, &answer).await?;
+    let a = answer.map_err(ApiError::from)?;
+    if !(200..300).contains(&a.status) {
+        return Err(ApiError::UpstreamRefused(format!(
+            "embeddings model {model:?} answered HTTP {}",
+            a.status
+        )));
+    }
+    let vectors = parse_embeddings(&a.body, inputs.len())
+        .map_err(|why| ApiError::UpstreamRefused(format!("embeddings model {model:?}: {why}")))?;
+    Ok((vectors, spent))
+}
+
+/// An OpenAI embeddings answer.
+#[derive(serde::Deserialize)]
+struct EmbeddingsAnswer {
+    data: Vec<EmbeddingItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct EmbeddingItem {
+    index: usize,
+    embedding: Vec<f64>,
+}
+
+/// The `n` vectors of an embeddings answer, in input order: every index once, every
+/// vector finite, of one length within the vector limit.
+fn parse_embeddings(body: &[u8], n: usize) -> Result<Vec<Vec<f32>>, String> {
+    let answer: EmbeddingsAnswer =
+        serde_json::from_slice(body).map_err(|e| format!("not an embeddings answer: {e}"))?;
+    if answer.data.len() != n {
+        return Err(format!("{} vectors for {n} inputs", answer.data.len()));
+    }
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; n];
+    for item in answer.data {
+        let dim = item.embedding.len();
+        if dim == 0 || dim > crate::retrieval::vectors::MAX_DIM {
+            return Err(format!(
+                "a vector of {dim} numbers (1..={} expected)",
+                crate::retrieval::vectors::MAX_DIM
+            ));
+        }
+        let v: Vec<f32> = item.embedding.iter().map(|x| *x as f32).collect();
+        if v.iter().any(|x| !x.is_finite()) {
+            return Err("a vector with a number out of range".into());
+        }
+        match out.get_mut(item.index) {
+            Some(slot @ None) => *slot = Some(v),
+            _ => return Err(format!("index {} out of range or repeated", item.index)),
+        }
+    }
+    let out: Vec<Vec<f32>> = out.into_iter().flatten().collect();
+    if out.windows(2).any(|w| w[0].len() != w[1].len()) {
+        return Err("vectors of different lengths".into());
+    }
+    Ok(out)
 }
 
 /// A whole LLM answer kept for a tenant that opted in.
@@ -718,6 +836,45 @@ fn llm_cache_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embeddings_answers_are_checked_and_put_in_input_order() {
+        let ok = br#"{"data":[{"index":1,"embedding":[0,1]},{"index":0,"embedding":[1,0]}]}"#;
+        assert_eq!(
+            parse_embeddings(ok, 2).unwrap(),
+            vec![vec![1.0, 0.0], vec![0.0, 1.0]]
+        );
+        for (bad, why) in [
+            (
+                &br#"{"data":[{"index":0,"embedding":[1,0]}]}"#[..],
+                "1 vectors for 2 inputs",
+            ),
+            (
+                br#"{"data":[{"index":0,"embedding":[1]},{"index":0,"embedding":[1]}]}"#,
+                "repeated",
+            ),
+            (
+                br#"{"data":[{"index":0,"embedding":[1]},{"index":5,"embedding":[1]}]}"#,
+                "out of range",
+            ),
+            (
+                br#"{"data":[{"index":0,"embedding":[1]},{"index":1,"embedding":[1,2]}]}"#,
+                "different lengths",
+            ),
+            (
+                br#"{"data":[{"index":0,"embedding":[]},{"index":1,"embedding":[1]}]}"#,
+                "0 numbers",
+            ),
+            (
+                br#"{"data":[{"index":0,"embedding":[1e300]},{"index":1,"embedding":[1]}]}"#,
+                "out of range",
+            ),
+            (br#"{"error":{"message":"no"}}"#, "not an embeddings answer"),
+        ] {
+            let err = parse_embeddings(bad, 2).unwrap_err();
+            assert!(err.contains(why), "{}: {err}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn stream_lines_are_rewritten_and_usage_noted() {

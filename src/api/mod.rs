@@ -522,13 +522,25 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         // happens (and stops the daemon) here rather than on the first request.
         let (retrieval_pool, cache_entries) =
             (config.retrieval.pool, config.retrieval.cache_entries);
-        let embedder = match &config.retrieval.embedder {
-            Some(dir) => {
+        let embeddings = match (&config.retrieval.embedder, &config.retrieval.embeddings_model) {
+            (Some(dir), _) => {
                 let e = crate::retrieval::embed::Embedder::load(dir).map_err(start_err)?;
                 tracing::info!(model = e.id(), dim = e.dim(), "embedder loaded");
-                Some(Arc::new(e))
+                Some(retrieval::Embeddings::Local(Arc::new(e)))
             }
-            None => None,
+            (None, Some(model)) => {
+                let id = config
+                    .models
+                    .get(model)
+                    .map(|m| format!("llm:{model}={}/{}", m.provider, m.upstream))
+                    .unwrap_or_default();
+                tracing::info!(%model, "retrieval embeds through the provider model");
+                Some(retrieval::Embeddings::Provider {
+                    model: model.clone(),
+                    id,
+                })
+            }
+            (None, None) => None,
         };
         let scheduler = crate::policy::schedule::Scheduler::new(
             config.exec.effective_slots(),
@@ -544,7 +556,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             registry,
             audit,
             retrieval: crate::retrieval::Retrieval::new(retrieval_pool),
-            embedder,
+            embeddings,
             search_cache: crate::cache::Cache::new(cache_entries),
             llm_cache: crate::cache::Cache::new(cache_entries),
             spawner,

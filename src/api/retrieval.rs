@@ -101,40 +101,123 @@ fn parse_vector(what: &str, v: &serde_json::Value) -> Result<Vec<f32>, ApiError>
     Ok(retrieval::vectors::normalized(&out)?)
 }
 
-/// Unit vectors for `texts` from the in-process embedder, through the tenant's own
-/// embedding cache (keyed by model and content digest, in its database).
-fn embed_cached(
-    app: &App,
-    key: &str,
-    db: &std::path::Path,
-    embedder: &retrieval::embed::Embedder,
-    texts: &[&str],
-) -> Result<Vec<Vec<f32>>, ApiError> {
+/// Where texts get their vectors when the caller supplies none: one source per daemon,
+/// so every vector of an index comes from one model.
+pub enum Embeddings {
+    /// The in-process model (`retrieval.embedder`).
+    Local(Arc<retrieval::embed::Embedder>),
+    /// A configured model reached through LLM routing (`retrieval.embeddings_model`),
+    /// charged to the tenant whose text it embeds.
+    Provider {
+        /// The public model name.
+        model: String,
+        /// Its identity in embedding caches: the public name, provider and upstream
+        /// model, so a remapped name never reuses another model's vectors.
+        id: String,
+    },
+}
+
+impl Embeddings {
+    fn id(&self) -> &str {
+        match self {
+            Embeddings::Local(e) => e.id(),
+            Embeddings::Provider { id, .. } => id,
+        }
+    }
+}
+
+/// The caller's embeddings source: none where a provider's model is configured but
+/// outside the tenant's model allowlist, which then embeds nothing, as if none were
+/// configured.
+fn embeddings_for<'a>(app: &'a App, b: &Boundary) -> Option<&'a Embeddings> {
+    match app.embeddings.as_ref()? {
+        Embeddings::Provider { model, .. } if super::llm::allowed_model(app, b, model).is_err() => {
+            None
+        }
+        source => Some(source),
+    }
+}
+
+/// Unit vectors for `texts`, through the tenant's own embedding cache (keyed by model and
+/// content digest, in its database), with what a provider charged for the ones not
+/// cached (micro-USD; 0 for the in-process model).
+async fn embed_texts(
+    app: &Arc<App>,
+    b: &Boundary,
+    source: &Embeddings,
+    texts: Vec<String>,
+) -> Result<(Vec<Vec<f32>>, u64), ApiError> {
+    let (key, db) = database(app, b);
+    let id = source.id().to_string();
     let digests: Vec<[u8; 32]> = texts
         .iter()
         .map(|t| crate::cache::digest(t.as_bytes()))
         .collect();
-    let mut found = app
-        .retrieval
-        .cached_embeddings(key, db, embedder.id(), &digests)?;
+    let mut found = {
+        let (app2, key2, db2, id2, d2) = (
+            app.clone(),
+            key.clone(),
+            db.clone(),
+            id.clone(),
+            digests.clone(),
+        );
+        blocking(move || Ok(app2.retrieval.cached_embeddings(&key2, &db2, &id2, &d2)?)).await?
+    };
     let missing: Vec<usize> = (0..texts.len()).filter(|i| found[*i].is_none()).collect();
-    if !missing.is_empty() {
-        let inputs: Vec<&str> = missing.iter().map(|i| texts[*i]).collect();
-        let fresh = embedder
-            .embed(&inputs)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let entries: Vec<([u8; 32], &[f32])> = missing
-            .iter()
-            .zip(&fresh)
-            .map(|(i, v)| (digests[*i], v.as_slice()))
-            .collect();
-        app.retrieval
-            .cache_embeddings(key, db, embedder.id(), &entries)?;
-        for (i, v) in missing.into_iter().zip(fresh) {
-            found[i] = Some(v);
-        }
+    if missing.is_empty() {
+        return Ok((found.into_iter().flatten().collect(), 0));
     }
-    Ok(found.into_iter().flatten().collect())
+    let inputs: Vec<String> = missing.iter().map(|i| texts[*i].clone()).collect();
+    let (fresh, spent) = match source {
+        Embeddings::Local(e) => {
+            let e = e.clone();
+            let fresh = blocking(move || {
+                let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                e.embed(&refs)
+                    .map_err(|e| ApiError::Internal(e.to_string()))
+            })
+            .await?;
+            (fresh, 0)
+        }
+        Embeddings::Provider { model, .. } => {
+            let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+            let (raw, spent) = super::llm::embed_for_retrieval(app, b, model, &refs).await?;
+            let unit = raw
+                .iter()
+                .map(|v| retrieval::vectors::normalized(v))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    ApiError::UpstreamRefused(format!("embeddings model {model:?}: {e}"))
+                })?;
+            (unit, spent)
+        }
+    };
+    let entries: Vec<([u8; 32], Vec<f32>)> = missing
+        .iter()
+        .zip(&fresh)
+        .map(|(i, v)| (digests[*i], v.clone()))
+        .collect();
+    let app2 = app.clone();
+    blocking(move || {
+        let refs: Vec<([u8; 32], &[f32])> =
+            entries.iter().map(|(d, v)| (*d, v.as_slice())).collect();
+        Ok(app2.retrieval.cache_embeddings(&key, &db, &id, &refs)?)
+    })
+    .await?;
+    for (i, v) in missing.into_iter().zip(fresh) {
+        found[i] = Some(v);
+    }
+    Ok((found.into_iter().flatten().collect(), spent))
+}
+
+/// Adds `x-bulkhead-cost-usd` when a provider embedded for the request.
+fn with_cost(mut resp: Response<ApiBody>, app: &App, spent: u64) -> Response<ApiBody> {
+    if matches!(app.embeddings, Some(Embeddings::Provider { .. }))
+        && let Ok(v) = hyper::header::HeaderValue::from_str(&crate::llm::cost::usd(spent))
+    {
+        resp.headers_mut().insert("x-bulkhead-cost-usd", v);
+    }
+    resp
 }
 
 impl From<RetrievalError> for ApiError {
@@ -352,31 +435,43 @@ async fn put_documents(
         .map(|d| (d.datasource.clone(), d.id.clone()))
         .collect();
     let (key, db) = database(app, b);
-    let (app2, ws) = (app.clone(), b.workspace().to_string());
-    let embedder = app.embedder.clone();
-    if embedder.is_some() {
-        let to_embed: usize = new
+    let mut spent = 0;
+    if let Some(source) = embeddings_for(app, b) {
+        let texts: Vec<String> = new
             .iter()
             .filter(|d| d.vectors.is_empty())
-            .map(|d| retrieval::store::chunks(&d.text).len())
-            .sum();
-        if to_embed > MAX_EMBED_CHUNKS {
+            .flat_map(|d| retrieval::store::chunks(&d.text))
+            .map(str::to_string)
+            .collect();
+        if texts.len() > MAX_EMBED_CHUNKS {
             return Err(ApiError::TooLarge(format!(
-                "{to_embed} chunks to embed; at most {MAX_EMBED_CHUNKS} per request (send smaller batches)"
+                "{} chunks to embed; at most {MAX_EMBED_CHUNKS} per request (send smaller batches)",
+                texts.len()
             )));
         }
-    }
-    let b2 = b.clone();
-    let counts = blocking(move || {
-        let mut new = new;
-        if let Some(e) = &embedder {
+        if !texts.is_empty() {
+            // Embedding may be charged: the datasources must exist first.
+            let (app2, key2, db2, ws) = (
+                app.clone(),
+                key.clone(),
+                db.clone(),
+                b.workspace().to_string(),
+            );
+            let names: Vec<String> = summary.iter().map(|(ds, _)| ds.clone()).collect();
+            blocking(move || Ok(app2.retrieval.check_datasources(&key2, &db2, &ws, &names)))
+                .await?
+                .map_err(|e| counted(app, b, e))?;
+            let (vectors, cost) = embed_texts(app, b, source, texts).await?;
+            spent = cost;
+            let mut vectors = vectors.into_iter();
             for d in new.iter_mut().filter(|d| d.vectors.is_empty()) {
-                let parts = retrieval::store::chunks(&d.text);
-                if !parts.is_empty() {
-                    d.vectors = embed_cached(&app2, &key, &db, e, &parts)?;
-                }
+                let n = retrieval::store::chunks(&d.text).len();
+                d.vectors = vectors.by_ref().take(n).collect();
             }
         }
+    }
+    let (app2, ws, b2) = (app.clone(), b.workspace().to_string(), b.clone());
+    let counts = blocking(move || {
         app2.retrieval
             .put_documents(&key, &db, &ws, &new)
             .map_err(|e| counted(&app2, &b2, e))
@@ -401,11 +496,12 @@ async fn put_documents(
         .zip(counts)
         .map(|((ds, id), chunks)| serde_json::json!({"datasource": ds, "id": id, "chunks": chunks}))
         .collect();
-    Ok(json_response(
+    let resp = json_response(
         StatusCode::OK,
         &serde_json::json!({"documents": out}),
         b.trace_id(),
-    ))
+    );
+    Ok(with_cost(resp, app, spent))
 }
 
 async fn get_document(
@@ -467,10 +563,10 @@ fn resolve_mode(
     requested: Option<&str>,
     query: bool,
     vector: bool,
-    embedder: bool,
+    embeddings: bool,
 ) -> Result<Mode, ApiError> {
-    let vectors = vector || (query && embedder);
-    let no_source = "no query vector was given and no embedder is configured (retrieval.embedder)";
+    let vectors = vector || (query && embeddings);
+    let no_source = "no query vector was given and no embedder is configured (retrieval.embedder or retrieval.embeddings_model)";
     match requested {
         Some("text") if query => Ok(Mode::Text),
         Some("text") => Err(ApiError::BadRequest("mode text needs a query".into())),
@@ -508,7 +604,7 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
         req.mode.as_deref(),
         !query.trim().is_empty(),
         vector.is_some(),
-        app.embedder.is_some(),
+        embeddings_for(app, b).is_some(),
     )?;
     let top_k = req.top_k.unwrap_or(10);
     if !(1..=retrieval::MAX_TOP_K).contains(&top_k) {
@@ -581,19 +677,20 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
         blocking(move || Ok(app2.retrieval.version(&key2, &db2)?)).await?
     };
     let cache_key = |v: retrieval::IndexVersion| search_cache_key(b, &s, v);
+    let mut spent = 0;
     let (hits, cached) = match app.search_cache.get(&cache_key(version)) {
         Some(hits) => (hits, true),
         None => {
+            let mut s2 = s.clone();
+            if let (Some(source), None, true) =
+                (embeddings_for(app, b), &s2.vector, s2.mode != Mode::Text)
+            {
+                let (v, cost) = embed_texts(app, b, source, vec![s2.query.clone()]).await?;
+                s2.vector = v.into_iter().next();
+                spent = cost;
+            }
             let (app2, ws) = (app.clone(), b.workspace().to_string());
-            let embedder = app.embedder.clone();
-            let s2 = s.clone();
             let (hits, seen, query_vector) = blocking(move || {
-                let mut s2 = s2;
-                if let (Some(e), None, true) = (&embedder, &s2.vector, s2.mode != Mode::Text) {
-                    s2.vector = embed_cached(&app2, &key, &db, e, &[s2.query.as_str()])?
-                        .into_iter()
-                        .next();
-                }
                 let (hits, seen) = app2.retrieval.search(&key, &db, &ws, &s2)?;
                 Ok((hits, seen, s2.vector))
             })
@@ -623,16 +720,21 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
         "search"
     );
     let mut body = serde_json::json!({"mode": s.mode, "results": &*hits});
-    if s.mode == Mode::Text && app.embedder.is_none() {
-        body["note"] =
-            "full-text only: no query vector was given and no embedder is configured".into();
+    if s.mode == Mode::Text && embeddings_for(app, b).is_none() {
+        body["note"] = match &app.embeddings {
+            Some(Embeddings::Provider { model, .. }) => format!(
+                "full-text only: no query vector was given and the embeddings model {model:?} is not allowed for this tenant"
+            ),
+            _ => "full-text only: no query vector was given and no embedder is configured".into(),
+        }
+        .into();
     }
     let mut resp = json_response(StatusCode::OK, &body, b.trace_id());
     resp.headers_mut().insert(
         "x-bulkhead-cache",
         hyper::header::HeaderValue::from_static(if cached { "hit" } else { "miss" }),
     );
-    Ok(resp)
+    Ok(with_cost(resp, app, spent))
 }
 
 /// The search cache's key: the caller's boundary, the index version, and everything of

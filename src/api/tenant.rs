@@ -67,6 +67,19 @@ pub async fn route(
             .await?;
         return Err(e);
     }
+    let action = action_of(&method, &path);
+    // The trace names the tool a request used, never its arguments or data.
+    if let Some(a) = action {
+        tracing::info!(
+            target: "bulkhead::trace",
+            trace_id = boundary.trace_id(),
+            tenant = %boundary.tenant(),
+            namespace = %format!("{}/{}", boundary.tenant(), boundary.workspace()),
+            actor = %boundary.actor(),
+            tool = a.tool(),
+            "tool"
+        );
+    }
     let limits = app.limits(boundary.tenant());
     if let Some(rate) = limits.requests_per_s {
         for key in [
@@ -78,7 +91,7 @@ pub async fn route(
                 .map_err(ApiError::RateLimited)?;
         }
     }
-    let step = action_of(&method, &path).is_some();
+    let step = action.is_some();
     app.meters
         .count(boundary.tenant().as_str(), step, limits.steps_per_day)
         .map_err(ApiError::RateLimited)?;
@@ -114,7 +127,7 @@ pub async fn route(
         return Err(e);
     }
     let mutating = matches!(
-        action_of(&method, &path),
+        action,
         Some(crate::policy::Action::Exec | crate::policy::Action::FilesWrite)
     );
     match key.filter(|_| mutating) {

