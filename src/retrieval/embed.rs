@@ -65,6 +65,24 @@ mod imp {
         serde_json::from_str(&text).map_err(|e| load_err(path, e))
     }
 
+    /// The weights, with every linear layer's matrix stored transposed (column-major)
+    /// under its usual shape. A linear layer multiplies by the matrix's transpose, which
+    /// is then a plain row-major matrix: the matrix multiply reads it in order instead of
+    /// gathering it by stride, which took most of the time of a short input (measured
+    /// here: 17×384 by 384×1536 in 306 µs instead of 408, by 1536×384 in 282 µs instead
+    /// of 860).
+    fn transposed_linears(
+        weights: &[u8],
+    ) -> candle_core::Result<std::collections::HashMap<String, Tensor>> {
+        let mut tensors = candle_core::safetensors::load_buffer(weights, &Device::Cpu)?;
+        for (name, t) in tensors.iter_mut() {
+            if t.rank() == 2 && name.ends_with(".weight") && !name.contains("embeddings") {
+                *t = t.to_dtype(DType::F32)?.t()?.contiguous()?.t()?;
+            }
+        }
+        Ok(tensors)
+    }
+
     impl Embedder {
         /// Loads the model in `dir`. Its identity (for caches) is the SHA-256 of its
         /// weights, so a replaced model never reuses another's cached vectors.
@@ -116,8 +134,11 @@ mod imp {
                     .map(|b| format!("{b:02x}"))
                     .collect::<String>()
             );
-            let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu)
-                .map_err(|e| load_err(&weights_path, e))?;
+            let vb = VarBuilder::from_tensors(
+                transposed_linears(&weights).map_err(|e| load_err(&weights_path, e))?,
+                DType::F32,
+                &Device::Cpu,
+            );
             let model = BertModel::load(vb, &config).map_err(|e| load_err(&weights_path, e))?;
             let tokenizer_path = dir.join("tokenizer.json");
             let mut tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
