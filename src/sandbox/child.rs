@@ -1140,6 +1140,166 @@ pub(crate) struct HolderArgs {
 /// the caller takes while the holder waits) and builds the cell's root, drops every
 /// capability, installs its own filter (which allows nothing but waiting for signals and
 /// exiting) and waits to be killed. It holds the namespaces; it never runs anything.
+/// Mappings an idle holder gives up (see [`callers_pages`]).
+const MAX_DROPPED: usize = 64;
+
+/// The mappings of the holder's memory that only its creator uses, so that an idle cell
+/// costs little: clone copied the page tables of the caller's heap, data, relocated
+/// tables and file pages, and all of them count in the holder's RSS. Once its filter is
+/// in place the holder runs nothing but [`idle`] (raw syscalls on its own stack, no
+/// libc, no GOT, no TLS), so after [`idle_memory`] has dropped them it touches none of
+/// this again. Kept: the mapping holding the current stack, the one holding this
+/// thread's TLS, the caller's main stack (it holds the command line that `ps` and
+/// `/proc/<pid>/cmdline` show) and the kernel's own (`[vdso]`, `[vvar]`, ...). Best
+/// effort: a map that cannot be read leaves memory as it is.
+fn callers_pages(out: &mut [(usize, usize); MAX_DROPPED]) -> usize {
+    let here = 0u8;
+    let sp = &here as *const u8 as usize;
+    // SAFETY: our own thread's errno slot; only its address is used.
+    let tls = unsafe { libc::__errno_location() } as usize;
+    // SAFETY: opens a path given as a C string literal; the result is checked.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return 0;
+    }
+    let (mut buf, mut have, mut n) = ([0u8; 4096], 0usize, 0usize);
+    loop {
+        // SAFETY: reads into the unused tail of a local buffer from a descriptor we hold.
+        let got = unsafe { libc::read(fd, buf[have..].as_mut_ptr().cast(), buf.len() - have) };
+        if got <= 0 {
+            break;
+        }
+        have += got as usize;
+        let mut start = 0;
+        while let Some(len) = buf[start..have].iter().position(|&b| b == b'\n') {
+            if let Some((lo, hi)) = droppable(&buf[start..start + len])
+                && !(lo..hi).contains(&sp)
+                && !(lo..hi).contains(&tls)
+                && n < MAX_DROPPED
+            {
+                out[n] = (lo, hi);
+                n += 1;
+            }
+            start += len + 1;
+        }
+        if start == 0 && have == buf.len() {
+            // A line longer than the buffer: forget it.
+            have = 0;
+            continue;
+        }
+        buf.copy_within(start..have, 0);
+        have -= start;
+    }
+    // SAFETY: closes the descriptor opened above.
+    unsafe {
+        libc::close(fd);
+    }
+    n
+}
+
+/// The range of a `/proc/self/maps` line that [`callers_pages`] may give up: any private
+/// mapping but the main stack and the kernel's special ones.
+fn droppable(line: &[u8]) -> Option<(usize, usize)> {
+    let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let (_offset, _dev, _inode) = (fields.next()?, fields.next()?, fields.next()?);
+    let path = fields.next().unwrap_or(b"");
+    let dash = range.iter().position(|&b| b == b'-')?;
+    let (lo, hi) = (hex(&range[..dash])?, hex(&range[dash + 1..])?);
+    let private = perms.get(3) == Some(&b'p');
+    let special = path.first() == Some(&b'[') && path != b"[heap]";
+    (private && !special && lo < hi).then_some((lo, hi))
+}
+
+fn hex(digits: &[u8]) -> Option<usize> {
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    digits.iter().try_fold(0usize, |acc, &d| {
+        let v = (d as char).to_digit(16)?;
+        Some(acc << 4 | v as usize)
+    })
+}
+
+/// Gives up the mappings [`callers_pages`] listed and waits for SIGKILL, the holder's
+/// whole idle life, without touching any of them: raw syscalls only (the filter allows
+/// `madvise` and `rt_sigsuspend`), with every signal blocked. A dropped page of a
+/// private file mapping would read back as the file's unrelocated bytes and one of
+/// anonymous memory as zeros, so nothing here may call into libc or read a static.
+fn idle(dropped: &[(usize, usize)], all: &libc::sigset_t) -> ! {
+    for &(lo, hi) in dropped {
+        // SAFETY: MADV_DONTNEED on a whole mapping of this process that nothing after
+        // this point reads (see above); a failure leaves it as it was.
+        unsafe {
+            raw_syscall3(libc::SYS_madvise, lo, hi - lo, libc::MADV_DONTNEED as usize);
+        }
+    }
+    loop {
+        // SAFETY: waits with the signal mask at `all`, a live set on our own stack; only
+        // SIGKILL (and SIGSTOP) can end or pause it.
+        unsafe {
+            raw_syscall3(
+                libc::SYS_rt_sigsuspend,
+                all as *const libc::sigset_t as usize,
+                8,
+                0,
+            );
+        }
+    }
+}
+
+/// A system call without libc (see [`idle`]).
+///
+/// # Safety
+/// The caller upholds the call's own contract.
+#[cfg(target_arch = "x86_64")]
+unsafe fn raw_syscall3(nr: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+    let ret: isize;
+    // SAFETY: the x86-64 syscall convention: number and result in rax, arguments in
+    // rdi, rsi, rdx; the kernel clobbers rcx and r11.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr as isize => ret,
+            in("rdi") a,
+            in("rsi") b,
+            in("rdx") c,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret
+}
+
+/// A system call without libc (see [`idle`]).
+///
+/// # Safety
+/// The caller upholds the call's own contract.
+#[cfg(target_arch = "aarch64")]
+unsafe fn raw_syscall3(nr: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+    let ret: isize;
+    // SAFETY: the aarch64 syscall convention: number in x8, arguments in x0..x2, result
+    // in x0.
+    unsafe {
+        std::arch::asm!(
+            "svc 0",
+            in("x8") nr,
+            inlateout("x0") a as isize => ret,
+            in("x1") b,
+            in("x2") c,
+            options(nostack),
+        );
+    }
+    ret
+}
+
 pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` is our own copy of the HolderArgs the caller passed to clone.
     let args = unsafe { &*(arg as *const HolderArgs) };
@@ -1311,6 +1471,8 @@ pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
             len: args.seccomp.len() as u16,
             filter: args.seccomp.as_ptr().cast(),
         };
+        let mut dropped = [(0usize, 0usize); MAX_DROPPED];
+        let n = callers_pages(&mut dropped);
         check!(
             libc::syscall(
                 libc::SYS_seccomp,
@@ -1325,12 +1487,40 @@ pub(crate) extern "C" fn holder_main(arg: *mut c_void) -> c_int {
         libc::close(args.report_fd);
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
-        loop {
-            libc::syscall(
-                libc::SYS_rt_sigsuspend,
-                &all as *const libc::sigset_t,
-                8usize,
-            );
+        idle(&dropped[..n], &all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::droppable;
+
+    #[test]
+    fn an_idle_holder_keeps_the_main_stack_and_the_kernels_mappings() {
+        let line = |l: &str| droppable(l.as_bytes());
+        assert_eq!(
+            line("559f14a6c000-559f14d6d000 r--p 00000000 fe:00 10011087   /usr/bin/bulkhead"),
+            Some((0x559f_14a6_c000, 0x559f_14d6_d000))
+        );
+        assert!(
+            line("559f14d6d000-559f1581c000 r-xp 00300000 fe:00 10011087 /usr/bin/bulkhead")
+                .is_some()
+        );
+        assert!(
+            line("559f1581c000-559f15888000 r--p 00dae000 fe:00 10011087 /usr/bin/bulkhead")
+                .is_some()
+        );
+        assert!(line("55f07cfe2000-55f07d024000 rw-p 00000000 00:00 0    [heap]").is_some());
+        assert!(line("7fb6ca34a000-7fb6ca38a000 rw-p 00000000 00:00 0 ").is_some());
+        for kept in [
+            "7ffcbcba5000-7ffcbcbc6000 rw-p 00000000 00:00 0   [stack]",
+            "7ffcbcbf0000-7ffcbcbf4000 r--p 00000000 00:00 0   [vvar]",
+            "7ffcbcbf4000-7ffcbcbf6000 r-xp 00000000 00:00 0   [vdso]",
+            "7f0000000000-7f0000001000 rw-s 00000000 00:01 5   /memfd:x (deleted)",
+            "garbage",
+            "7f00-7e00 rw-p 00000000 00:00 0",
+        ] {
+            assert_eq!(line(kept), None, "{kept}");
         }
     }
 }
