@@ -13,7 +13,8 @@
 //!
 //! The holder (`child::holder_main`) is pid 1 of a pid namespace of its own, mapped like
 //! a sandbox (sandbox uid 1000 = the tenant's host uid), has no capabilities, and runs
-//! under its own filter that allows nothing but waiting and exiting. It dies with the
+//! under its own filter that allows nothing but waiting, dropping its copy of the
+//! spawner's memory (`madvise(MADV_DONTNEED)`) and exiting. It dies with the
 //! thread that created it. Dropping a [`Cell`] kills and reaps it; the namespaces then
 //! go away with the last run in them.
 

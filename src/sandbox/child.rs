@@ -1138,8 +1138,9 @@ pub(crate) struct HolderArgs {
 /// A cell's holder: cloned into a new user, network and pid namespace, it waits for its
 /// id maps, brings up `lo`, becomes the sandbox user, makes the cell's host view (which
 /// the caller takes while the holder waits) and builds the cell's root, drops every
-/// capability, installs its own filter (which allows nothing but waiting for signals and
-/// exiting) and waits to be killed. It holds the namespaces; it never runs anything.
+/// capability, installs its own filter (which allows nothing but waiting for signals,
+/// dropping pages and exiting), gives up its copy of its creator's memory and waits to
+/// be killed. It holds the namespaces; it never runs anything.
 /// Mappings an idle holder gives up (see [`callers_pages`]).
 const MAX_DROPPED: usize = 64;
 

@@ -39,7 +39,8 @@ pub fn native_program() -> &'static [libc::sock_filter] {
     &generated::NATIVE_PROGRAM
 }
 
-/// The cell holder's filter (`seccomp/holder-<arch>.json`): waiting and exiting only.
+/// The cell holder's filter (`seccomp/holder-<arch>.json`): waiting, dropping pages and
+/// exiting only.
 pub fn holder_program() -> &'static [libc::sock_filter] {
     &generated::HOLDER_PROGRAM
 }
