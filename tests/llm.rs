@@ -1129,6 +1129,35 @@ embeddings_model = "embed"
         assert_eq!(embeddings(&fake), 5 + i);
     }
 
+    // Another workspace of acme (another actor) does not reuse acme's cached vector: it
+    // pays for its own, so a cost of 0 never tells it what the other workspace stored.
+    let r = d
+        .admin()
+        .json(
+            Method::POST,
+            "/admin/tenants/acme/tokens",
+            &serde_json::json!({"role": "member", "workspace": "ws2"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let ws2 = r.json()["token"].as_str().unwrap().to_string();
+    let r = d
+        .tenant(&ws2)
+        .json(
+            Method::POST,
+            "/v1/datasources",
+            &serde_json::json!({"name": "notes"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.json());
+    let r = put(&ws2, offsite.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert!(cost_micro(&r) > 0, "a cache hit across workspaces");
+    charged[0] += cost_micro(&r);
+    assert_eq!(embeddings(&fake), 7);
+
     // Out of budget: the write is refused before anything is sent or stored.
     let r = d
         .admin()
@@ -1147,7 +1176,7 @@ embeddings_model = "embed"
     .await;
     assert_eq!(r.status, 402, "{:?}", r.json());
     assert_eq!(r.json()["error"]["reason_code"], "tenant_budget_exceeded");
-    assert_eq!(embeddings(&fake), 6);
+    assert_eq!(embeddings(&fake), 7);
     let r = d
         .tenant(&a)
         .request(Method::GET, "/v1/datasources/notes/documents/new", vec![])
@@ -1161,7 +1190,7 @@ embeddings_model = "embed"
     )
     .await;
     assert_eq!(r.status, 404, "{:?}", r.json());
-    assert_eq!(embeddings(&fake), 6);
+    assert_eq!(embeddings(&fake), 7);
 
     // A tenant whose model allowlist leaves the embeddings model out gets no vectors:
     // its searches are full-text and say why; nothing is sent for it.
@@ -1188,7 +1217,18 @@ embeddings_model = "embed"
     let v = r.json();
     assert_eq!(v["mode"], "text", "{v}");
     assert!(v["note"].as_str().unwrap().contains("not allowed"), "{v}");
-    assert_eq!(embeddings(&fake), 6);
+    let r = d
+        .tenant(&b)
+        .json(
+            Method::POST,
+            "/v1/search",
+            &serde_json::json!({"query": "cancel renewal", "mode": "vector"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 403, "{:?}", r.json());
+    assert_eq!(r.json()["error"]["reason_code"], "model_not_allowed");
+    assert_eq!(embeddings(&fake), 7);
 
     // The trace names the tool each request used, under its trace id.
     let log = d.log_text();

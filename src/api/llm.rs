@@ -536,7 +536,8 @@ fn reserve(app: &App, b: &Boundary, c: &Call) -> Result<Reservation, ApiError> {
         .ok_or_else(|| ApiError::ModelNotFound(c.model.clone()))?;
     let request_bytes = serde_json::to_vec(&c.upstream_body)
         .map(|v| v.len() as u64)
-        .unwrap_or(c.body_len as u64);
+        .unwrap_or(c.body_len as u64)
+        .saturating_add(app.llm.name_growth(&c.model));
     let reserve = worst_case_micro(request_bytes, c.max_tokens, rate);
     let tenant = b.tenant().as_str();
     if let Some(rpm) = limits.rpm {
@@ -584,14 +585,17 @@ fn reserve(app: &App, b: &Boundary, c: &Call) -> Result<Reservation, ApiError> {
     })
 }
 
-/// Settles a whole (not streamed) answer to what the provider reported and audits it;
-/// returns what was charged, in micro-USD.
+/// Settles a whole (not streamed) answer to what the provider reported and audits it
+/// (`usable` false: a success the caller could not use, audited as `upstream_refused`
+/// and still charged, since the provider did the work); returns what was charged, in
+/// micro-USD.
 async fn settle_answer(
     app: &App,
     b: &Boundary,
     c: &Call,
     r: &Reservation,
     answer: &Result<crate::llm::upstream::Answer, crate::llm::upstream::LlmError>,
+    usable: bool,
 ) -> Result<u64, ApiError> {
     let (spent, tokens) = match answer {
         Ok(a) => match (a.usage, app.llm.rate(&a.model)) {
@@ -603,7 +607,16 @@ async fn settle_answer(
         },
         Err(_) => (0, (0, 0)),
     };
+    // Embeddings have no output: every input byte was reserved as a token, and no text
+    // has more tokens than bytes, so a larger report is the provider's error and the
+    // cap holds.
+    let spent = if c.path == "embeddings" {
+        spent.min(r.reserve)
+    } else {
+        spent
+    };
     let (outcome, reason) = match answer {
+        Ok(a) if (200..300).contains(&a.status) && !usable => ("error", Some("upstream_refused")),
         Ok(a) if (200..300).contains(&a.status) => ("ok", None),
         Ok(_) => ("error", Some("upstream_refused")),
         Err(e) => ("error", Some(ApiError::from_llm_ref(e).status_and_code().1)),
@@ -698,7 +711,7 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
     } else {
         app.llm.post(c.path, &c.model, &c.upstream_body).await
     };
-    let spent = settle_answer(app, b, &c, &r, &answer).await?;
+    let spent = settle_answer(app, b, &c, &r, &answer, true).await?;
     let a = answer.map_err(ApiError::from)?;
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
     if let Some((key, ttl)) = cache
@@ -740,6 +753,17 @@ pub(super) async fn embed_for_retrieval(
     inputs: &[&str],
 ) -> Result<(Vec<Vec<f32>>, u64), ApiError> {
     allowed_model(app, b, model)?;
+    tracing::info!(
+        target: "bulkhead::trace",
+        trace_id = b.trace_id(),
+        tenant = %b.tenant(),
+        namespace = %format!("{}/{}", b.tenant(), b.workspace()),
+        actor = %b.actor(),
+        tool = "llm",
+        model,
+        texts = inputs.len(),
+        "embeddings for retrieval"
+    );
     let c = Call {
         path: "embeddings",
         model: model.to_string(),
@@ -750,17 +774,23 @@ pub(super) async fn embed_for_retrieval(
     };
     let r = reserve(app, b, &c)?;
     let answer = app.llm.post(c.path, &c.model, &c.upstream_body).await;
-    let spent = settle_answer(app, b, &c, &r, &answer).await?;
+    let parsed = match &answer {
+        Ok(a) if (200..300).contains(&a.status) => Some(parse_embeddings(&a.body, inputs.len())),
+        _ => None,
+    };
+    let usable = !matches!(parsed, Some(Err(_)));
+    let spent = settle_answer(app, b, &c, &r, &answer, usable).await?;
     let a = answer.map_err(ApiError::from)?;
-    if !(200..300).contains(&a.status) {
-        return Err(ApiError::UpstreamRefused(format!(
+    match parsed {
+        Some(Ok(vectors)) => Ok((vectors, spent)),
+        Some(Err(why)) => Err(ApiError::UpstreamRefused(format!(
+            "embeddings model {model:?}: {why}"
+        ))),
+        None => Err(ApiError::UpstreamRefused(format!(
             "embeddings model {model:?} answered HTTP {}",
             a.status
-        )));
+        ))),
     }
-    let vectors = parse_embeddings(&a.body, inputs.len())
-        .map_err(|why| ApiError::UpstreamRefused(format!("embeddings model {model:?}: {why}")))?;
-    Ok((vectors, spent))
 }
 
 /// An OpenAI embeddings answer.

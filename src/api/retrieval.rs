@@ -138,76 +138,110 @@ fn embeddings_for<'a>(app: &'a App, b: &Boundary) -> Option<&'a Embeddings> {
     }
 }
 
-/// Unit vectors for `texts`, through the tenant's own embedding cache (keyed by model and
-/// content digest, in its database), with what a provider charged for the ones not
-/// cached (micro-USD; 0 for the in-process model).
+/// Texts sent to a provider's embeddings model in one call: answers stay well under the
+/// router's read limit even for 3,072-number vectors.
+const PROVIDER_BATCH: usize = 128;
+
+/// Vectors for a request's texts, and what is left to do once they have been used.
+struct Embedded {
+    /// Unit vectors, in the order of the texts.
+    vectors: Vec<Vec<f32>>,
+    /// What a provider charged (micro-USD; 0 for the in-process model or all cached).
+    spent: u64,
+    /// Vectors made for this request, to be cached once the request has used them, so
+    /// a vector that failed its request is never served from the cache.
+    fresh: Vec<([u8; 32], Vec<f32>)>,
+}
+
+/// Unit vectors for `texts`, through the tenant's own embedding cache (in its database,
+/// keyed by model and a [`crate::cache::CacheKey`] of the caller's whole boundary and the
+/// text, so another workspace, actor or token never learns from it whether a text was
+/// embedded before).
 async fn embed_texts(
     app: &Arc<App>,
     b: &Boundary,
     source: &Embeddings,
     texts: Vec<String>,
-) -> Result<(Vec<Vec<f32>>, u64), ApiError> {
+) -> Result<Embedded, ApiError> {
     let (key, db) = database(app, b);
     let id = source.id().to_string();
     let digests: Vec<[u8; 32]> = texts
         .iter()
-        .map(|t| crate::cache::digest(t.as_bytes()))
+        .map(|t| {
+            crate::cache::CacheKey::new(b, crate::cache::Kind::Embedding, &[t.as_bytes()]).bytes()
+        })
         .collect();
     let mut found = {
-        let (app2, key2, db2, id2, d2) = (
-            app.clone(),
-            key.clone(),
-            db.clone(),
-            id.clone(),
-            digests.clone(),
-        );
-        blocking(move || Ok(app2.retrieval.cached_embeddings(&key2, &db2, &id2, &d2)?)).await?
+        let (app2, d2) = (app.clone(), digests.clone());
+        blocking(move || Ok(app2.retrieval.cached_embeddings(&key, &db, &id, &d2)?)).await?
     };
     let missing: Vec<usize> = (0..texts.len()).filter(|i| found[*i].is_none()).collect();
     if missing.is_empty() {
-        return Ok((found.into_iter().flatten().collect(), 0));
+        return Ok(Embedded {
+            vectors: found.into_iter().flatten().collect(),
+            spent: 0,
+            fresh: Vec::new(),
+        });
     }
     let inputs: Vec<String> = missing.iter().map(|i| texts[*i].clone()).collect();
-    let (fresh, spent) = match source {
+    let (made, spent) = match source {
         Embeddings::Local(e) => {
             let e = e.clone();
-            let fresh = blocking(move || {
+            let made = blocking(move || {
                 let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
                 e.embed(&refs)
                     .map_err(|e| ApiError::Internal(e.to_string()))
             })
             .await?;
-            (fresh, 0)
+            (made, 0)
         }
         Embeddings::Provider { model, .. } => {
-            let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-            let (raw, spent) = super::llm::embed_for_retrieval(app, b, model, &refs).await?;
-            let unit = raw
-                .iter()
-                .map(|v| retrieval::vectors::normalized(v))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| {
-                    ApiError::UpstreamRefused(format!("embeddings model {model:?}: {e}"))
-                })?;
-            (unit, spent)
+            let (mut made, mut spent) = (Vec::with_capacity(inputs.len()), 0);
+            for batch in inputs.chunks(PROVIDER_BATCH) {
+                let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+                let (raw, cost) = super::llm::embed_for_retrieval(app, b, model, &refs).await?;
+                spent += cost;
+                for v in raw {
+                    made.push(retrieval::vectors::normalized(&v).map_err(|e| {
+                        ApiError::UpstreamRefused(format!("embeddings model {model:?}: {e}"))
+                    })?);
+                }
+            }
+            (made, spent)
         }
     };
-    let entries: Vec<([u8; 32], Vec<f32>)> = missing
+    let fresh: Vec<([u8; 32], Vec<f32>)> = missing
         .iter()
-        .zip(&fresh)
+        .zip(&made)
         .map(|(i, v)| (digests[*i], v.clone()))
         .collect();
-    let app2 = app.clone();
-    blocking(move || {
-        let refs: Vec<([u8; 32], &[f32])> =
-            entries.iter().map(|(d, v)| (*d, v.as_slice())).collect();
-        Ok(app2.retrieval.cache_embeddings(&key, &db, &id, &refs)?)
-    })
-    .await?;
-    for (i, v) in missing.into_iter().zip(fresh) {
+    for (i, v) in missing.into_iter().zip(made) {
         found[i] = Some(v);
     }
-    Ok((found.into_iter().flatten().collect(), spent))
+    Ok(Embedded {
+        vectors: found.into_iter().flatten().collect(),
+        spent,
+        fresh,
+    })
+}
+
+/// Caches the vectors a request made, now that it has used them.
+async fn remember(
+    app: &Arc<App>,
+    b: &Boundary,
+    source: &Embeddings,
+    fresh: Vec<([u8; 32], Vec<f32>)>,
+) -> Result<(), ApiError> {
+    if fresh.is_empty() {
+        return Ok(());
+    }
+    let (key, db) = database(app, b);
+    let (app2, id) = (app.clone(), source.id().to_string());
+    blocking(move || {
+        let refs: Vec<([u8; 32], &[f32])> = fresh.iter().map(|(d, v)| (*d, v.as_slice())).collect();
+        Ok(app2.retrieval.cache_embeddings(&key, &db, &id, &refs)?)
+    })
+    .await
 }
 
 /// Adds `x-bulkhead-cost-usd` when a provider embedded for the request.
@@ -436,6 +470,7 @@ async fn put_documents(
         .collect();
     let (key, db) = database(app, b);
     let mut spent = 0;
+    let mut made = None;
     if let Some(source) = embeddings_for(app, b) {
         let texts: Vec<String> = new
             .iter()
@@ -461,9 +496,10 @@ async fn put_documents(
             blocking(move || Ok(app2.retrieval.check_datasources(&key2, &db2, &ws, &names)))
                 .await?
                 .map_err(|e| counted(app, b, e))?;
-            let (vectors, cost) = embed_texts(app, b, source, texts).await?;
-            spent = cost;
-            let mut vectors = vectors.into_iter();
+            let e = embed_texts(app, b, source, texts).await?;
+            spent = e.spent;
+            made = Some((source, e.fresh));
+            let mut vectors = e.vectors.into_iter();
             for d in new.iter_mut().filter(|d| d.vectors.is_empty()) {
                 let n = retrieval::store::chunks(&d.text).len();
                 d.vectors = vectors.by_ref().take(n).collect();
@@ -477,6 +513,9 @@ async fn put_documents(
             .map_err(|e| counted(&app2, &b2, e))
     })
     .await?;
+    if let Some((source, fresh)) = made {
+        remember(app, b, source, fresh).await?;
+    }
     let mut sources: Vec<&str> = summary.iter().map(|(ds, _)| ds.as_str()).collect();
     sources.sort_unstable();
     sources.dedup();
@@ -600,9 +639,16 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
         Some(v) => Some(parse_vector("vector", v)?),
         None => None,
     };
+    let has_query = !query.trim().is_empty();
+    // Vectors asked for from a provider's model this tenant may not use: say so.
+    if let (Some(Embeddings::Provider { model, .. }), None, Some("vector" | "hybrid"), true) =
+        (&app.embeddings, &vector, req.mode.as_deref(), has_query)
+    {
+        super::llm::allowed_model(app, b, model)?;
+    }
     let mode = resolve_mode(
         req.mode.as_deref(),
-        !query.trim().is_empty(),
+        has_query,
         vector.is_some(),
         embeddings_for(app, b).is_some(),
     )?;
@@ -682,12 +728,14 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
         Some(hits) => (hits, true),
         None => {
             let mut s2 = s.clone();
+            let mut made = None;
             if let (Some(source), None, true) =
                 (embeddings_for(app, b), &s2.vector, s2.mode != Mode::Text)
             {
-                let (v, cost) = embed_texts(app, b, source, vec![s2.query.clone()]).await?;
-                s2.vector = v.into_iter().next();
-                spent = cost;
+                let e = embed_texts(app, b, source, vec![s2.query.clone()]).await?;
+                s2.vector = e.vectors.into_iter().next();
+                spent = e.spent;
+                made = Some((source, e.fresh));
             }
             let (app2, ws) = (app.clone(), b.workspace().to_string());
             let (hits, seen, query_vector) = blocking(move || {
@@ -695,6 +743,9 @@ async fn search(app: &Arc<App>, b: &Boundary, body: &Bytes) -> Result<Response<A
                 Ok((hits, seen, s2.vector))
             })
             .await?;
+            if let Some((source, fresh)) = made {
+                remember(app, b, source, fresh).await?;
+            }
             let hits = Arc::new(hits);
             // Keyed by the version the search saw, so a write in between is never
             // hidden behind an entry of the version before it.

@@ -24,6 +24,8 @@ pub enum Kind {
     Search,
     /// An LLM response.
     Llm,
+    /// A text's embedding (kept in the tenant's own database).
+    Embedding,
 }
 
 /// A cache key: SHA-256 over the boundary, the kind and the entry's parts.
@@ -46,11 +48,17 @@ impl CacheKey {
         field(match kind {
             Kind::Search => b"search",
             Kind::Llm => b"llm",
+            Kind::Embedding => b"embedding",
         });
         for p in parts {
             field(p);
         }
         CacheKey(h.finalize().into())
+    }
+
+    /// The key's bytes, where it is stored rather than held in memory.
+    pub fn bytes(&self) -> [u8; 32] {
+        self.0
     }
 }
 

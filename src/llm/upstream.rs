@@ -179,6 +179,18 @@ impl Router {
         }))
     }
 
+    /// How many bytes longer a request body gets upstream, where the longest upstream
+    /// model name of `model`'s chain replaces the public one: the reservation covers
+    /// the body as sent.
+    pub fn name_growth(&self, model: &str) -> u64 {
+        self.chain(model)
+            .iter()
+            .filter_map(|m| self.config.models.get(m))
+            .map(|m| m.upstream.len().saturating_sub(model.len()) as u64)
+            .max()
+            .unwrap_or(0)
+    }
+
     fn chain(&self, model: &str) -> Vec<String> {
         let mut chain = vec![model.to_string()];
         if let Some(m) = self.config.models.get(model) {
