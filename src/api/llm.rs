@@ -744,8 +744,8 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
 /// Embeds `inputs` with the embeddings model the admin configured for retrieval
 /// (`retrieval.embeddings_model`), charged to the caller's tenant like any call of
 /// `/v1/embeddings`: the model must be in the tenant's allowlist, the call is reserved
-/// against its budgets and audited. Returns one vector per input, as the provider gave
-/// it, and what the call cost (micro-USD).
+/// against its budgets and audited. Returns one unit vector per input and what the
+/// call cost (micro-USD).
 pub(super) async fn embed_for_retrieval(
     app: &Arc<App>,
     b: &Boundary,
@@ -753,6 +753,15 @@ pub(super) async fn embed_for_retrieval(
     inputs: &[&str],
 ) -> Result<(Vec<Vec<f32>>, u64), ApiError> {
     allowed_model(app, b, model)?;
+    let c = Call {
+        path: "embeddings",
+        model: model.to_string(),
+        upstream_body: serde_json::json!({"model": model, "input": inputs}),
+        max_tokens: 0,
+        body_len: 0,
+        stream: false,
+    };
+    let r = reserve(app, b, &c)?;
     tracing::info!(
         target: "bulkhead::trace",
         trace_id = b.trace_id(),
@@ -764,15 +773,6 @@ pub(super) async fn embed_for_retrieval(
         texts = inputs.len(),
         "embeddings for retrieval"
     );
-    let c = Call {
-        path: "embeddings",
-        model: model.to_string(),
-        upstream_body: serde_json::json!({"model": model, "input": inputs}),
-        max_tokens: 0,
-        body_len: 0,
-        stream: false,
-    };
-    let r = reserve(app, b, &c)?;
     let answer = app.llm.post(c.path, &c.model, &c.upstream_body).await;
     let parsed = match &answer {
         Ok(a) if (200..300).contains(&a.status) => Some(parse_embeddings(&a.body, inputs.len())),
@@ -805,8 +805,8 @@ struct EmbeddingItem {
     embedding: Vec<f64>,
 }
 
-/// The `n` vectors of an embeddings answer, in input order: every index once, every
-/// vector finite, of one length within the vector limit.
+/// The `n` vectors of an embeddings answer, in input order and at unit length: every
+/// index once, every vector finite and not zero, of one length within the vector limit.
 fn parse_embeddings(body: &[u8], n: usize) -> Result<Vec<Vec<f32>>, String> {
     let answer: EmbeddingsAnswer =
         serde_json::from_slice(body).map_err(|e| format!("not an embeddings answer: {e}"))?;
@@ -835,7 +835,9 @@ fn parse_embeddings(body: &[u8], n: usize) -> Result<Vec<Vec<f32>>, String> {
     if out.windows(2).any(|w| w[0].len() != w[1].len()) {
         return Err("vectors of different lengths".into());
     }
-    Ok(out)
+    out.iter()
+        .map(|v| crate::retrieval::vectors::normalized(v).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// A whole LLM answer kept for a tenant that opted in.
@@ -869,7 +871,7 @@ mod tests {
 
     #[test]
     fn embeddings_answers_are_checked_and_put_in_input_order() {
-        let ok = br#"{"data":[{"index":1,"embedding":[0,1]},{"index":0,"embedding":[1,0]}]}"#;
+        let ok = br#"{"data":[{"index":1,"embedding":[0,2]},{"index":0,"embedding":[3,0]}]}"#;
         assert_eq!(
             parse_embeddings(ok, 2).unwrap(),
             vec![vec![1.0, 0.0], vec![0.0, 1.0]]
@@ -900,6 +902,10 @@ mod tests {
                 "out of range",
             ),
             (br#"{"error":{"message":"no"}}"#, "not an embeddings answer"),
+            (
+                br#"{"data":[{"index":0,"embedding":[0,0]},{"index":1,"embedding":[1,0]}]}"#,
+                "zero",
+            ),
         ] {
             let err = parse_embeddings(bad, 2).unwrap_err();
             assert!(err.contains(why), "{}: {err}", String::from_utf8_lossy(bad));

@@ -199,13 +199,9 @@ async fn embed_texts(
             let (mut made, mut spent) = (Vec::with_capacity(inputs.len()), 0);
             for batch in inputs.chunks(PROVIDER_BATCH) {
                 let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
-                let (raw, cost) = super::llm::embed_for_retrieval(app, b, model, &refs).await?;
+                let (unit, cost) = super::llm::embed_for_retrieval(app, b, model, &refs).await?;
                 spent += cost;
-                for v in raw {
-                    made.push(retrieval::vectors::normalized(&v).map_err(|e| {
-                        ApiError::UpstreamRefused(format!("embeddings model {model:?}: {e}"))
-                    })?);
-                }
+                made.extend(unit);
             }
             (made, spent)
         }
