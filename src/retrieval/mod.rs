@@ -3,8 +3,9 @@
 //! [`vectors`]) or both fused. The tenant is the file; the workspace, the allowed
 //! datasources and the metadata filter restrict candidates before ranking, never
 //! results afterwards. Run state (expiring) and memory (durable) live in the same file
-//! ([`memory`]); embeddings come from the caller or the in-process [`embed`]der and are
-//! cached per tenant by model and content digest.
+//! ([`memory`]); embeddings come from the caller, the in-process [`embed`]der or a
+//! provider's model (through the API layer, which charges the tenant), and are cached in
+//! the tenant's file by model and a key made from the caller's boundary and the text.
 #![forbid(unsafe_code)]
 
 pub mod embed;

@@ -524,7 +524,8 @@ impl Retrieval {
         })
     }
 
-    /// Cached embeddings of `model` for the given content digests (`None` where absent).
+    /// Cached embeddings of `model` for the given keys (`None` where absent); the API
+    /// makes each key from the caller's boundary and the text.
     pub fn cached_embeddings(
         &self,
         key: &str,
@@ -549,7 +550,7 @@ impl Retrieval {
             .collect()
     }
 
-    /// Remembers embeddings of `model` by content digest.
+    /// Remembers embeddings of `model` under the given keys.
     pub fn cache_embeddings(
         &self,
         key: &str,
