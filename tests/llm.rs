@@ -996,6 +996,11 @@ output = 0.0
 embeddings_model = "embed"
 "#;
     let (d, fake) = with_fake_and("llmembed", "k", extra);
+    let send =
+        |c: bulkhead::client::SocketClient,
+         method: Method,
+         path: &'static str,
+         body: serde_json::Value| async move { c.json(method, path, &body).await.unwrap() };
     let a = d.create("acme").await;
     let b = d.create("beta").await;
     let embeddings = |fake: &Fake| {
@@ -1031,15 +1036,13 @@ embeddings_model = "embed"
     .into_iter()
     .enumerate()
     {
-        let r = d
-            .tenant(t)
-            .json(
-                Method::POST,
-                "/v1/datasources",
-                &serde_json::json!({"name": "notes"}),
-            )
-            .await
-            .unwrap();
+        let r = send(
+            d.tenant(t),
+            Method::POST,
+            "/v1/datasources",
+            serde_json::json!({"name": "notes"}),
+        )
+        .await;
         assert_eq!(r.status, 201, "{:?}", r.json());
         let r = put(
             t,
@@ -1059,15 +1062,13 @@ embeddings_model = "embed"
     // Vector search over provider vectors finds each tenant's own churn note first,
     // and only its own documents.
     for (t, want) in [(&a, "Northstar"), (&b, "Polaris")] {
-        let r = d
-            .tenant(t)
-            .json(
-                Method::POST,
-                "/v1/search",
-                &serde_json::json!({"query": "will a customer cancel the renewal?", "mode": "vector"}),
-            )
-            .await
-            .unwrap();
+        let r = send(
+            d.tenant(t),
+            Method::POST,
+            "/v1/search",
+            serde_json::json!({"query": "will a customer cancel the renewal?", "mode": "vector"}),
+        )
+        .await;
         assert_eq!(r.status, 200, "{:?}", r.json());
         let v = r.json();
         assert_eq!(v["mode"], "vector");
@@ -1131,26 +1132,22 @@ embeddings_model = "embed"
 
     // Another workspace of acme (another actor) does not reuse acme's cached vector: it
     // pays for its own, so a cost of 0 never tells it what the other workspace stored.
-    let r = d
-        .admin()
-        .json(
-            Method::POST,
-            "/admin/tenants/acme/tokens",
-            &serde_json::json!({"role": "member", "workspace": "ws2"}),
-        )
-        .await
-        .unwrap();
+    let r = send(
+        d.admin(),
+        Method::POST,
+        "/admin/tenants/acme/tokens",
+        serde_json::json!({"role": "member", "workspace": "ws2"}),
+    )
+    .await;
     assert_eq!(r.status, 201, "{:?}", r.json());
     let ws2 = r.json()["token"].as_str().unwrap().to_string();
-    let r = d
-        .tenant(&ws2)
-        .json(
-            Method::POST,
-            "/v1/datasources",
-            &serde_json::json!({"name": "notes"}),
-        )
-        .await
-        .unwrap();
+    let r = send(
+        d.tenant(&ws2),
+        Method::POST,
+        "/v1/datasources",
+        serde_json::json!({"name": "notes"}),
+    )
+    .await;
     assert_eq!(r.status, 201, "{:?}", r.json());
     let r = put(&ws2, offsite.clone()).await;
     assert_eq!(r.status, 200, "{:?}", r.json());
@@ -1159,15 +1156,13 @@ embeddings_model = "embed"
     assert_eq!(embeddings(&fake), 7);
 
     // Out of budget: the write is refused before anything is sent or stored.
-    let r = d
-        .admin()
-        .json(
-            Method::PUT,
-            "/admin/tenants/acme/limits",
-            &serde_json::json!({"daily_budget_usd": charged[0] as f64 / 1e6}),
-        )
-        .await
-        .unwrap();
+    let r = send(
+        d.admin(),
+        Method::PUT,
+        "/admin/tenants/acme/limits",
+        serde_json::json!({"daily_budget_usd": charged[0] as f64 / 1e6}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{:?}", r.json());
     let r = put(
         &a,
@@ -1194,38 +1189,32 @@ embeddings_model = "embed"
 
     // A tenant whose model allowlist leaves the embeddings model out gets no vectors:
     // its searches are full-text and say why; nothing is sent for it.
-    let r = d
-        .admin()
-        .json(
-            Method::PUT,
-            "/admin/tenants/beta/limits",
-            &serde_json::json!({"allowed_models": ["fast"]}),
-        )
-        .await
-        .unwrap();
+    let r = send(
+        d.admin(),
+        Method::PUT,
+        "/admin/tenants/beta/limits",
+        serde_json::json!({"allowed_models": ["fast"]}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{:?}", r.json());
-    let r = d
-        .tenant(&b)
-        .json(
-            Method::POST,
-            "/v1/search",
-            &serde_json::json!({"query": "cancel renewal"}),
-        )
-        .await
-        .unwrap();
+    let r = send(
+        d.tenant(&b),
+        Method::POST,
+        "/v1/search",
+        serde_json::json!({"query": "cancel renewal"}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{:?}", r.json());
     let v = r.json();
     assert_eq!(v["mode"], "text", "{v}");
     assert!(v["note"].as_str().unwrap().contains("not allowed"), "{v}");
-    let r = d
-        .tenant(&b)
-        .json(
-            Method::POST,
-            "/v1/search",
-            &serde_json::json!({"query": "cancel renewal", "mode": "vector"}),
-        )
-        .await
-        .unwrap();
+    let r = send(
+        d.tenant(&b),
+        Method::POST,
+        "/v1/search",
+        serde_json::json!({"query": "cancel renewal", "mode": "vector"}),
+    )
+    .await;
     assert_eq!(r.status, 403, "{:?}", r.json());
     assert_eq!(r.json()["error"]["reason_code"], "model_not_allowed");
     assert_eq!(embeddings(&fake), 7);
