@@ -331,6 +331,7 @@ enum Side {
 
 async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<ApiBody> {
     let started = Instant::now();
+    let _in_flight = app.audit.in_flight();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let (result, trace_id, who) = match side {
@@ -388,7 +389,7 @@ async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<A
         Ok(r) => r,
         Err(e) => e.response(&trace_id),
     };
-    tracing::info!(side = ?side, %method, %path, status = response.status().as_u16(), actor = %who, trace_id = %trace_id, ms = started.elapsed().as_millis() as u64, "request");
+    tracing::info!(side = ?side, %method, %path, status = response.status().as_u16(), actor = %who, trace_id = %trace_id, us = started.elapsed().as_micros() as u64, "request");
     response
 }
 
