@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -40,8 +40,10 @@ type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
 /// wait for their acknowledgement. A leader whose request is the only one being handled
 /// (see [`AuditLog::in_flight`]) commits on its own worker thread: nothing else waits for
 /// that thread, and handing it over would put two thread wake-ups before the answer.
-/// With other requests in flight it hands its worker to the runtime for the commit
-/// (`block_in_place`), so they go on while the disk syncs.
+/// With other requests in flight, or while the disk is slow (the last commit took more
+/// than [`INLINE_SYNC_LIMIT_US`]), it hands its worker to the runtime for the commit
+/// (`block_in_place`), so that streams, proxied connections and new requests go on while
+/// the disk syncs.
 #[derive(Clone)]
 pub struct AuditLog {
     inner: Arc<Inner>,
@@ -62,7 +64,14 @@ struct Inner {
     queue: Mutex<Queue>,
     state: Mutex<State>,
     in_flight: AtomicUsize,
+    /// How long the last commit (write and fdatasync) took, in microseconds.
+    last_sync_us: AtomicU64,
 }
+
+/// A commit slower than this (a busy or failing disk) makes the next ones hand their
+/// worker over even for a lone request, until commits are fast again: one slow sync must
+/// not stall every stream and connection the daemon serves.
+pub const INLINE_SYNC_LIMIT_US: u64 = 2_000;
 
 /// Counts one request as being handled while it lives (see [`AuditLog::in_flight`]).
 pub struct InFlight(Arc<Inner>);
@@ -156,6 +165,7 @@ impl AuditLog {
                 }),
                 state: Mutex::new(state),
                 in_flight: AtomicUsize::new(0),
+                last_sync_us: AtomicU64::new(0),
             }),
         })
     }
@@ -165,6 +175,12 @@ impl AuditLog {
     pub fn in_flight(&self) -> InFlight {
         self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.inner.clone())
+    }
+
+    /// Whether a leader may commit on its own worker thread (see [`AuditLog`]).
+    fn inline_commit(&self) -> bool {
+        self.inner.in_flight.load(Ordering::Relaxed) <= 1
+            && self.inner.last_sync_us.load(Ordering::Relaxed) <= INLINE_SYNC_LIMIT_US
     }
 
     /// Queues `event`; returns whether the caller must lead the commit.
@@ -189,7 +205,10 @@ impl AuditLog {
             let mut result = Err("not written".to_string());
             run_blocking(&mut || {
                 let mut state = lock(&self.inner.state);
+                let started = std::time::Instant::now();
                 result = state.commit(&events);
+                let took = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+                self.inner.last_sync_us.store(took, Ordering::Relaxed);
                 if result.is_err() {
                     state.resync();
                 }
@@ -208,7 +227,7 @@ impl AuditLog {
             let multi = tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
             self.lead(|f: &mut dyn FnMut()| {
-                if multi && self.inner.in_flight.load(Ordering::Relaxed) > 1 {
+                if multi && !self.inline_commit() {
                     tokio::task::block_in_place(f)
                 } else {
                     f()
@@ -322,7 +341,16 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let _alone = log.in_flight();
+            log.inner.last_sync_us.store(0, Ordering::Relaxed);
+            assert!(log.inline_commit(), "a lone request on a fast disk");
+            log.inner
+                .last_sync_us
+                .store(INLINE_SYNC_LIMIT_US + 1, Ordering::Relaxed);
+            assert!(!log.inline_commit(), "a slow disk hands the worker over");
             log.record(event(0)).await.unwrap();
+            let _another = log.in_flight();
+            log.inner.last_sync_us.store(0, Ordering::Relaxed);
+            assert!(!log.inline_commit(), "another request is in flight");
         });
         assert_eq!(log.inner.in_flight.load(Ordering::Relaxed), 0);
         rt.block_on(async {
