@@ -101,6 +101,48 @@ fn vectors_agree_with_an_independent_numpy_forward_pass() {
     assert!(dot(&ours[0], &ours[1]) > dot(&ours[0], &ours[2]) + 0.1);
 }
 
+/// Inputs are batched by length across several batches; every vector still comes back
+/// in its input's place, equal to embedding that input alone.
+#[test]
+fn many_inputs_of_mixed_length_come_back_in_order() {
+    let dir = model_dir();
+    let e = Embedder::load(&dir).unwrap();
+    let topics = [
+        "renewal risk",
+        "pricing",
+        "support tickets",
+        "the quarterly report",
+        "hiring",
+        "a data breach",
+        "the office move",
+        "churn",
+        "onboarding",
+        "invoices",
+        "a lawsuit",
+    ];
+    let texts: Vec<String> = (0..150)
+        .map(|i| {
+            let topic = topics[i % topics.len()];
+            let filler = "and the team will follow up next week".repeat(1 + (i * 7) % 13);
+            format!("Note {i} about {topic}: {filler}")
+        })
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let batched = e.embed(&refs).unwrap();
+    assert_eq!(batched.len(), texts.len());
+    let alone: Vec<Vec<f32>> = refs
+        .iter()
+        .map(|t| e.embed(&[t]).unwrap().remove(0))
+        .collect();
+    for (i, v) in batched.iter().enumerate() {
+        assert!(dot(v, &alone[i]) > 0.99999, "input {i}: {:?}", texts[i]);
+        let nearest = (0..alone.len())
+            .max_by(|&a, &b| dot(v, &alone[a]).total_cmp(&dot(v, &alone[b])))
+            .unwrap();
+        assert_eq!(nearest, i, "input {i} came back as another's vector");
+    }
+}
+
 #[tokio::test]
 async fn a_paraphrase_finds_the_right_tenants_churn_note_and_never_the_others() {
     let dir = model_dir();

@@ -178,12 +178,31 @@ mod imp {
         }
 
         /// Unit vectors for `texts`, in order.
+        ///
+        /// A batch is padded to its longest input, so inputs go into batches by length
+        /// (bytes, a cheap stand-in for tokens): a document's short last chunk or a short
+        /// note then no longer pays for the longest text that happened to arrive with it.
         pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
-            let mut out = Vec::with_capacity(texts.len());
-            for batch in texts.chunks(BATCH) {
-                out.extend(self.embed_batch(batch)?);
+            let mut order: Vec<usize> = (0..texts.len()).collect();
+            order.sort_by_key(|&i| texts[i].len());
+            let mut out: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
+            for at in order.chunks(BATCH) {
+                let batch: Vec<&str> = at.iter().map(|&i| texts[i]).collect();
+                let vectors = self.embed_batch(&batch)?;
+                if vectors.len() != batch.len() {
+                    return Err(EmbedError::Forward(format!(
+                        "{} vectors for {} texts",
+                        vectors.len(),
+                        batch.len()
+                    )));
+                }
+                for (&i, v) in at.iter().zip(vectors) {
+                    out[i] = Some(v);
+                }
             }
-            Ok(out)
+            out.into_iter()
+                .map(|v| v.ok_or_else(|| EmbedError::Forward("a text got no vector".into())))
+                .collect()
         }
 
         fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedError> {
