@@ -120,11 +120,20 @@ fn many_inputs_of_mixed_length_come_back_in_order() {
         "invoices",
         "a lawsuit",
     ];
+    let words: Vec<&str> = "renewal budget champion finance pricing support outage contract \
+        discount migration security audit invoice roadmap training latency refund escalation \
+        procurement legal"
+        .split_whitespace()
+        .collect();
+    // Lengths from 2 to 110 words, each text its own run of words.
     let texts: Vec<String> = (0..150)
         .map(|i| {
             let topic = topics[i % topics.len()];
-            let filler = "and the team will follow up next week".repeat(1 + (i * 7) % 13);
-            format!("Note {i} about {topic}: {filler}")
+            let n = 2 + (i * 7) % 13 * 9;
+            let filler: Vec<&str> = (0..n)
+                .map(|j| words[(i * 3 + j * (1 + i % 5)) % words.len()])
+                .collect();
+            format!("Note {i} about {topic}: {}", filler.join(" "))
         })
         .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();

@@ -438,6 +438,8 @@ async fn relay(
     tx: tokio::sync::mpsc::Sender<Bytes>,
 ) {
     use http_body_util::BodyExt;
+    // An open stream is work that an inline audit commit would hold up.
+    let _open = call.app.audit.in_flight();
     let Pending {
         app,
         b,

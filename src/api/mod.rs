@@ -315,7 +315,10 @@ async fn detached(
     req: Request<Incoming>,
 ) -> Result<Response<ApiBody>, ApiError> {
     let (connected, gone) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tenant::route(app, boundary, req, gone));
+    let task = tokio::spawn(
+        app.audit
+            .serving(tenant::route(app.clone(), boundary, req, gone)),
+    );
     let r = task
         .await
         .unwrap_or_else(|e| Err(ApiError::Internal(format!("handler: {e}"))));
@@ -331,7 +334,6 @@ enum Side {
 
 async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<ApiBody> {
     let started = Instant::now();
-    let _in_flight = app.audit.in_flight();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let (result, trace_id, who) = match side {
@@ -371,7 +373,7 @@ async fn handle(app: Arc<App>, side: Side, req: Request<Incoming>) -> Response<A
                     let trace = s.trace_id().to_string();
                     let who = s.actor().to_string();
                     let app2 = app.clone();
-                    let task = tokio::spawn(async move { admin::route(app2, s, req).await });
+                    let task = tokio::spawn(app.audit.serving(admin::route(app2, s, req)));
                     let r = task
                         .await
                         .unwrap_or_else(|e| Err(ApiError::Internal(format!("handler: {e}"))));

@@ -37,13 +37,19 @@ type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
 /// Group commit without a writer thread: the first requester to find no commit in
 /// progress becomes the leader, writes every line queued by then with one write and one
 /// fdatasync, acknowledges them all, and repeats while lines keep arriving; the others
-/// wait for their acknowledgement. A leader whose request is the only one being handled
-/// (see [`AuditLog::in_flight`]) commits on its own worker thread: nothing else waits for
-/// that thread, and handing it over would put two thread wake-ups before the answer.
-/// With other requests in flight, or while the disk is slow (the last commit took more
-/// than [`INLINE_SYNC_LIMIT_US`]), it hands its worker to the runtime for the commit
-/// (`block_in_place`), so that streams, proxied connections and new requests go on while
-/// the disk syncs.
+/// wait for their acknowledgement.
+///
+/// Where the commit runs: a leader that is a request's own task (see
+/// [`AuditLog::serving`]) while nothing else is in flight (no other request, no open
+/// stream; see [`AuditLog::in_flight`]) commits on its own worker thread, because
+/// handing the worker over would put two thread wake-ups before its answer and nobody
+/// else is waiting for that thread. Every other leader (background tasks such as a
+/// stream's settlement or an egress connection's line, a request with others in flight,
+/// any leader while the disk is slow: the last commit took more than
+/// [`INLINE_SYNC_LIMIT_US`]) hands its worker to the runtime for the commit
+/// (`block_in_place`), so other work goes on while the disk syncs. What an inline commit
+/// can still delay is the accepting of new connections and timers, by one sync; a disk
+/// that turns slow does that once, and the next commits hand over.
 #[derive(Clone)]
 pub struct AuditLog {
     inner: Arc<Inner>,
@@ -69,11 +75,15 @@ struct Inner {
 }
 
 /// A commit slower than this (a busy or failing disk) makes the next ones hand their
-/// worker over even for a lone request, until commits are fast again: one slow sync must
-/// not stall every stream and connection the daemon serves.
+/// worker over even for a lone request, until commits are fast again.
 pub const INLINE_SYNC_LIMIT_US: u64 = 2_000;
 
-/// Counts one request as being handled while it lives (see [`AuditLog::in_flight`]).
+tokio::task_local! {
+    /// Set in a request's own task (see [`AuditLog::serving`]); holds its count.
+    static OWN_REQUEST: InFlight;
+}
+
+/// Counts one piece of work as in flight while it lives (see [`AuditLog::in_flight`]).
 pub struct InFlight(Arc<Inner>);
 
 impl Drop for InFlight {
@@ -170,16 +180,28 @@ impl AuditLog {
         })
     }
 
-    /// Counts a request as being handled until the guard drops; the API edge holds one per
-    /// request, so that a commit knows whether other requests would wait for its thread.
+    /// Counts work that an inline commit would hold up (an open stream) as in flight
+    /// until the guard drops.
     pub fn in_flight(&self) -> InFlight {
         self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.inner.clone())
     }
 
+    /// Runs `handling`, one request's task, counted as in flight until it ends (which may
+    /// be after its client has gone), and marked as a request's own, whose commits may run
+    /// on its thread when nothing else is in flight.
+    pub fn serving<F: std::future::Future>(
+        &self,
+        handling: F,
+    ) -> impl std::future::Future<Output = F::Output> + use<F> {
+        let counted = self.in_flight();
+        OWN_REQUEST.scope(counted, handling)
+    }
+
     /// Whether a leader may commit on its own worker thread (see [`AuditLog`]).
     fn inline_commit(&self) -> bool {
-        self.inner.in_flight.load(Ordering::Relaxed) <= 1
+        OWN_REQUEST.try_with(|_| ()).is_ok()
+            && self.inner.in_flight.load(Ordering::Relaxed) <= 1
             && self.inner.last_sync_us.load(Ordering::Relaxed) <= INLINE_SYNC_LIMIT_US
     }
 
@@ -328,10 +350,11 @@ mod tests {
     }
 
     /// Both commit paths, on a runtime shaped like the daemon's on two cores (one worker):
-    /// a lone request commits on its own thread, concurrent ones hand the worker over.
-    /// Either way every acknowledged line is on disk, in one unbroken chain.
+    /// a lone request's own task commits on its thread; a slow disk, an open stream, a
+    /// background task or other requests in flight make the leader hand the worker over.
+    /// Either way every acknowledged line is in the file, in one unbroken chain.
     #[test]
-    fn lone_and_concurrent_commits_are_all_durable_and_chained() {
+    fn lone_and_concurrent_commits_are_all_written_and_chained() {
         let dir = std::env::temp_dir().join(format!("bulkhead-audit-{}", crate::auth::trace_id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log = AuditLog::open(&dir).unwrap();
@@ -339,29 +362,41 @@ mod tests {
             .worker_threads(1)
             .build()
             .unwrap();
-        rt.block_on(async {
-            let _alone = log.in_flight();
-            log.inner.last_sync_us.store(0, Ordering::Relaxed);
+        let fast = |log: &AuditLog| log.inner.last_sync_us.store(0, Ordering::Relaxed);
+        let lone = log.clone();
+        let task = rt.spawn(log.serving(async move {
+            let log = lone;
+            fast(&log);
             assert!(log.inline_commit(), "a lone request on a fast disk");
+            log.record(event(0)).await.unwrap();
             log.inner
                 .last_sync_us
                 .store(INLINE_SYNC_LIMIT_US + 1, Ordering::Relaxed);
             assert!(!log.inline_commit(), "a slow disk hands the worker over");
-            log.record(event(0)).await.unwrap();
-            let _another = log.in_flight();
-            log.inner.last_sync_us.store(0, Ordering::Relaxed);
-            assert!(!log.inline_commit(), "another request is in flight");
+            log.record(event(1)).await.unwrap();
+            fast(&log);
+            let stream = log.in_flight();
+            assert!(!log.inline_commit(), "an open stream would wait");
+            drop(stream);
+            assert!(log.inline_commit());
+        }));
+        rt.block_on(task).unwrap();
+        let background = log.clone();
+        let task = rt.spawn(async move {
+            fast(&background);
+            assert!(!background.inline_commit(), "not a request's own task");
+            background.record(event(2)).await.unwrap();
         });
+        rt.block_on(task).unwrap();
         assert_eq!(log.inner.in_flight.load(Ordering::Relaxed), 0);
         rt.block_on(async {
-            let tasks: Vec<_> = (1..=40)
+            let tasks: Vec<_> = (3..43)
                 .map(|i| {
                     let log = log.clone();
-                    tokio::spawn(async move {
-                        let _busy = log.in_flight();
+                    tokio::spawn(log.clone().serving(async move {
                         tokio::task::yield_now().await;
                         log.record(event(i)).await
-                    })
+                    }))
                 })
                 .collect();
             for t in tasks {
@@ -370,7 +405,7 @@ mod tests {
         });
         assert_eq!(log.inner.in_flight.load(Ordering::Relaxed), 0);
         let report = super::super::verify::verify_file(&dir.join("audit.jsonl")).unwrap();
-        assert_eq!(report.lines, 41);
+        assert_eq!(report.lines, 43);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
