@@ -125,7 +125,7 @@ fn many_inputs_of_mixed_length_come_back_in_order() {
         procurement legal"
         .split_whitespace()
         .collect();
-    // Lengths from 2 to 110 words, each text its own run of words.
+    // Lengths from 2 to 110 words; texts differ in their number, topic and words.
     let texts: Vec<String> = (0..150)
         .map(|i| {
             let topic = topics[i % topics.len()];

@@ -427,6 +427,9 @@ struct Pending {
     reserve: u64,
     t0: std::time::Instant,
     worst_tokens: u64,
+    /// An open stream is work that an inline audit commit would hold up; counted from
+    /// before its relay is spawned until the relay ends.
+    _open: crate::audit::InFlight,
 }
 
 /// Relays an upstream event stream to the client, then settles and audits the call. A
@@ -438,8 +441,6 @@ async fn relay(
     tx: tokio::sync::mpsc::Sender<Bytes>,
 ) {
     use http_body_util::BodyExt;
-    // An open stream is work that an inline audit commit would hold up.
-    let _open = call.app.audit.in_flight();
     let Pending {
         app,
         b,
@@ -447,6 +448,7 @@ async fn relay(
         reserve,
         t0,
         worst_tokens,
+        _open,
     } = call;
     let mut body = s.body;
     let (mut pending, mut usage) = (Vec::new(), None);
@@ -690,6 +692,7 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
                     reserve: r.reserve,
                     t0: r.t0,
                     worst_tokens: r.worst_tokens,
+                    _open: app.audit.in_flight(),
                 };
                 tokio::spawn(relay(pending, s, tx));
                 let mut resp = Response::new(http_body_util::Either::Right(body));

@@ -11,7 +11,7 @@ mod verify;
 mod writer;
 
 pub use verify::{VerifyError, VerifyReport, verify_file};
-pub use writer::{AuditError, AuditLog};
+pub use writer::{AuditError, AuditLog, InFlight};
 
 use sha2::{Digest, Sha256};
 

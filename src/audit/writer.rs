@@ -47,9 +47,12 @@ type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
 /// stream's settlement or an egress connection's line, a request with others in flight,
 /// any leader while the disk is slow: the last commit took more than
 /// [`INLINE_SYNC_LIMIT_US`]) hands its worker to the runtime for the commit
-/// (`block_in_place`), so other work goes on while the disk syncs. What an inline commit
-/// can still delay is the accepting of new connections and timers, by one sync; a disk
-/// that turns slow does that once, and the next commits hand over.
+/// (`block_in_place`), so other work goes on while the disk syncs. An inline commit can
+/// still delay, by one sync, what is not counted: accepting connections, timers,
+/// responses already handed to hyper, refusals made before a request's task starts and
+/// egress relays (which live only while their tenant's exec is in flight, so a commit
+/// next to them is not a lone one); a disk that turns slow does that once, and the next
+/// commits hand over.
 #[derive(Clone)]
 pub struct AuditLog {
     inner: Arc<Inner>,
