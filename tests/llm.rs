@@ -639,6 +639,115 @@ async fn rpm_and_tpm_hold_for_one_tenant_and_not_the_other() {
     drop(fake);
 }
 
+/// The audit lines carrying `trace`, in log order.
+fn audit_lines_of(d: &Daemon, trace: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(d.state.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["trace_id"] == trace)
+        .collect()
+}
+
+/// Waits (bounded) for the call's settlement line to follow its admission line.
+async fn settled_lines_of(d: &Daemon, trace: &str) -> Vec<serde_json::Value> {
+    let asked = std::time::Instant::now();
+    loop {
+        let lines = audit_lines_of(d, trace);
+        if lines.len() >= 2 || asked.elapsed() > std::time::Duration::from_secs(5) {
+            return lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_call_is_admitted_on_disk_before_its_answer_and_settled_after() {
+    use http_body_util::BodyExt;
+    let (d, _fake) = with_fake("admit", "k");
+    let a = d.create("acme").await;
+    let c = d.tenant(&a);
+    let ask = |stream: bool| {
+        serde_json::json!({"model": "fast", "max_tokens": 7, "stream": stream,
+            "messages": [{"role": "user", "content": "hello"}]})
+    };
+
+    // A whole answer: its admission line is on disk when the answer arrives.
+    let r = c
+        .json(Method::POST, "/v1/chat/completions", &ask(false))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let trace = r.header("x-trace-id").unwrap().to_string();
+    let admitted = audit_lines_of(&d, &trace);
+    assert_eq!(admitted[0]["action"], "llm.admit", "{admitted:?}");
+    assert_eq!(admitted[0]["outcome"], "ok");
+    assert_eq!(admitted[0]["target"], "fast");
+    assert_eq!(admitted[0]["llm"]["cost_usd"], "0.000000");
+    let reserved = admitted[0]["llm"]["reserved_usd"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reserved.parse::<f64>().unwrap() > 0.0, "{reserved}");
+    let lines = settled_lines_of(&d, &trace).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let settled = &lines[1];
+    assert_eq!(settled["action"], "llm");
+    assert!(settled["seq"].as_u64() > admitted[0]["seq"].as_u64());
+    assert_eq!(settled["llm"]["output_tokens"], 7);
+    assert_eq!(settled["llm"]["reserved_usd"], reserved.as_str());
+    assert_eq!(
+        settled["llm"]["cost_usd"].as_str(),
+        r.header("x-bulkhead-cost-usd")
+    );
+
+    // A stream: its admission line is on disk when the head arrives, before any event.
+    let resp = c
+        .open(
+            Method::POST,
+            "/v1/chat/completions",
+            serde_json::to_vec(&ask(true)).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let trace = resp.headers()["x-trace-id"].to_str().unwrap().to_string();
+    let admitted = audit_lines_of(&d, &trace);
+    assert_eq!(admitted.len(), 1, "{admitted:?}");
+    assert_eq!(admitted[0]["action"], "llm.admit");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("upstream"),
+        "{body:?}"
+    );
+    let lines = settled_lines_of(&d, &trace).await;
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(
+        (&lines[1]["action"], &lines[1]["outcome"]),
+        (&serde_json::json!("llm"), &serde_json::json!("ok"))
+    );
+    assert_eq!(lines[1]["llm"]["output_tokens"], 7);
+
+    // A refused call (unknown model) reserves nothing and admits nothing.
+    let r = c
+        .json(
+            Method::POST,
+            "/v1/chat/completions",
+            &serde_json::json!({"model": "nope", "messages": []}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404, "{:?}", r.json());
+    let trace = r.header("x-trace-id").unwrap().to_string();
+    assert!(
+        audit_lines_of(&d, &trace)
+            .iter()
+            .all(|l| l["action"] != "llm.admit")
+    );
+    let report = bulkhead::audit::verify_file(&d.state.join("audit.jsonl")).unwrap();
+    assert!(report.lines >= 5, "{report:?}");
+}
+
 #[tokio::test]
 async fn identifying_fields_and_odd_bounds_never_reach_upstream() {
     let (d, fake) = with_fake("fields", "k");

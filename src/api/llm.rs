@@ -313,15 +313,36 @@ struct Settled {
     worst_tokens: u64,
 }
 
-/// Settles the reservation to what was spent and writes the call's audit line.
-async fn settle(
+/// The line that admits a call, begun once its worst case is reserved: it commits while
+/// the upstream works, and the answer waits for it, so every call the daemon answers
+/// (or starts to stream) is on disk before the caller has any of it.
+fn admit(app: &App, b: &Boundary, asked: &str, reserve: u64) -> crate::audit::Durable {
+    app.audit.begin(Event {
+        actor: b.actor().to_string(),
+        tenant: Some(b.tenant().to_string()),
+        action: "llm.admit".into(),
+        target: Some(asked.to_string()),
+        outcome: "ok".into(),
+        trace_id: Some(b.trace_id().to_string()),
+        llm: Some(LlmDetails {
+            model: asked.to_string(),
+            cost_usd: usd(0),
+            reserved_usd: Some(usd(reserve)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// Settles the reservation to what was spent and returns the call's audit line.
+fn settle(
     app: &App,
     b: &Boundary,
     asked: &str,
     reserve: u64,
     t0: std::time::Instant,
     s: Settled,
-) -> Result<(), ApiError> {
+) -> Event {
     // What the provider reported is charged, even past the reservation (inputs such as
     // images can count more tokens than their bytes): the reservation is what admits
     // the call, the usage is what it cost.
@@ -341,7 +362,7 @@ async fn settle(
             s.worst_tokens.saturating_sub(used),
         );
     }
-    let event = Event {
+    Event {
         actor: b.actor().to_string(),
         tenant: Some(b.tenant().to_string()),
         action: "llm".into(),
@@ -356,11 +377,10 @@ async fn settle(
             cost_usd: usd(spent),
             latency_ms: t0.elapsed().as_millis() as u64,
             attempts: s.attempts as u64,
+            reserved_usd: Some(usd(reserve)),
         }),
         ..Default::default()
-    };
-    app.audit.record(event).await?;
-    Ok(())
+    }
 }
 
 /// A line of an OpenAI event stream (given without, returned with its `\n`): a `data:`
@@ -516,9 +536,8 @@ async fn relay(
         },
         worst_tokens,
     };
-    if let Err(e) = settle(&app, &b, &asked, reserve, t0, settled).await {
-        tracing::error!(error = %e, "audit of a streamed LLM call failed");
-    }
+    app.audit
+        .record_detached(settle(&app, &b, &asked, reserve, t0, settled));
 }
 
 /// A call's admission: its worst-case cost held against the budgets and its worst-case
@@ -589,18 +608,18 @@ fn reserve(app: &App, b: &Boundary, c: &Call) -> Result<Reservation, ApiError> {
     })
 }
 
-/// Settles a whole (not streamed) answer to what the provider reported and audits it
-/// (`usable` false: a success the caller could not use, audited as `upstream_refused`
-/// and still charged, since the provider did the work); returns what was charged, in
-/// micro-USD.
-async fn settle_answer(
+/// Settles a whole (not streamed) answer to what the provider reported and queues its
+/// audit line (`usable` false: a success the caller could not use, audited as
+/// `upstream_refused` and still charged, since the provider did the work); returns what
+/// was charged, in micro-USD. The line is not waited for: the call's admission line is.
+fn settle_answer(
     app: &App,
     b: &Boundary,
     c: &Call,
     r: &Reservation,
     answer: &Result<crate::llm::upstream::Answer, crate::llm::upstream::LlmError>,
     usable: bool,
-) -> Result<u64, ApiError> {
+) -> u64 {
     let (spent, tokens) = match answer {
         Ok(a) => match (a.usage, app.llm.rate(&a.model)) {
             (Some(u), Some(rate)) => (cost_micro(u, rate), (u.input, u.output)),
@@ -636,12 +655,30 @@ async fn settle_answer(
         reason,
         worst_tokens: r.worst_tokens,
     };
-    settle(app, b, &c.model, r.reserve, r.t0, settled).await?;
-    Ok(spent)
+    app.audit
+        .record_detached(settle(app, b, &c.model, r.reserve, r.t0, settled));
+    spent
 }
 
-/// Reserves the call's worst case, makes it, settles to its usage, audits it and
-/// answers with the provider's body (or its event stream) and the cost.
+/// A call whose admission line could not be made durable is not answered; the upstream
+/// may have done (and billed) the work, so its whole reservation is charged.
+fn unaudited(app: &App, b: &Boundary, c: &Call, r: &Reservation) {
+    let settled = Settled {
+        model: c.model.clone(),
+        tokens: (0, 0),
+        spent: r.reserve,
+        attempts: 1,
+        outcome: "error",
+        reason: Some("audit_failed"),
+        worst_tokens: r.worst_tokens,
+    };
+    app.audit
+        .record_detached(settle(app, b, &c.model, r.reserve, r.t0, settled));
+}
+
+/// Reserves the call's worst case, begins its admission line, makes it, settles to its
+/// usage and answers, once the admission line is durable, with the provider's body (or
+/// its event stream) and the cost; the settlement line follows without being waited for.
 async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>, ApiError> {
     let settings = app.settings(b.tenant());
     // Only where the tenant opted in, and only whole answers: a stream is relayed as
@@ -663,7 +700,9 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
             reason: Some("cache_hit"),
             worst_tokens: r.worst_tokens,
         };
-        settle(app, b, &c.model, r.reserve, r.t0, settled).await?;
+        app.audit
+            .record(settle(app, b, &c.model, r.reserve, r.t0, settled))
+            .await?;
         let status = StatusCode::from_u16(hit.status).unwrap_or(StatusCode::OK);
         let mut resp = response(status, "application/json", hit.body.to_vec(), b.trace_id());
         let headers = resp.headers_mut();
@@ -677,6 +716,7 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
         );
         return Ok(resp);
     }
+    let admitted = admit(app, b, &c.model, r.reserve);
     let answer = if c.stream {
         match app
             .llm
@@ -684,6 +724,11 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
             .await
         {
             Ok(Opened::Stream(s)) => {
+                if let Err(e) = admitted.wait().await {
+                    drop(s);
+                    unaudited(app, b, &c, &r);
+                    return Err(e.into());
+                }
                 let (tx, body) = ChannelBody::new(16);
                 let pending = Pending {
                     app: app.clone(),
@@ -716,7 +761,11 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
     } else {
         app.llm.post(c.path, &c.model, &c.upstream_body).await
     };
-    let spent = settle_answer(app, b, &c, &r, &answer, true).await?;
+    if let Err(e) = admitted.wait().await {
+        unaudited(app, b, &c, &r);
+        return Err(e.into());
+    }
+    let spent = settle_answer(app, b, &c, &r, &answer, true);
     let a = answer.map_err(ApiError::from)?;
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
     if let Some((key, ttl)) = cache
@@ -778,13 +827,18 @@ pub(super) async fn embed_for_retrieval(
         texts = inputs.len(),
         "embeddings for retrieval"
     );
+    let admitted = admit(app, b, &c.model, r.reserve);
     let answer = app.llm.post(c.path, &c.model, &c.upstream_body).await;
+    if let Err(e) = admitted.wait().await {
+        unaudited(app, b, &c, &r);
+        return Err(e.into());
+    }
     let parsed = match &answer {
         Ok(a) if (200..300).contains(&a.status) => Some(parse_embeddings(&a.body, inputs.len())),
         _ => None,
     };
     let usable = !matches!(parsed, Some(Err(_)));
-    let spent = settle_answer(app, b, &c, &r, &answer, usable).await?;
+    let spent = settle_answer(app, b, &c, &r, &answer, usable);
     let a = answer.map_err(ApiError::from)?;
     match parsed {
         Some(Ok(vectors)) => Ok((vectors, spent)),

@@ -629,6 +629,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             tracing::warn!("grace period over; exiting with requests still running");
         }
         flush_usage(&app).await;
+        app.audit.flush().await;
         for p in bound_here {
             let _removed = std::fs::remove_file(p);
         }

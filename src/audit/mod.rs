@@ -11,7 +11,7 @@ mod verify;
 mod writer;
 
 pub use verify::{VerifyError, VerifyReport, verify_file};
-pub use writer::{AuditError, AuditLog, InFlight};
+pub use writer::{AuditError, AuditLog, Durable, InFlight};
 
 use sha2::{Digest, Sha256};
 
@@ -66,6 +66,9 @@ pub struct LlmDetails {
     pub latency_ms: u64,
     /// Models tried.
     pub attempts: u64,
+    /// The worst case reserved against the budgets before the call, USD.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reserved_usd: Option<String>,
 }
 
 /// What an exec line records.

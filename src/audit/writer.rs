@@ -67,6 +67,8 @@ impl std::fmt::Debug for AuditLog {
 struct Queue {
     pending: Vec<(Event, Ack)>,
     committing: bool,
+    /// A timer will commit detached lines that no other commit has carried by then.
+    sweep_due: bool,
 }
 
 struct Inner {
@@ -76,6 +78,9 @@ struct Inner {
     /// How long the last commit (write and fdatasync) took, in microseconds.
     last_sync_us: AtomicU64,
 }
+
+/// The longest a detached line waits for a commit to carry it before it gets its own.
+pub const DETACHED_WITHIN: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A commit slower than this (a busy or failing disk) makes the next ones hand their
 /// worker over even for a lone request, until commits are fast again.
@@ -175,6 +180,7 @@ impl AuditLog {
                 queue: Mutex::new(Queue {
                     pending: Vec::new(),
                     committing: false,
+                    sweep_due: false,
                 }),
                 state: Mutex::new(state),
                 in_flight: AtomicUsize::new(0),
@@ -259,13 +265,93 @@ impl AuditLog {
                 }
             });
         }
-        match done.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(AuditError::Io {
-                path: "audit.jsonl".into(),
-                source: std::io::Error::other(e),
-            }),
-            Err(_) => Err(AuditError::Stopped),
+        acknowledged(done.await)
+    }
+
+    /// Queues `event` and starts its commit off the async workers, so that the caller
+    /// can do other work (wait for an upstream) while the disk syncs; the caller awaits
+    /// [`Durable::wait`] before answering.
+    pub fn begin(&self, event: Event) -> Durable {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        if self.enqueue(event, ack) {
+            self.lead_in_background();
+        }
+        Durable(done)
+    }
+
+    /// Queues `event` for a commit that nobody waits for: a line whose durability the
+    /// answer does not depend on (an LLM call's settlement, after its admission line).
+    /// It rides with the next commit that someone waits for, or is committed
+    /// [`DETACHED_WITHIN`] after it was queued if none came, so that it does not take a
+    /// sync of its own (which the next waiting line would queue behind) on a busy log. A
+    /// failure is logged and resynchronizes the chain like any other.
+    pub fn record_detached(&self, event: Event) {
+        let (ack, _unheard) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Handle::try_current();
+        let sweep = {
+            let mut q = lock(&self.inner.queue);
+            q.pending.push((event, ack));
+            runtime.is_err() || !std::mem::replace(&mut q.sweep_due, true)
+        };
+        match runtime {
+            Ok(runtime) if sweep => {
+                let log = self.clone();
+                let _sweeper = runtime.spawn(async move {
+                    tokio::time::sleep(DETACHED_WITHIN).await;
+                    let lead = {
+                        let mut q = lock(&log.inner.queue);
+                        q.sweep_due = false;
+                        !q.pending.is_empty() && !std::mem::replace(&mut q.committing, true)
+                    };
+                    if lead {
+                        log.lead_in_background();
+                    }
+                });
+            }
+            Ok(_) => {}
+            Err(_) => {
+                if !std::mem::replace(&mut lock(&self.inner.queue).committing, true) {
+                    self.lead(|f: &mut dyn FnMut()| f());
+                }
+            }
+        }
+    }
+
+    /// Commits every queued line (at shutdown, so that detached lines are not left to a
+    /// timer that will not fire) and returns once none is queued or being committed.
+    pub async fn flush(&self) {
+        loop {
+            let lead = {
+                let mut q = lock(&self.inner.queue);
+                if q.pending.is_empty() && !q.committing {
+                    return;
+                }
+                !std::mem::replace(&mut q.committing, true)
+            };
+            if lead {
+                let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                if multi {
+                    tokio::task::block_in_place(|| self.lead(|f: &mut dyn FnMut()| f()));
+                } else {
+                    self.lead(|f: &mut dyn FnMut()| f());
+                }
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    fn lead_in_background(&self) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let log = self.clone();
+                // The handle is not needed: the commit's outcome reaches each line's
+                // waiter through its acknowledgement.
+                let _commit = runtime.spawn_blocking(move || log.lead(|f: &mut dyn FnMut()| f()));
+            }
+            Err(_) => self.lead(|f: &mut dyn FnMut()| f()),
         }
     }
 
@@ -275,14 +361,31 @@ impl AuditLog {
         if self.enqueue(event, ack) {
             self.lead(|f: &mut dyn FnMut()| f());
         }
-        match done.blocking_recv() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(AuditError::Io {
-                path: "audit.jsonl".into(),
-                source: std::io::Error::other(e),
-            }),
-            Err(_) => Err(AuditError::Stopped),
-        }
+        acknowledged(done.blocking_recv())
+    }
+}
+
+/// A line queued by [`AuditLog::begin`], whose commit is under way.
+#[must_use = "a begun line must be waited for before the request is answered"]
+pub struct Durable(tokio::sync::oneshot::Receiver<Result<(), String>>);
+
+impl Durable {
+    /// Returns once the line is durable, or why it could not be made so.
+    pub async fn wait(self) -> Result<(), AuditError> {
+        acknowledged(self.0.await)
+    }
+}
+
+fn acknowledged(
+    ack: Result<Result<(), String>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<(), AuditError> {
+    match ack {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(AuditError::Io {
+            path: "audit.jsonl".into(),
+            source: std::io::Error::other(e),
+        }),
+        Err(_) => Err(AuditError::Stopped),
     }
 }
 
@@ -409,6 +512,62 @@ mod tests {
         assert_eq!(log.inner.in_flight.load(Ordering::Relaxed), 0);
         let report = super::super::verify::verify_file(&dir.join("audit.jsonl")).unwrap();
         assert_eq!(report.lines, 43);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn actions(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Line>(l).unwrap().event.action)
+            .collect()
+    }
+
+    /// A begun line is in the file once `wait` returns; a detached line rides with the
+    /// next waited-for commit, is committed by its timer when none comes, and by `flush`
+    /// at once.
+    #[test]
+    fn begun_and_detached_lines_are_committed_in_order() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-audit-{}", crate::auth::trace_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = AuditLog::open(&dir).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let begun = log.begin(event(0));
+            begun.wait().await.unwrap();
+            assert_eq!(actions(&dir), ["test.0"]);
+
+            log.record_detached(event(1));
+            log.record(event(2)).await.unwrap();
+            assert_eq!(actions(&dir), ["test.0", "test.1", "test.2"]);
+
+            log.record_detached(event(3));
+            let queued = std::time::Instant::now();
+            while actions(&dir).len() < 4 {
+                assert!(
+                    queued.elapsed() < std::time::Duration::from_secs(5),
+                    "a detached line with no commit after it was never written"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert!(
+                queued.elapsed()
+                    >= DETACHED_WITHIN.saturating_sub(std::time::Duration::from_millis(1))
+            );
+
+            log.record_detached(event(4));
+            log.flush().await;
+            assert_eq!(
+                actions(&dir),
+                ["test.0", "test.1", "test.2", "test.3", "test.4"]
+            );
+        });
+        let report = super::super::verify::verify_file(&dir.join("audit.jsonl")).unwrap();
+        assert_eq!(report.lines, 5);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
