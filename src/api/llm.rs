@@ -2,7 +2,10 @@
 //!
 //! A call is parsed, the tenant's overlay applied (default model, `max_tokens` cap,
 //! system prompt first), its worst-case cost reserved against the tenant's budgets,
-//! sent upstream through the shared router, and settled to what the upstream reported.
+//! admitted in the audit log (a line whose sync runs while the upstream works, and which
+//! is durable before the caller gets any of the answer), sent upstream through the
+//! shared router, and settled to what the upstream reported (a second line, not waited
+//! for).
 //! Nothing of the tenant, its actor or the trace goes upstream.
 
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! The hash-chained JSONL audit log: one line per state change and per exec, durable
-//! before the request that caused it is answered, holding no customer content.
+//! before the request that caused it is answered, holding no customer content. An LLM
+//! call has two: its admission, durable before the answer, and its settlement, which
+//! follows with the next commit (see [`AuditLog::record_detached`]).
 //!
 //! Each line is a JSON object with a `seq` number and `prev`, the SHA-256 (hex) of the
 //! previous line's bytes (64 zeros for the first). `audit.head` records the seq and hash
