@@ -519,11 +519,6 @@ async fn relay(
     } else {
         spent
     };
-    if !gone {
-        let tail = format!(": x-bulkhead-cost-usd {}\n\n", usd(spent));
-        let _sent = tx.send(Bytes::from(tail)).await;
-    }
-    drop(tx);
     let settled = Settled {
         model: s.model.clone(),
         tokens,
@@ -539,8 +534,15 @@ async fn relay(
         },
         worst_tokens,
     };
+    // Queued before the stream ends, so that a shutdown waiting for the connection to
+    // finish finds the line already queued.
     app.audit
         .record_detached(settle(&app, &b, &asked, reserve, t0, settled));
+    if !gone {
+        let tail = format!(": x-bulkhead-cost-usd {}\n\n", usd(spent));
+        let _sent = tx.send(Bytes::from(tail)).await;
+    }
+    drop(tx);
 }
 
 /// A call's admission: its worst-case cost held against the budgets and its worst-case
@@ -611,17 +613,29 @@ fn reserve(app: &App, b: &Boundary, c: &Call) -> Result<Reservation, ApiError> {
     })
 }
 
+/// How a whole answer ended for the caller, beyond what the provider said.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// The caller gets it.
+    Delivered,
+    /// A success the caller could not use: audited as `upstream_refused` and still
+    /// charged, since the provider did the work.
+    Unusable,
+    /// Its admission line could not be made durable, so it is not answered; charged
+    /// what the provider reported, like any other.
+    Unaudited,
+}
+
 /// Settles a whole (not streamed) answer to what the provider reported and queues its
-/// audit line (`usable` false: a success the caller could not use, audited as
-/// `upstream_refused` and still charged, since the provider did the work); returns what
-/// was charged, in micro-USD. The line is not waited for: the call's admission line is.
+/// audit line; returns what was charged, in micro-USD. The line is not waited for: the
+/// call's admission line is.
 fn settle_answer(
     app: &App,
     b: &Boundary,
     c: &Call,
     r: &Reservation,
     answer: &Result<crate::llm::upstream::Answer, crate::llm::upstream::LlmError>,
-    usable: bool,
+    delivery: Delivery,
 ) -> u64 {
     let (spent, tokens) = match answer {
         Ok(a) => match (a.usage, app.llm.rate(&a.model)) {
@@ -642,7 +656,10 @@ fn settle_answer(
         spent
     };
     let (outcome, reason) = match answer {
-        Ok(a) if (200..300).contains(&a.status) && !usable => ("error", Some("upstream_refused")),
+        _ if delivery == Delivery::Unaudited => ("error", Some("audit_failed")),
+        Ok(a) if (200..300).contains(&a.status) && delivery == Delivery::Unusable => {
+            ("error", Some("upstream_refused"))
+        }
         Ok(a) if (200..300).contains(&a.status) => ("ok", None),
         Ok(_) => ("error", Some("upstream_refused")),
         Err(e) => ("error", Some(ApiError::from_llm_ref(e).status_and_code().1)),
@@ -663,14 +680,15 @@ fn settle_answer(
     spent
 }
 
-/// A call whose admission line could not be made durable is not answered; the upstream
-/// may have done (and billed) the work, so its whole reservation is charged.
-fn unaudited(app: &App, b: &Boundary, c: &Call, r: &Reservation) {
+/// A stream whose admission line could not be made durable is dropped unread; like any
+/// stream that ends early, it is charged its reservation, since the provider may bill
+/// for what it had started.
+fn unaudited_stream(app: &App, b: &Boundary, c: &Call, r: &Reservation, attempts: usize) {
     let settled = Settled {
         model: c.model.clone(),
         tokens: (0, 0),
         spent: r.reserve,
-        attempts: 1,
+        attempts,
         outcome: "error",
         reason: Some("audit_failed"),
         worst_tokens: r.worst_tokens,
@@ -728,8 +746,9 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
         {
             Ok(Opened::Stream(s)) => {
                 if let Err(e) = admitted.wait().await {
+                    let attempts = s.attempts;
                     drop(s);
-                    unaudited(app, b, &c, &r);
+                    unaudited_stream(app, b, &c, &r, attempts);
                     return Err(e.into());
                 }
                 let (tx, body) = ChannelBody::new(16);
@@ -765,10 +784,10 @@ async fn call(app: &Arc<App>, b: &Boundary, c: Call) -> Result<Response<ApiBody>
         app.llm.post(c.path, &c.model, &c.upstream_body).await
     };
     if let Err(e) = admitted.wait().await {
-        unaudited(app, b, &c, &r);
+        settle_answer(app, b, &c, &r, &answer, Delivery::Unaudited);
         return Err(e.into());
     }
-    let spent = settle_answer(app, b, &c, &r, &answer, true);
+    let spent = settle_answer(app, b, &c, &r, &answer, Delivery::Delivered);
     let a = answer.map_err(ApiError::from)?;
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY);
     if let Some((key, ttl)) = cache
@@ -833,15 +852,19 @@ pub(super) async fn embed_for_retrieval(
     let admitted = admit(app, b, &c.model, r.reserve);
     let answer = app.llm.post(c.path, &c.model, &c.upstream_body).await;
     if let Err(e) = admitted.wait().await {
-        unaudited(app, b, &c, &r);
+        settle_answer(app, b, &c, &r, &answer, Delivery::Unaudited);
         return Err(e.into());
     }
     let parsed = match &answer {
         Ok(a) if (200..300).contains(&a.status) => Some(parse_embeddings(&a.body, inputs.len())),
         _ => None,
     };
-    let usable = !matches!(parsed, Some(Err(_)));
-    let spent = settle_answer(app, b, &c, &r, &answer, usable);
+    let delivery = if matches!(parsed, Some(Err(_))) {
+        Delivery::Unusable
+    } else {
+        Delivery::Delivered
+    };
+    let spent = settle_answer(app, b, &c, &r, &answer, delivery);
     let a = answer.map_err(ApiError::from)?;
     match parsed {
         Some(Ok(vectors)) => Ok((vectors, spent)),

@@ -629,7 +629,8 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
             tracing::warn!("grace period over; exiting with requests still running");
         }
         flush_usage(&app).await;
-        app.audit.flush().await;
+        // Streams cut by the grace period settle as their relays see the client gone.
+        app.audit.flush(Instant::now() + Duration::from_secs(2)).await;
         for p in bound_here {
             let _removed = std::fs::remove_file(p);
         }
