@@ -10,6 +10,7 @@ pub mod audit;
 pub mod auth;
 pub mod bench;
 pub mod cache;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod egress;

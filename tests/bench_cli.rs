@@ -18,8 +18,16 @@ fn coldstart_json_reports_each_variant() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let variants = v["variants"].as_object().unwrap();
+    assert!(
+        v["process_command"]
+            .as_str()
+            .unwrap()
+            .ends_with("/bulkhead-sandbox"),
+        "{v}"
+    );
     for name in [
         "bulkhead_process",
+        "bulkhead_subcommand",
         "bulkhead_library",
         "plain_spawn",
         "bulkhead_daemon_exec",

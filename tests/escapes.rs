@@ -609,11 +609,9 @@ fn pseudo_filesystems_and_system_dirs_are_not_work_dirs() {
     let _ = victim.wait();
 }
 
-/// Every escape above again, with each sandbox run in a cell the way the daemon runs
-/// them: this test re-runs this test binary with `--cell` added to every sandbox.
-#[test]
-fn every_escape_also_fails_inside_a_cell() {
-    if std::env::var_os(IN_CELL_ENV).is_some() {
+/// Re-runs this test binary, but for the re-running tests, with `env` set to `1`.
+fn rerun_suite_with(env: &str) {
+    if std::env::var_os(IN_CELL_ENV).is_some() || std::env::var_os(LONE_ENV).is_some() {
         return;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -622,8 +620,10 @@ fn every_escape_also_fails_inside_a_cell() {
             "2",
             "--skip",
             "every_escape_also_fails_inside_a_cell",
+            "--skip",
+            "every_escape_also_fails_through_the_lone_binary",
         ])
-        .env(IN_CELL_ENV, "1")
+        .env(env, "1")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -634,4 +634,18 @@ fn every_escape_also_fails_inside_a_cell() {
     );
     // The re-run really ran the suite.
     assert!(text.contains("test result: ok. 2"), "{text}");
+}
+
+/// Every escape above again, with each sandbox run in a cell the way the daemon runs
+/// them: `--cell` is added to every sandbox.
+#[test]
+fn every_escape_also_fails_inside_a_cell() {
+    rerun_suite_with(IN_CELL_ENV);
+}
+
+/// Every escape above again, through `bulkhead-sandbox` (the lone binary) instead of
+/// `bulkhead sandbox`.
+#[test]
+fn every_escape_also_fails_through_the_lone_binary() {
+    rerun_suite_with(LONE_ENV);
 }

@@ -1,5 +1,6 @@
-//! Cold-start benchmark: `/bin/true` to completion in bubblewrap, in `bulkhead sandbox`
-//! as a process, through the library in-process, and as a plain spawn (the floor).
+//! Cold-start benchmark: `/bin/true` to completion in bubblewrap, in `bulkhead-sandbox`
+//! (and the full binary's `bulkhead sandbox`) as a process, through the library
+//! in-process, and as a plain spawn (the floor).
 //!
 //! Variants are interleaved run by run so that machine noise hits them alike, and the
 //! report gives ratios measured in that one run. As root the benchmark first drops to an
@@ -50,8 +51,12 @@ pub struct Stats {
 pub struct Report {
     /// uid the benchmark ran as.
     pub uid: u32,
-    /// Per variant: `bwrap` (when installed), `bulkhead_process`, `bulkhead_library`,
-    /// `plain_spawn`.
+    /// What the `bulkhead_process` variant ran: `bulkhead-sandbox` beside this binary,
+    /// or this binary's `sandbox` subcommand when that was not built.
+    pub process_command: String,
+    /// Per variant: `bwrap` (when installed), `bulkhead_process`, `bulkhead_subcommand`
+    /// (when `bulkhead_process` is `bulkhead-sandbox`), `bulkhead_library`,
+    /// `plain_spawn`, and the daemon and cell variants.
     pub variants: std::collections::BTreeMap<String, Stats>,
     /// p50 and p99 of each bulkhead variant divided by bubblewrap's.
     pub ratios_to_bwrap: std::collections::BTreeMap<String, (f64, f64)>,
@@ -177,10 +182,21 @@ pub(crate) fn prepare(args: &ColdstartArgs) -> Result<(PathBuf, u32), String> {
     Ok((work, nix::unistd::geteuid().as_raw()))
 }
 
+/// The lone sandbox binary that `cargo build` puts beside `bulkhead`, if it is there.
+fn lone_sandbox(bulkhead_exe: &Path) -> Option<PathBuf> {
+    let lone = bulkhead_exe.with_file_name("bulkhead-sandbox");
+    lone.is_file().then_some(lone)
+}
+
 /// Runs the benchmark with `bulkhead_exe` as variant (b).
 pub fn coldstart(args: &ColdstartArgs, bulkhead_exe: &Path) -> Result<Report, String> {
     let (work, uid) = prepare(args)?;
-    let result = measure(args, bulkhead_exe, &work);
+    let lone = lone_sandbox(bulkhead_exe);
+    let process_command = match &lone {
+        Some(p) => p.display().to_string(),
+        None => format!("{} sandbox", bulkhead_exe.display()),
+    };
+    let result = measure(args, bulkhead_exe, lone.as_deref(), &work);
     if let Some(base) = work.parent() {
         // Best effort: the directory is ours and empty but for the work dir.
         let _removed = std::fs::remove_dir_all(base);
@@ -188,6 +204,7 @@ pub fn coldstart(args: &ColdstartArgs, bulkhead_exe: &Path) -> Result<Report, St
     let (variants, ratios) = result?;
     Ok(Report {
         uid,
+        process_command,
         variants,
         ratios_to_bwrap: ratios,
     })
@@ -198,7 +215,12 @@ type Measured = (
     std::collections::BTreeMap<String, (f64, f64)>,
 );
 
-fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Measured, String> {
+fn measure(
+    args: &ColdstartArgs,
+    bulkhead_exe: &Path,
+    lone: Option<&Path>,
+    work: &Path,
+) -> Result<Measured, String> {
     let bwrap = find_bwrap();
     let library = || -> Result<Duration, String> {
         let mut spec = SandboxSpec::new(work, vec!["/bin/true".into()]);
@@ -245,13 +267,21 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
         }
         Ok(d)
     };
-    let process = || {
+    let subcommand = || {
         let mut c = Command::new(bulkhead_exe);
         c.arg("sandbox")
             .arg("--work")
             .arg(work)
             .args(["--", "/bin/true"]);
         time_command(c)
+    };
+    let process = || match lone {
+        Some(lone) => {
+            let mut c = Command::new(lone);
+            c.arg("--work").arg(work).args(["--", "/bin/true"]);
+            time_command(c)
+        }
+        None => subcommand(),
     };
     let plain = || time_command(Command::new("/bin/true"));
     let bw = |b: &Path| time_command(bwrap_command(b, work));
@@ -267,6 +297,9 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
         in_cell()?;
         first_in_new_cell()?;
         process()?;
+        if lone.is_some() {
+            subcommand()?;
+        }
         plain()?;
         daemon.exec(0)?;
         if let Some(b) = &bwrap {
@@ -281,6 +314,7 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
         "bulkhead_daemon_exec",
         "bulkhead_library_cell",
         "bulkhead_new_cell_first_run",
+        "bulkhead_subcommand",
     ];
     let mut samples: Vec<Vec<Duration>> = (0..names.len())
         .map(|_| Vec::with_capacity(args.runs))
@@ -299,7 +333,11 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
                 3 => plain()?,
                 4 => daemon.exec(0)?,
                 5 => in_cell()?,
-                _ => first_in_new_cell()?,
+                6 => first_in_new_cell()?,
+                _ => match lone {
+                    Some(_) => subcommand()?,
+                    None => continue,
+                },
             };
             samples[v].push(d);
         }
@@ -315,6 +353,7 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
     if let Some(b) = variants.get("bwrap").cloned() {
         for name in [
             "bulkhead_process",
+            "bulkhead_subcommand",
             "bulkhead_library",
             "plain_spawn",
             "bulkhead_daemon_exec",
@@ -338,8 +377,8 @@ fn measure(args: &ColdstartArgs, bulkhead_exe: &Path, work: &Path) -> Result<Mea
 /// Prints `report` as a table.
 pub fn print_table(report: &Report) {
     println!(
-        "cold start of /bin/true, uid {}, interleaved; microseconds",
-        report.uid
+        "cold start of /bin/true, uid {}, interleaved; microseconds; bulkhead_process ran {}",
+        report.uid, report.process_command
     );
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>12} {:>12}",
@@ -389,7 +428,16 @@ pub fn target_lines(report: &Report) -> Vec<String> {
             0.40,
             "POST /v1/exec in a warm cell (audit line durable)",
         ),
-        check("bulkhead_process", 50, 0.80, "bulkhead sandbox (process)"),
+        check(
+            "bulkhead_process",
+            50,
+            0.80,
+            if report.process_command.ends_with(" sandbox") {
+                "bulkhead sandbox (process; bulkhead-sandbox was not built)"
+            } else {
+                "bulkhead-sandbox (process)"
+            },
+        ),
         check("bulkhead_library", 50, 0.45, "library in-process"),
         check("bulkhead_library", 99, 0.75, "library in-process"),
         check("bulkhead_library_cell", 50, 0.30, "library in a warm cell"),

@@ -11,6 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// When set, every `bulkhead sandbox` the tests start runs in a cell (`--cell`).
 pub const IN_CELL_ENV: &str = "BULKHEAD_TEST_IN_CELL";
 
+/// When set, every sandbox the tests start is run by `bulkhead-sandbox`, the lone binary,
+/// instead of `bulkhead sandbox`.
+pub const LONE_ENV: &str = "BULKHEAD_TEST_LONE_BINARY";
+
 /// The unprivileged uid/gid the tests run the sandbox as (and that owns the work dirs).
 pub const NOBODY: u32 = 65534;
 
@@ -79,8 +83,15 @@ pub enum As {
 pub const BOTH: [As; 2] = [As::Nobody, As::Root];
 
 pub fn sandbox_cmd(who: As, work: &Path, extra: &[&str], argv: &[&str]) -> Command {
-    let mut c = Command::new(bin());
-    c.arg("sandbox").arg("--work").arg(work).args(extra);
+    // Set by the escape suite's re-run through the lone binary (see tests/escapes.rs).
+    let mut c = if std::env::var_os(LONE_ENV).is_some() {
+        Command::new(env!("CARGO_BIN_EXE_bulkhead-sandbox"))
+    } else {
+        let mut c = Command::new(bin());
+        c.arg("sandbox");
+        c
+    };
+    c.arg("--work").arg(work).args(extra);
     // Set by the escape suite's re-run against cells (see tests/escapes.rs).
     if std::env::var_os(IN_CELL_ENV).is_some() {
         c.arg("--cell");
