@@ -1,6 +1,6 @@
 //! `cargo bench --bench coldstart`: the cold-start comparison against bubblewrap.
 //!
-//! Runs `/bin/true` interleaved in bubblewrap, `bulkhead sandbox` (process), the library
+//! Runs `/bin/true` interleaved in bubblewrap, `bulkhead-sandbox` (process), the library
 //! in-process and a plain spawn, and prints p50/p90/p99 and the ratios to bubblewrap from
 //! this one run, plus the targets. `BULKHEAD_BENCH_RUNS` sets the runs per variant.
 
