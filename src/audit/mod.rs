@@ -10,7 +10,6 @@
 #![forbid(unsafe_code)]
 
 mod verify;
-mod wal;
 mod writer;
 
 pub use verify::{VerifyError, VerifyReport, verify_file};

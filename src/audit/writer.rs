@@ -1,6 +1,5 @@
 //! Appending with group commit: concurrent requests' lines are written together and made
-//! durable with one fdatasync (of the write-ahead ring, see [`super::wal`]) before any of
-//! them is acknowledged.
+//! durable with one fdatasync before any of them is acknowledged.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -10,7 +9,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::wal::Wal;
 use super::{Event, GENESIS, Line, line_hash};
 
 /// Audit failures. A request whose awaited audit line cannot be made durable fails; a
@@ -109,11 +107,6 @@ impl Drop for InFlight {
 
 struct State {
     file: File,
-    /// Where commits are made durable (see [`super::wal`]).
-    wal: Wal,
-    /// A commit failed: the ring may lack lines the log has, so the next commit syncs
-    /// the log itself (and starts the ring over) rather than trust the ring.
-    wal_gap: bool,
     head: File,
     path: PathBuf,
     seq: u64,
@@ -155,46 +148,6 @@ fn recover(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
     Ok((line.seq, line_hash(last)))
 }
 
-/// Appends to the log the lines of the ring that it lacks (acknowledged lines whose
-/// append had not reached the disk when the machine went down), then syncs the log so
-/// that the ring may be overwritten. Only lines that continue the chain are taken: the
-/// next seq, with `prev` the hash of the line before.
-fn replay(
-    file: &mut File,
-    path: &Path,
-    wal: &mut Wal,
-    mut seq: u64,
-    mut prev: String,
-) -> Result<(u64, String), AuditError> {
-    let mut restored = Vec::new();
-    let mut lines = 0usize;
-    'records: for record in wal.records().map_err(io(wal.path()))? {
-        for line in record.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let Ok(parsed) = serde_json::from_slice::<Line>(line) else {
-                break 'records;
-            };
-            if parsed.seq <= seq {
-                continue;
-            }
-            if parsed.seq != seq + 1 || parsed.prev != prev {
-                tracing::warn!(path = %wal.path().display(), seq = parsed.seq, "audit.wal line does not continue the log; not replayed");
-                break 'records;
-            }
-            seq = parsed.seq;
-            prev = line_hash(line);
-            restored.extend_from_slice(line);
-            restored.push(b'\n');
-            lines += 1;
-        }
-    }
-    if lines > 0 {
-        file.write_all(&restored).map_err(io(path))?;
-        tracing::warn!(path = %path.display(), lines, "audit log had lost acknowledged lines; restored them from audit.wal");
-    }
-    file.sync_data().map_err(io(path))?;
-    Ok((seq, prev))
-}
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -211,9 +164,6 @@ impl AuditLog {
             .open(&path)
             .map_err(io(&path))?;
         let (seq, prev) = recover(&mut file, &path)?;
-        let mut wal = Wal::open(state_dir).map_err(io(&state_dir.join("audit.wal")))?;
-        let (seq, prev) = replay(&mut file, &path, &mut wal, seq, prev)?;
-        wal.prepare(state_dir).map_err(io(wal.path()))?;
         let head_path = state_dir.join("audit.head");
         let head = std::fs::OpenOptions::new()
             .write(true)
@@ -224,8 +174,6 @@ impl AuditLog {
             .map_err(io(&head_path))?;
         let mut state = State {
             file,
-            wal,
-            wal_gap: false,
             head,
             path,
             seq,
@@ -478,7 +426,6 @@ impl State {
             self.seq = seq;
             self.prev = prev;
         }
-        self.wal_gap = true;
     }
 
     fn write_head(&mut self) -> std::io::Result<()> {
@@ -510,19 +457,9 @@ impl State {
         self.file
             .write_all(&buf)
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        if !self.wal_gap && self.wal.fits(buf.len()) {
-            self.wal
-                .append(&buf)
-                .map_err(|e| format!("{}: {e}", self.wal.path().display()))?;
-        } else {
-            // The ring is full (or may have a gap): sync the log itself, this batch
-            // included, after which nothing in the ring is still needed.
-            self.file
-                .sync_data()
-                .map_err(|e| format!("{}: fdatasync: {e}", self.path.display()))?;
-            self.wal.restart();
-            self.wal_gap = false;
-        }
+        self.file
+            .sync_data()
+            .map_err(|e| format!("{}: fdatasync: {e}", self.path.display()))?;
         self.seq = seq;
         self.prev = prev;
         // The head only ever trails the durable log; losing an update is harmless.
@@ -655,99 +592,6 @@ mod tests {
         });
         let report = super::super::verify::verify_file(&dir.join("audit.jsonl")).unwrap();
         assert_eq!(report.lines, 5);
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    /// Cuts the log back to its first `keep` lines, as a power loss does to appends that
-    /// had not reached the disk.
-    fn lose_tail(dir: &Path, keep: usize) {
-        let path = dir.join("audit.jsonl");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let kept: usize = text.split_inclusive('\n').take(keep).map(str::len).sum();
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(kept as u64).unwrap();
-    }
-
-    /// Acknowledged lines that the log lost are appended again from the ring when the log
-    /// is opened, in order and chained, once only; a record torn or changed in the ring
-    /// (its checksum fails) ends the replay there.
-    #[test]
-    fn acknowledged_lines_lost_from_the_log_come_back_from_the_ring() {
-        let dir = std::env::temp_dir().join(format!("bulkhead-audit-{}", crate::auth::trace_id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = AuditLog::open(&dir).unwrap();
-        for i in 0..6 {
-            log.record_blocking(event(i)).unwrap();
-        }
-        drop(log);
-        lose_tail(&dir, 3);
-        assert_eq!(actions(&dir).len(), 3);
-        let log = AuditLog::open(&dir).unwrap();
-        let all: Vec<String> = (0..6).map(|i| format!("test.{i}")).collect();
-        assert_eq!(actions(&dir), all);
-        log.record_blocking(event(6)).unwrap();
-        drop(log);
-        drop(AuditLog::open(&dir).unwrap());
-        assert_eq!(actions(&dir).len(), 7, "replayed twice");
-        let report = super::super::verify::verify_file(&dir.join("audit.jsonl")).unwrap();
-        assert_eq!(report.lines, 7);
-        std::fs::remove_dir_all(&dir).unwrap();
-
-        // A fresh log: records 0..6 in the ring in order, one line each. Change a byte
-        // of the fifth's line (test.4), then lose the log's last three lines.
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = AuditLog::open(&dir).unwrap();
-        for i in 0..6 {
-            log.record_blocking(event(i)).unwrap();
-        }
-        drop(log);
-        let ring = dir.join("audit.wal");
-        let mut bytes = std::fs::read(&ring).unwrap();
-        let mut at = 0usize;
-        for _ in 0..4 {
-            let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
-            at += 16 + len;
-        }
-        let action = at + bytes[at..].windows(6).position(|w| w == b"test.4").unwrap();
-        bytes[action + 5] = b'9';
-        std::fs::write(&ring, &bytes).unwrap();
-        lose_tail(&dir, 3);
-        drop(AuditLog::open(&dir).unwrap());
-        assert_eq!(actions(&dir), ["test.0", "test.1", "test.2", "test.3"]);
-        let report = super::super::verify::verify_file(&dir.join("audit.jsonl")).unwrap();
-        assert_eq!(report.lines, 4);
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    /// Past the end of the ring the log itself is synced and the ring starts over; lines
-    /// written after that come back from it, and older records left past the newest are
-    /// recognized as already in the log.
-    #[test]
-    fn the_ring_starts_over_when_full_and_still_restores_what_came_after() {
-        let dir = std::env::temp_dir().join(format!("bulkhead-audit-{}", crate::auth::trace_id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = AuditLog::open(&dir).unwrap();
-        // About 4 KiB a line: 300 lines are more than one turn of the 1 MiB ring.
-        let n = 300;
-        assert!((n * 4000) as u64 > super::super::wal::WAL_LEN);
-        for i in 0..n {
-            log.record_blocking(Event {
-                target: Some("t".repeat(4000)),
-                ..event(i)
-            })
-            .unwrap();
-        }
-        drop(log);
-        assert_eq!(
-            std::fs::metadata(dir.join("audit.wal")).unwrap().len(),
-            super::super::wal::WAL_LEN
-        );
-        lose_tail(&dir, n - 20);
-        drop(AuditLog::open(&dir).unwrap());
-        let all: Vec<String> = (0..n).map(|i| format!("test.{i}")).collect();
-        assert_eq!(actions(&dir), all);
-        let report = super::super::verify::verify_file(&dir.join("audit.jsonl")).unwrap();
-        assert_eq!(report.lines, n as u64);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
