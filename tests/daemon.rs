@@ -1399,3 +1399,37 @@ async fn slow_or_greedy_clients_cannot_starve_others() {
         r.json()
     );
 }
+
+/// A second daemon on a state dir in use is refused before it touches anything: it exits
+/// at once saying why, and the first keeps serving with its audit log intact.
+#[tokio::test]
+async fn a_second_daemon_on_the_same_state_dir_is_refused() {
+    let d = Daemon::start(As::Nobody);
+    d.create("acme").await;
+    let before = std::fs::read(d.state.join("audit.jsonl")).unwrap();
+    let mut c = std::process::Command::new(bin());
+    c.arg("serve")
+        .arg("--state-dir")
+        .arg(&d.state)
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .stdin(std::process::Stdio::null())
+        .uid(NOBODY)
+        .gid(NOBODY);
+    use std::os::unix::process::CommandExt;
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("another bulkhead daemon is using this state dir"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(d.state.join("audit.jsonl")).unwrap(), before);
+    let r = d
+        .admin()
+        .request(Method::GET, "/admin/tenants", vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    bulkhead::audit::verify_file(&d.state.join("audit.jsonl")).unwrap();
+}

@@ -131,6 +131,30 @@ pub struct Prepared {
     admin: AdminRecord,
     spawners: (PathBuf, Vec<(std::os::fd::OwnedFd, std::process::Child)>),
     listen_fds: Vec<(String, std::os::fd::OwnedFd)>,
+    /// Held until the daemon exits (see [`lock_state_dir`]).
+    state_lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes `<state>/daemon.lock` (an exclusive `flock`) for the daemon's lifetime: a second
+/// daemon on the same state dir would interleave audit lines, cut each other's torn
+/// lines at start and race on every file, so it is refused before it touches any.
+fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ServeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| ServeError::Start(format!("{}: {e}", path.display())))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        ServeError::Start(format!(
+            "{}: another bulkhead daemon is using this state dir ({e})",
+            state_dir.display()
+        ))
+    })
 }
 
 /// Start-up before any thread exists: takes socket-activation fds, starts the spawner,
@@ -140,8 +164,6 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
     let listen_fds = crate::sandbox::channel::take_listen_fds();
     let exe =
         std::env::current_exe().map_err(|e| ServeError::Start(format!("current_exe: {e}")))?;
-    // Before the spawner starts, so that it is placed with the daemon.
-    let cgroups = crate::policy::cgroups::setup();
     let root = nix::unistd::geteuid().is_root();
     {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -159,6 +181,9 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
             .create(&paths.runtime_dir)
             .map_err(start_err)?;
     }
+    let state_lock = lock_state_dir(&paths.state_dir)?;
+    // Before the spawner starts, so that it is placed with the daemon.
+    let cgroups = crate::policy::cgroups::setup();
     let config = AdminConfig::load(&paths.config).map_err(start_err)?;
     let spawners = (0..config.exec.effective_spawners())
         .map(|_| crate::spawner::start_process(&exe).map_err(start_err))
@@ -221,6 +246,7 @@ pub fn prepare(paths: Paths) -> Result<Prepared, ServeError> {
         admin,
         spawners: (exe, spawners),
         listen_fds,
+        state_lock,
     })
 }
 
@@ -493,7 +519,7 @@ pub fn serve(prepared: Prepared) -> Result<(), ServeError> {
         .build()
         .map_err(start_err)?;
     rt.block_on(async move {
-        let Prepared { paths, config, registry, overlays, limits, usage, cgroups, admin, spawners, mut listen_fds } = prepared;
+        let Prepared { paths, config, registry, overlays, limits, usage, cgroups, admin, spawners, mut listen_fds, state_lock: _held_until_exit } = prepared;
         let (exe, spawners) = spawners;
         let spawner = SpawnerClient::new(exe, spawners).map_err(start_err)?;
         let audit = AuditLog::open(&paths.state_dir).map_err(start_err)?;
