@@ -272,8 +272,7 @@ impl AuditLog {
     pub async fn record(&self, event: Event) -> Result<(), AuditError> {
         let (ack, done) = tokio::sync::oneshot::channel();
         if self.enqueue(event, Some(ack)) {
-            let multi = tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            let multi = may_block_in_place();
             self.lead(|f: &mut dyn FnMut()| {
                 if multi && !self.inline_commit() {
                     tokio::task::block_in_place(f)
@@ -357,10 +356,7 @@ impl AuditLog {
                 !q.pending.is_empty() && !std::mem::replace(&mut q.committing, true)
             };
             if lead {
-                let multi = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-                });
-                if multi {
+                if may_block_in_place() {
                     tokio::task::block_in_place(|| self.lead(|f: &mut dyn FnMut()| f()));
                 } else {
                     self.lead(|f: &mut dyn FnMut()| f());
@@ -402,6 +398,13 @@ impl Durable {
     pub async fn wait(self) -> Result<(), AuditError> {
         acknowledged(self.0.await)
     }
+}
+
+/// Whether `block_in_place` may be called here: only on a multi-thread runtime (it
+/// panics on a current-thread one).
+fn may_block_in_place() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 fn acknowledged(
