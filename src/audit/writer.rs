@@ -477,6 +477,20 @@ impl State {
 mod tests {
     use super::*;
 
+    /// A log in a new temp dir, and a runtime shaped like the daemon's on two cores (one
+    /// worker).
+    fn fresh_log() -> (PathBuf, AuditLog, tokio::runtime::Runtime) {
+        let dir = std::env::temp_dir().join(format!("bulkhead-audit-{}", crate::auth::trace_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = AuditLog::open(&dir).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        (dir, log, rt)
+    }
+
     fn event(i: usize) -> Event {
         Event {
             actor: "ak_test".into(),
@@ -492,13 +506,7 @@ mod tests {
     /// Either way every acknowledged line is in the file, in one unbroken chain.
     #[test]
     fn lone_and_concurrent_commits_are_all_written_and_chained() {
-        let dir = std::env::temp_dir().join(format!("bulkhead-audit-{}", crate::auth::trace_id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = AuditLog::open(&dir).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
+        let (dir, log, rt) = fresh_log();
         let fast = |log: &AuditLog| log.inner.last_sync_us.store(0, Ordering::Relaxed);
         let lone = log.clone();
         let task = rt.spawn(log.serving(async move {
@@ -558,14 +566,7 @@ mod tests {
     /// next commit, is committed by a timer when none comes, and by `flush` at once.
     #[test]
     fn begun_and_detached_lines_are_committed_in_order() {
-        let dir = std::env::temp_dir().join(format!("bulkhead-audit-{}", crate::auth::trace_id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = AuditLog::open(&dir).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_time()
-            .build()
-            .unwrap();
+        let (dir, log, rt) = fresh_log();
         rt.block_on(async {
             let begun = log.begin(event(0));
             begun.wait().await.unwrap();
@@ -603,14 +604,7 @@ mod tests {
     /// is written, in order, before the next one is acknowledged.
     #[test]
     fn a_begun_line_is_not_acknowledged_before_its_commit() {
-        let dir = std::env::temp_dir().join(format!("bulkhead-audit-{}", crate::auth::trace_id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let log = AuditLog::open(&dir).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_time()
-            .build()
-            .unwrap();
+        let (dir, log, rt) = fresh_log();
         let held = lock(&log.inner.state);
         rt.block_on(async {
             let begun = log.begin(event(0));
