@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod verify;
+mod wal;
 mod writer;
 
 pub use verify::{VerifyError, VerifyReport, verify_file};

@@ -7,9 +7,13 @@ use super::{GENESIS, Line, line_hash};
 /// A verified log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
-    /// Lines checked.
+    /// Lines checked in the log.
     pub lines: u64,
-    /// Hash of the last line.
+    /// Committed lines past the log's end that only `audit.wal` holds yet (after a
+    /// crash; the daemon writes them into the log when it next starts), checked to
+    /// continue its chain.
+    pub in_wal: u64,
+    /// Hash of the last line (of the ring's, if it holds lines past the log's end).
     pub last_hash: String,
 }
 
@@ -49,7 +53,8 @@ pub enum VerifyError {
         /// Line number.
         line: u64,
     },
-    /// Fewer lines than `audit.head` says were committed.
+    /// Fewer lines (in the log and `audit.wal` together) than `audit.head` says were
+    /// committed.
     #[error("line {line}: log truncated: audit.head records {committed} committed lines")]
     Truncated {
         /// First missing line.
@@ -71,15 +76,20 @@ struct Head {
     hash: String,
 }
 
-/// Verifies `path`, and against `audit.head` next to it when present.
+/// Verifies `path`, then the lines of `audit.wal` next to it that continue it, and both
+/// against `audit.head` next to it when present. Read in the order the daemon writes
+/// them backwards (head, log, ring), so that a live daemon's commits never look like a
+/// truncation.
 pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let head: Option<Head> = std::fs::read(dir.join("audit.head"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(b.trim_ascii()).ok());
     let data =
         std::fs::read(path).map_err(|e| VerifyError::Read(format!("{}: {e}", path.display())))?;
-    let head: Option<Head> = path
-        .parent()
-        .map(|d| d.join("audit.head"))
-        .and_then(|p| std::fs::read(p).ok())
-        .and_then(|b| serde_json::from_slice(b.trim_ascii()).ok());
+    let wal = dir.join("audit.wal");
+    let records =
+        super::wal::read(&wal).map_err(|e| VerifyError::Read(format!("{}: {e}", wal.display())))?;
     let mut prev = GENESIS.to_string();
     let mut n = 0u64;
     let mut hashes_at_head = None;
@@ -110,6 +120,27 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
             hashes_at_head = Some(prev.clone());
         }
     }
+    let lines = n;
+    let in_ring = records
+        .iter()
+        .flat_map(|r| r.lines.split(|b| *b == b'\n'))
+        .filter(|l| !l.is_empty());
+    for raw in in_ring {
+        let Ok(line) = serde_json::from_slice::<Line>(raw) else {
+            break;
+        };
+        if line.seq <= n {
+            continue;
+        }
+        if line.seq != n + 1 || line.prev != prev {
+            break;
+        }
+        n += 1;
+        prev = line_hash(raw);
+        if head.as_ref().is_some_and(|h| h.seq == n) {
+            hashes_at_head = Some(prev.clone());
+        }
+    }
     if let Some(h) = head {
         if h.seq > n {
             return Err(VerifyError::Truncated {
@@ -122,7 +153,8 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
         }
     }
     Ok(VerifyReport {
-        lines: n,
+        lines,
+        in_wal: n - lines,
         last_hash: prev,
     })
 }
@@ -210,7 +242,14 @@ mod tests {
             Err(VerifyError::ChainBroken { line: 2 })
         );
 
+        // Lines cut off the end that audit.wal still holds are reported as held there
+        // (the daemon writes them back at its next start); with the ring gone too, the
+        // cut is a truncation.
         write(&dir, &orig[..4]);
+        let report = verify_file(&file).unwrap();
+        assert_eq!((report.lines, report.in_wal), (4, 2));
+        let ring = std::fs::read(dir.join("audit.wal")).unwrap();
+        std::fs::remove_file(dir.join("audit.wal")).unwrap();
         assert_eq!(
             verify_file(&file),
             Err(VerifyError::Truncated {
@@ -218,6 +257,7 @@ mod tests {
                 committed: 6
             })
         );
+        std::fs::write(dir.join("audit.wal"), ring).unwrap();
 
         let mut torn = orig.iter().map(|l| format!("{l}\n")).collect::<String>();
         torn.truncate(torn.len() - 10);

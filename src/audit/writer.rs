@@ -1,14 +1,16 @@
 //! Appending with group commit: concurrent requests' lines are written together and made
-//! durable with one fdatasync before any of them is acknowledged.
+//! durable with one fdatasync (of the write-ahead ring, see [`super::wal`]) before any of
+//! them is acknowledged.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::wal::{Record, Wal};
 use super::{Event, GENESIS, Line, line_hash};
 
 /// Audit failures. A request whose awaited audit line cannot be made durable fails; a
@@ -29,6 +31,18 @@ pub enum AuditError {
     /// The commit that carried this line was abandoned.
     #[error("audit commit abandoned")]
     Stopped,
+    /// `audit.wal` holds committed lines that do not continue `audit.jsonl`.
+    #[error(
+        "{wal} holds committed audit lines that do not continue {log} (was the log moved, \
+         replaced or cut while the daemon was down?); put the log back, or move {wal} aside \
+         to give those lines up"
+    )]
+    ForeignWal {
+        /// The ring.
+        wal: String,
+        /// The log.
+        log: String,
+    },
 }
 
 /// Who hears a line's outcome: its waiter, or nobody for a detached line.
@@ -107,10 +121,17 @@ impl Drop for InFlight {
 
 struct State {
     file: File,
+    /// Where commits are made durable before they are appended to `file`.
+    wal: Wal,
     head: File,
     path: PathBuf,
+    /// The log's length: where the next line goes.
+    len: u64,
     seq: u64,
     prev: String,
+    /// Why the log takes no more lines: a write or sync failed, after which the log may
+    /// lack lines that only the ring holds (see [`State::stop`]).
+    stopped: Option<String>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
@@ -120,12 +141,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
     }
 }
 
-/// Reads the seq and hash of the last complete line; a torn final line (a write the
-/// daemon never acknowledged, cut by a crash) is truncated away.
-fn recover(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
-    let mut data = Vec::new();
-    file.seek(SeekFrom::Start(0)).map_err(io(path))?;
-    file.read_to_end(&mut data).map_err(io(path))?;
+/// Reads the seq and hash of the last complete line of `data`, the log's bytes, and the
+/// length up to its end; a torn final line (a write the daemon never acknowledged, cut
+/// by a crash) is truncated away.
+fn recover(file: &mut File, path: &Path, data: &[u8]) -> Result<(u64, String, u64), AuditError> {
     let complete = data
         .iter()
         .rposition(|b| *b == b'\n')
@@ -136,16 +155,96 @@ fn recover(file: &mut File, path: &Path) -> Result<(u64, String), AuditError> {
         file.sync_all().map_err(io(path))?;
         tracing::warn!(path = %path.display(), bytes = data.len() - complete, "audit log ended in a torn line; truncated it");
     }
-    let body = &data[..complete];
-    let Some(last) = body
-        .strip_suffix(b"\n")
-        .map(|b| b.rsplit(|c| *c == b'\n').next().unwrap_or(b))
-    else {
-        return Ok((0, GENESIS.to_string()));
+    let Some(last) = last_line(&data[..complete]) else {
+        return Ok((0, GENESIS.to_string(), 0));
     };
     let line: Line = serde_json::from_slice(last)
         .map_err(|_| AuditError::Corrupt(path.display().to_string()))?;
-    Ok((line.seq, line_hash(last)))
+    Ok((line.seq, line_hash(last), complete as u64))
+}
+
+/// The last line of `body`, which ends in a newline, without it.
+fn last_line(body: &[u8]) -> Option<&[u8]> {
+    body.strip_suffix(b"\n")
+        .map(|b| b.rsplit(|c| *c == b'\n').next().unwrap_or(b))
+}
+
+/// Whether `lines` continue the chain of `before`: the first has the next seq, and
+/// `prev` the hash of the last line of `before`.
+fn continues(before: &[u8], lines: &[u8]) -> bool {
+    let first = lines.split(|b| *b == b'\n').next().unwrap_or_default();
+    let Ok(first) = serde_json::from_slice::<Line>(first) else {
+        return false;
+    };
+    if before.is_empty() {
+        return first.seq == 1 && first.prev == GENESIS;
+    }
+    let Some(last) = last_line(before) else {
+        return false;
+    };
+    serde_json::from_slice::<Line>(last)
+        .is_ok_and(|l| first.seq == l.seq + 1 && first.prev == line_hash(last))
+}
+
+/// Writes into the log the ring's lines that it lacks or garbled (acknowledged lines
+/// whose unsynced append had not reached the disk when the machine went down) and
+/// returns the log's bytes. Past the first record's offset the log must be a prefix of
+/// the ring's lines: from the first byte where it is not, the ring's lines replace it.
+/// A crash cuts or garbles an append; it does not write a different audit line. So the
+/// ring belongs to another log, and nothing is changed, if its lines do not continue the
+/// log's chain at that offset or the log has a whole audit line there that they lack.
+fn replay(
+    file: &mut File,
+    path: &Path,
+    wal: &Path,
+    mut data: Vec<u8>,
+    records: &[Record],
+) -> Result<Vec<u8>, AuditError> {
+    let Some(first) = records.first() else {
+        return Ok(data);
+    };
+    let lines: Vec<u8> = records
+        .iter()
+        .flat_map(|r| r.lines.iter().copied())
+        .collect();
+    let base = usize::try_from(first.base)
+        .ok()
+        .filter(|b| *b <= data.len() && continues(&data[..*b], &lines));
+    let foreign = || AuditError::ForeignWal {
+        wal: wal.display().to_string(),
+        log: path.display().to_string(),
+    };
+    let Some(base) = base else {
+        return Err(foreign());
+    };
+    let have = &data[base..];
+    let same = have.iter().zip(&lines).take_while(|(a, b)| a == b).count();
+    if same == lines.len() {
+        return Ok(data);
+    }
+    let differing = have[..same]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let theirs = have[differing..]
+        .iter()
+        .position(|b| *b == b'\n')
+        .map(|end| &have[differing..differing + end]);
+    if theirs.is_some_and(|l| serde_json::from_slice::<Line>(l).is_ok()) {
+        return Err(foreign());
+    }
+    let dropped = have.len() - same;
+    file.set_len((base + same) as u64).map_err(io(path))?;
+    file.write_all(&lines[same..]).map_err(io(path))?;
+    data.truncate(base + same);
+    data.extend_from_slice(&lines[same..]);
+    tracing::warn!(
+        path = %path.display(),
+        restored_bytes = lines.len() - same,
+        dropped_bytes = dropped,
+        "audit log had lost acknowledged lines; restored them from audit.wal"
+    );
+    Ok(data)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -163,7 +262,15 @@ impl AuditLog {
             .mode(0o600)
             .open(&path)
             .map_err(io(&path))?;
-        let (seq, prev) = recover(&mut file, &path)?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data).map_err(io(&path))?;
+        let mut wal = Wal::open(state_dir).map_err(io(&state_dir.join("audit.wal")))?;
+        let records = wal.records().map_err(io(wal.path()))?;
+        let data = replay(&mut file, &path, wal.path(), data, &records)?;
+        let (seq, prev, len) = recover(&mut file, &path, &data)?;
+        // What was replayed must be durable in the log before the ring is cleared.
+        file.sync_data().map_err(io(&path))?;
+        wal.prepare(state_dir).map_err(io(wal.path()))?;
         let head_path = state_dir.join("audit.head");
         let head = std::fs::OpenOptions::new()
             .write(true)
@@ -174,10 +281,13 @@ impl AuditLog {
             .map_err(io(&head_path))?;
         let mut state = State {
             file,
+            wal,
             head,
             path,
+            len,
             seq,
             prev,
+            stopped: None,
         };
         state.write_head().map_err(io(&head_path))?;
         Ok(AuditLog {
@@ -245,9 +355,6 @@ impl AuditLog {
                 result = state.commit(&events);
                 let took = started.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
                 self.inner.last_sync_us.store(took, Ordering::Relaxed);
-                if result.is_err() {
-                    state.resync();
-                }
             });
             for (event, ack) in events.iter().zip(acks) {
                 match (ack, &result) {
@@ -335,14 +442,27 @@ impl AuditLog {
 
     /// At shutdown: waits until no counted work is in flight (a stream's relay queues its
     /// settlement as it ends), then commits every queued line, so that detached lines
-    /// are not left to a timer that will not fire. Gives up at `deadline`, logging what
-    /// it leaves: a relay or commit that is stuck must not hold the daemon up.
+    /// are not left to a timer that will not fire, and syncs the log and clears the ring
+    /// (so that the log may be moved away before the next start). Gives up at
+    /// `deadline`, logging what it leaves: a relay or commit that is stuck must not hold
+    /// the daemon up.
     pub async fn flush(&self, deadline: std::time::Instant) {
         loop {
             let lead = {
                 let mut q = lock(&self.inner.queue);
                 let busy = self.inner.in_flight.load(Ordering::Relaxed) > 0;
                 if q.pending.is_empty() && !q.committing && !busy {
+                    drop(q);
+                    let checkpoint = || {
+                        if let Err(e) = lock(&self.inner.state).checkpoint() {
+                            tracing::error!(error = %e, "audit log not synced at shutdown");
+                        }
+                    };
+                    if may_block_in_place() {
+                        tokio::task::block_in_place(checkpoint);
+                    } else {
+                        checkpoint();
+                    }
                     return;
                 }
                 if std::time::Instant::now() >= deadline {
@@ -421,14 +541,31 @@ fn acknowledged(
 }
 
 impl State {
-    /// After a failed write: cut back to the last complete line so later lines chain.
-    fn resync(&mut self) {
-        tracing::error!(path = %self.path.display(), "audit write failed; resynchronizing on the last complete line");
-        let path = self.path.clone();
-        if let Ok((seq, prev)) = recover(&mut self.file, &path) {
-            self.seq = seq;
-            self.prev = prev;
+    /// After a failed write or sync: the ring and the log may now disagree, and a later
+    /// sync of the log could report success for pages an earlier failure lost, so no
+    /// further line is taken (and the ring is never cleared) in this process. Opening the
+    /// log again writes into it what only the ring holds. Returns the error to report.
+    fn stop(&mut self, why: String) -> String {
+        tracing::error!(path = %self.path.display(), error = %why, "audit log stopped: it takes no more lines until the daemon restarts");
+        let why = format!(
+            "{why}; the audit log takes no more lines until the daemon restarts and restores it from audit.wal"
+        );
+        self.stopped = Some(why.clone());
+        why
+    }
+
+    /// Makes the log itself durable and starts the ring over, empty.
+    fn checkpoint(&mut self) -> Result<(), String> {
+        if let Some(why) = &self.stopped {
+            return Err(why.clone());
         }
+        if let Err(e) = self.file.sync_data() {
+            return Err(self.stop(format!("{}: fdatasync: {e}", self.path.display())));
+        }
+        if let Err(e) = self.wal.clear() {
+            return Err(self.stop(format!("{}: {e}", self.wal.path().display())));
+        }
+        Ok(())
     }
 
     fn write_head(&mut self) -> std::io::Result<()> {
@@ -438,6 +575,9 @@ impl State {
     }
 
     fn commit(&mut self, batch: &[Event]) -> Result<(), String> {
+        if let Some(why) = &self.stopped {
+            return Err(why.clone());
+        }
         let ts_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -457,15 +597,32 @@ impl State {
             buf.extend_from_slice(&bytes);
             buf.push(b'\n');
         }
-        self.file
-            .write_all(&buf)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        self.file
-            .sync_data()
-            .map_err(|e| format!("{}: fdatasync: {e}", self.path.display()))?;
+        if !self.wal.fits(buf.len()) {
+            self.checkpoint()?;
+        }
+        if self.wal.fits(buf.len()) {
+            if let Err(e) = self.wal.append(self.len, &buf) {
+                return Err(self.stop(format!("{}: {e}", self.wal.path().display())));
+            }
+            if let Err(e) = self.file.write_all(&buf) {
+                return Err(self.stop(format!("{}: {e}", self.path.display())));
+            }
+            self.wal.advance(buf.len());
+        } else {
+            // More than the whole ring holds, with the ring empty: synced in the log.
+            if let Err(e) = self
+                .file
+                .write_all(&buf)
+                .and_then(|()| self.file.sync_data())
+            {
+                return Err(self.stop(format!("{}: {e}", self.path.display())));
+            }
+        }
+        self.len += buf.len() as u64;
         self.seq = seq;
         self.prev = prev;
-        // The head only ever trails the durable log; losing an update is harmless.
+        // The head only ever trails the durable lines (the log's and the ring's); losing
+        // an update is harmless.
         if let Err(e) = self.write_head() {
             tracing::warn!(error = %e, "audit.head update failed");
         }
@@ -619,6 +776,237 @@ mod tests {
         drop(held);
         rt.block_on(async { log.begin(event(1)).wait().await.unwrap() });
         assert_eq!(actions(&dir), ["test.0", "test.1"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Cuts the log back to its first `keep` lines, as a power loss does to appends that
+    /// had not reached the disk.
+    fn lose_tail(dir: &Path, keep: usize) {
+        let path = dir.join("audit.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let kept: usize = text.split_inclusive('\n').take(keep).map(str::len).sum();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(kept as u64).unwrap();
+    }
+
+    fn verified(dir: &Path) -> u64 {
+        let report = super::super::verify::verify_file(&dir.join("audit.jsonl")).unwrap();
+        assert_eq!(report.in_wal, 0, "lines left only in the ring");
+        report.lines
+    }
+
+    /// Acknowledged lines that the log lost are written back from the ring when the log
+    /// is opened, in order and chained, once only; a record torn or changed in the ring
+    /// (its checksum fails) ends the replay there.
+    #[test]
+    fn acknowledged_lines_lost_from_the_log_come_back_from_the_ring() {
+        let (dir, log, _rt) = fresh_log();
+        for i in 0..6 {
+            log.record_blocking(event(i)).unwrap();
+        }
+        drop(log);
+        let whole = std::fs::read(dir.join("audit.jsonl")).unwrap();
+        lose_tail(&dir, 3);
+        assert_eq!(actions(&dir).len(), 3);
+        let log = AuditLog::open(&dir).unwrap();
+        assert_eq!(std::fs::read(dir.join("audit.jsonl")).unwrap(), whole);
+        log.record_blocking(event(6)).unwrap();
+        drop(log);
+        drop(AuditLog::open(&dir).unwrap());
+        assert_eq!(actions(&dir).len(), 7, "replayed twice");
+        assert_eq!(verified(&dir), 7);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // Records 0..6 in the ring in order, one line each: change a byte of the fifth's
+        // line (test.4), then lose the log's last three lines.
+        let (dir, log, _rt) = fresh_log();
+        for i in 0..6 {
+            log.record_blocking(event(i)).unwrap();
+        }
+        drop(log);
+        let ring = dir.join("audit.wal");
+        let mut bytes = std::fs::read(&ring).unwrap();
+        let at = bytes.windows(6).position(|w| w == b"test.4").unwrap();
+        bytes[at + 5] = b'9';
+        std::fs::write(&ring, &bytes).unwrap();
+        lose_tail(&dir, 3);
+        drop(AuditLog::open(&dir).unwrap());
+        assert_eq!(actions(&dir), ["test.0", "test.1", "test.2", "test.3"]);
+        assert_eq!(verified(&dir), 4);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A power loss can leave an unsynced append garbled rather than cut: zeros where
+    /// lines were, or other bytes after them. From the first byte that differs from the
+    /// ring, the ring's lines replace the log's.
+    #[test]
+    fn a_garbled_tail_is_replaced_by_the_rings_lines() {
+        let garbles: [fn(&mut Vec<u8>, usize); 2] = [
+            |log, cut| log[cut..].fill(0),
+            |log, cut| {
+                log.truncate(cut);
+                log.extend_from_slice(&b"longer than what it replaced, and not a line\n".repeat(9));
+            },
+        ];
+        for garble in garbles {
+            let (dir, log, _rt) = fresh_log();
+            for i in 0..6 {
+                log.record_blocking(event(i)).unwrap();
+            }
+            drop(log);
+            let path = dir.join("audit.jsonl");
+            let whole = std::fs::read(&path).unwrap();
+            let mut garbled = whole.clone();
+            garble(&mut garbled, whole.len() - 150);
+            std::fs::write(&path, &garbled).unwrap();
+            drop(AuditLog::open(&dir).unwrap());
+            assert_eq!(std::fs::read(&path).unwrap(), whole);
+            assert_eq!(verified(&dir), 6);
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
+
+    /// Past the end of the ring the log itself is synced and the ring starts over; lines
+    /// written after that come back from it, and records left from the earlier turn are
+    /// not taken for part of this one.
+    #[test]
+    fn the_ring_starts_over_when_full_and_still_restores_what_came_after() {
+        let (dir, log, _rt) = fresh_log();
+        // About 4 KiB a line: 300 lines are more than one turn of the 1 MiB ring.
+        let n = 300;
+        assert!((n * 4000) as u64 > super::super::wal::WAL_LEN);
+        for i in 0..n {
+            log.record_blocking(Event {
+                target: Some("t".repeat(4000)),
+                ..event(i)
+            })
+            .unwrap();
+        }
+        drop(log);
+        assert_eq!(
+            std::fs::metadata(dir.join("audit.wal")).unwrap().len(),
+            super::super::wal::WAL_LEN
+        );
+        lose_tail(&dir, n - 20);
+        drop(AuditLog::open(&dir).unwrap());
+        let all: Vec<String> = (0..n).map(|i| format!("test.{i}")).collect();
+        assert_eq!(actions(&dir), all);
+        assert_eq!(verified(&dir), n as u64);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A ring whose lines do not continue the log (the log moved away or replaced while
+    /// the daemon was down after a crash) is refused, changing neither file. A clean
+    /// shutdown (`flush`) leaves the ring empty, so the log may be moved away then.
+    #[test]
+    fn a_ring_that_does_not_continue_the_log_is_refused() {
+        let (dir, log, rt) = fresh_log();
+        for i in 0..3 {
+            log.record_blocking(event(i)).unwrap();
+        }
+        drop(log);
+        let (other, log, _rt2) = fresh_log();
+        log.record_blocking(event(9)).unwrap();
+        drop(log);
+        std::fs::copy(dir.join("audit.wal"), other.join("audit.wal")).unwrap();
+        let files = |d: &Path| {
+            (
+                std::fs::read(d.join("audit.jsonl")).unwrap(),
+                std::fs::read(d.join("audit.wal")).unwrap(),
+            )
+        };
+        let before = files(&other);
+        match AuditLog::open(&other) {
+            Err(AuditError::ForeignWal { .. }) => {}
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a ring from another log was accepted"),
+        }
+        assert_eq!(files(&other), before);
+
+        // The log moved away after a crash: the ring's lines (written after it was
+        // reopened, so they do not start a log) are refused.
+        let log = AuditLog::open(&dir).unwrap();
+        log.record_blocking(event(3)).unwrap();
+        drop(log);
+        std::fs::rename(dir.join("audit.jsonl"), dir.join("archived.jsonl")).unwrap();
+        assert!(matches!(
+            AuditLog::open(&dir),
+            Err(AuditError::ForeignWal { .. })
+        ));
+        std::fs::rename(dir.join("archived.jsonl"), dir.join("audit.jsonl")).unwrap();
+
+        // After a clean shutdown it may be.
+        let log = AuditLog::open(&dir).unwrap();
+        rt.block_on(log.flush(std::time::Instant::now() + std::time::Duration::from_secs(5)));
+        drop(log);
+        std::fs::rename(dir.join("audit.jsonl"), dir.join("archived.jsonl")).unwrap();
+        let log = AuditLog::open(&dir).unwrap();
+        log.record_blocking(event(0)).unwrap();
+        assert_eq!(actions(&dir), ["test.0"]);
+        assert_eq!(verified(&dir), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(other).unwrap();
+    }
+
+    fn write_only(path: &str) -> File {
+        std::fs::OpenOptions::new().write(true).open(path).unwrap()
+    }
+
+    /// Any failed write or sync stops the log: that commit and every later one fail, and
+    /// the ring is not cleared. Reopened, the log has every line that was acknowledged
+    /// (and a line whose ring record was durable although its commit then failed).
+    #[test]
+    fn a_failed_write_or_sync_stops_the_log_until_it_is_reopened() {
+        // The ring cannot be written.
+        let (dir, log, _rt) = fresh_log();
+        log.record_blocking(event(0)).unwrap();
+        let ring = File::open(dir.join("audit.wal")).unwrap();
+        lock(&log.inner.state).wal.replace_file(ring);
+        let err = log.record_blocking(event(1)).unwrap_err().to_string();
+        assert!(err.contains("audit.wal: Bad file descriptor"), "{err}");
+        let err = log.record_blocking(event(2)).unwrap_err().to_string();
+        assert!(err.contains("takes no more lines"), "{err}");
+        drop(log);
+        lose_tail(&dir, 0);
+        drop(AuditLog::open(&dir).unwrap());
+        assert_eq!(actions(&dir), ["test.0"]);
+        assert_eq!(verified(&dir), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+
+        // The log's append fails (a full disk) after the ring took the line.
+        let (dir, log, _rt) = fresh_log();
+        log.record_blocking(event(0)).unwrap();
+        lock(&log.inner.state).file = write_only("/dev/full");
+        let err = log.record_blocking(event(1)).unwrap_err().to_string();
+        assert!(err.contains("No space left on device"), "{err}");
+        assert!(log.record_blocking(event(2)).is_err());
+        drop(log);
+        assert_eq!(actions(&dir), ["test.0"]);
+        drop(AuditLog::open(&dir).unwrap());
+        assert_eq!(actions(&dir), ["test.0", "test.1"]);
+        assert_eq!(verified(&dir), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+
+        // The ring is full and the log's own sync fails: the ring keeps its records.
+        let (dir, log, _rt) = fresh_log();
+        let big = |i| Event {
+            target: Some("t".repeat(4000)),
+            ..event(i)
+        };
+        let mut n = 0;
+        while lock(&log.inner.state).wal.fits(4200) {
+            log.record_blocking(big(n)).unwrap();
+            n += 1;
+        }
+        lock(&log.inner.state).file = write_only("/dev/full");
+        let err = log.record_blocking(big(n)).unwrap_err().to_string();
+        assert!(err.contains("fdatasync: Invalid argument"), "{err}");
+        assert!(log.record_blocking(event(n + 1)).is_err());
+        drop(log);
+        lose_tail(&dir, 0);
+        drop(AuditLog::open(&dir).unwrap());
+        assert_eq!(actions(&dir).len(), n);
+        assert_eq!(verified(&dir), n as u64);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
