@@ -1433,3 +1433,116 @@ async fn a_second_daemon_on_the_same_state_dir_is_refused() {
     assert_eq!(r.status, 200, "{:?}", r.json());
     bulkhead::audit::verify_file(&d.state.join("audit.jsonl")).unwrap();
 }
+
+/// A power loss can cut or garble what `audit.jsonl` was last appended (it is synced only
+/// in the ring, `audit.wal`): simulated on a killed daemon's log, `audit verify` finds
+/// the cut lines in the ring, and the next start writes them back, byte for byte. A ring
+/// that does not continue the log (the log moved away after the crash) stops the start,
+/// naming both files, with neither changed; after a clean stop the log may be moved.
+#[tokio::test]
+async fn a_crash_that_garbles_the_logs_tail_loses_no_acknowledged_line() {
+    let mut d = Daemon::start(As::Nobody);
+    let token = d.create("acme").await;
+    let c = d.tenant(&token);
+    for i in 0..3 {
+        let r = c
+            .request(Method::PUT, &format!("/v1/files/f{i}"), vec![b'x'; 10])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.json());
+    }
+    d.kill9();
+    let log = d.state.join("audit.jsonl");
+    let whole = std::fs::read(&log).unwrap();
+    let text = String::from_utf8(whole.clone()).unwrap();
+    let lines = text.lines().count();
+    assert!(lines >= 4, "{text}");
+    // The last three lines lost, and half of the one before them zeroed.
+    let keep: usize = text
+        .split_inclusive('\n')
+        .take(lines - 3)
+        .map(str::len)
+        .sum();
+    let last = text.split_inclusive('\n').nth(lines - 4).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    f.set_len(keep as u64).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&vec![0u8; last / 2], (keep - last / 2) as u64)
+        .unwrap();
+    drop(f);
+    let verify = || {
+        std::process::Command::new(bin())
+            .args(["audit", "verify"])
+            .arg(&log)
+            .output()
+            .unwrap()
+    };
+    // Zeros inside a line: the log alone no longer verifies; the start repairs it.
+    assert!(!verify().status.success());
+    d.spawn();
+    let restored = std::fs::read(&log).unwrap();
+    assert_eq!(
+        &restored[..whole.len()],
+        &whole[..],
+        "not restored byte for byte"
+    );
+    let out = verify();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("audit.wal"));
+
+    // Lines cut off cleanly are counted in the ring until the start writes them back.
+    let r = d
+        .tenant(&token)
+        .request(Method::PUT, "/v1/files/g", vec![b'y'; 10])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    d.kill9();
+    let before = std::fs::read(&log).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    f.set_len(restored.len() as u64).unwrap();
+    drop(f);
+    let out = verify();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("more committed in audit.wal"), "{stdout}");
+
+    // Moved away after the crash: the start is refused and changes nothing.
+    let moved = d.state.join("archived.jsonl");
+    std::fs::rename(&log, &moved).unwrap();
+    std::fs::write(&log, b"").unwrap();
+    std::os::unix::fs::chown(&log, Some(NOBODY), Some(NOBODY)).unwrap();
+    let ring = std::fs::read(d.state.join("audit.wal")).unwrap();
+    let mut serve = std::process::Command::new(bin());
+    serve
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(&d.state)
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .stdin(std::process::Stdio::null())
+        .uid(NOBODY)
+        .gid(NOBODY);
+    use std::os::unix::process::CommandExt;
+    let out = serve.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("audit.wal holds committed audit lines that do not continue"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&log).unwrap(), b"");
+    assert_eq!(std::fs::read(d.state.join("audit.wal")).unwrap(), ring);
+
+    // Put back, it is restored; after a clean stop it may be moved.
+    std::fs::rename(&moved, &log).unwrap();
+    d.spawn();
+    assert_eq!(&std::fs::read(&log).unwrap()[..before.len()], &before[..]);
+    assert!(d.terminate().success());
+    std::fs::rename(&log, &moved).unwrap();
+    d.spawn();
+    d.create("beta").await;
+    let out = verify();
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("beta"));
+}

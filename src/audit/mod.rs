@@ -6,7 +6,8 @@
 //! Each line is a JSON object with a `seq` number and `prev`, the SHA-256 (hex) of the
 //! previous line's bytes (64 zeros for the first). `audit.head` records the seq and hash
 //! of the last committed line, rewritten in place after each commit (it may lag after a
-//! crash, never lead), so that cutting lines off the end is detected too.
+//! crash, never lead the log and its write-ahead ring `audit.wal` together), so that
+//! cutting lines off the end is detected too.
 #![forbid(unsafe_code)]
 
 mod verify;
