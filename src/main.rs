@@ -282,8 +282,8 @@ fn main() -> ExitCode {
                 Ok(r) if r.in_wal > 0 => {
                     println!(
                         "ok: {} lines, chain intact, and {} more committed in audit.wal that \
-                         continue it (written into the log when the daemon next starts; \
-                         last hash {})",
+                         continue it (a running daemon is appending them; after a crash, the \
+                         next start writes them into the log; last hash {})",
                         r.lines, r.in_wal, r.last_hash
                     );
                     ExitCode::SUCCESS

@@ -5,36 +5,65 @@
 //! [`WAL_LEN`] bytes written full of zeros once, so overwriting it changes no metadata
 //! and its `fdatasync` is one data write and one flush. A commit first writes its lines
 //! into the ring as one record and syncs it; only then are they appended to
-//! `audit.jsonl`, without a sync. Each record names the offset in `audit.jsonl` where its
-//! lines go, and the records of one turn of the ring follow each other there without a
-//! gap, so that the log past the first record's offset is always a prefix of the ring's
-//! lines (plus, after a crash, whatever the unsynced append left). When the ring is
-//! full, `audit.jsonl` is synced and the ring cleared before it starts over, so a record
-//! is only ever overwritten once its lines are durable in the log. On open, the lines of
-//! the ring that the log lost or garbled are written to it again.
+//! `audit.jsonl`, without a sync. Each record names the log file it belongs to and the
+//! offset in it where its lines go, and the records of one turn of the ring follow each
+//! other there without a gap, so that the log past the first record's offset is always a
+//! prefix of the ring's lines (plus, after a crash, whatever the unsynced append left).
+//! Each record starts on a page of its own and is padded to the page's end, so that
+//! writing one never rewrites (and a torn write never damages) the sectors of the one
+//! before it. When the ring is full, `audit.jsonl` is synced and the ring cleared before
+//! it starts over, so a record is only ever overwritten once its lines are durable in the
+//! log. On open, the ring's lines are written into the log again (see the writer's
+//! `replay`).
 #![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rand::TryRng;
 use sha2::{Digest, Sha256};
 
-/// The ring's size: commits between two syncs of `audit.jsonl` itself hold at most this
-/// many bytes of lines.
-pub(super) const WAL_LEN: u64 = 1 << 20;
+/// The ring's size. A commit takes at least a page, so `audit.jsonl` itself is synced at
+/// least every 1,024 commits.
+pub(super) const WAL_LEN: u64 = 4 << 20;
 
-const MAGIC: &[u8; 4] = b"BHW2";
-/// Magic, payload length (u32 LE), offset in the log (u64 LE), the turn (u64 LE), and
-/// the first 8 bytes of the SHA-256 of length, offset, turn and payload.
-const HEADER: usize = 32;
+/// Records start on page boundaries.
+const PAGE: u64 = 4096;
 
-/// One record: lines that go at `base` in `audit.jsonl`.
+const MAGIC: &[u8; 4] = b"BHW3";
+/// Magic, then the fields the checksum covers: payload length (u32 LE); offset in the
+/// log, turn, the log's inode and birth time (u64 LE each). Then the first 8 bytes of the
+/// SHA-256 of those fields and the payload.
+const HEADER: usize = 48;
+const FIELDS: usize = 36;
+
+/// Which file a record's lines belong to: its inode number and birth time (nanoseconds;
+/// 0 where the filesystem keeps none), so that a log moved away and another created in
+/// its place, even on the same inode number, are told apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LogId(u64, u64);
+
+impl LogId {
+    /// The identity of the open log `file`.
+    pub(super) fn of(file: &File) -> std::io::Result<LogId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
+        let born = meta
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Ok(LogId(meta.ino(), born))
+    }
+}
+
+/// One record: lines that go at `base` in the log `log`.
 pub(super) struct Record {
     /// Where in the log the lines start.
     pub base: u64,
+    /// The log they belong to.
+    pub log: LogId,
     turn: u64,
     /// Whole lines, each ending in `\n`.
     pub lines: Vec<u8>,
@@ -48,13 +77,23 @@ pub(super) struct Wal {
     /// Random for each turn of the ring, so that a record left from an earlier turn is
     /// never taken for part of this one.
     turn: u64,
+    log: LogId,
 }
 
-fn check(len: u32, base: u64, turn: u64, payload: &[u8]) -> [u8; 8] {
+/// A record's header fields after the magic, as the checksum covers them.
+fn fields(len: u32, base: u64, turn: u64, log: LogId) -> [u8; FIELDS] {
+    let mut out = [0u8; FIELDS];
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    out[4..12].copy_from_slice(&base.to_le_bytes());
+    out[12..20].copy_from_slice(&turn.to_le_bytes());
+    out[20..28].copy_from_slice(&log.0.to_le_bytes());
+    out[28..36].copy_from_slice(&log.1.to_le_bytes());
+    out
+}
+
+fn check(fields: &[u8], payload: &[u8]) -> [u8; 8] {
     let mut h = Sha256::new();
-    h.update(len.to_le_bytes());
-    h.update(base.to_le_bytes());
-    h.update(turn.to_le_bytes());
+    h.update(fields);
     h.update(payload);
     let digest = h.finalize();
     let mut out = [0u8; 8];
@@ -62,12 +101,23 @@ fn check(len: u32, base: u64, turn: u64, payload: &[u8]) -> [u8; 8] {
     out
 }
 
+/// The room a record of `len` bytes of lines takes: whole pages.
+fn footprint(len: usize) -> u64 {
+    ((HEADER + len) as u64).div_ceil(PAGE) * PAGE
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
 /// Opens `path` for reading and writing without following a symlink there.
-fn open_ring(path: &Path, create: bool) -> std::io::Result<File> {
+fn open_ring(path: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .create(create)
+        .create(true)
         .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
@@ -88,11 +138,11 @@ pub(super) fn read(path: &Path) -> std::io::Result<Vec<Record>> {
 }
 
 /// The records from the start of the ring, in order, up to the first that is not whole
-/// (torn, zeros, changed), is from another turn of the ring, or does not continue where
-/// the one before it ends in the log.
+/// (torn, zeros, changed), is from another turn of the ring or another log, or does not
+/// continue where the one before it ends in the log.
 fn parse(file: &File) -> std::io::Result<Vec<Record>> {
-    let mut data = Vec::new();
-    file.take(WAL_LEN).read_to_end(&mut data)?;
+    let mut data = vec![0u8; file.metadata()?.len().min(WAL_LEN) as usize];
+    file.read_exact_at(&mut data, 0)?;
     let mut out: Vec<Record> = Vec::new();
     let mut at = 0usize;
     while let Some(header) = data.get(at..at + HEADER) {
@@ -102,44 +152,47 @@ fn parse(file: &File) -> std::io::Result<Vec<Record>> {
         let mut len = [0u8; 4];
         len.copy_from_slice(&header[4..8]);
         let len = u32::from_le_bytes(len);
-        let mut base = [0u8; 8];
-        base.copy_from_slice(&header[8..16]);
-        let base = u64::from_le_bytes(base);
-        let mut turn = [0u8; 8];
-        turn.copy_from_slice(&header[16..24]);
-        let turn = u64::from_le_bytes(turn);
+        let (base, turn) = (u64_at(header, 8), u64_at(header, 16));
+        let log = LogId(u64_at(header, 24), u64_at(header, 32));
         let Some(payload) = data.get(at + HEADER..at + HEADER + len as usize) else {
             break;
         };
-        if header[24..32] != check(len, base, turn, payload) || payload.last() != Some(&b'\n') {
+        if header[40..48] != check(&header[4..40], payload) || payload.last() != Some(&b'\n') {
             break;
         }
         if let Some(last) = out.last()
-            && (last.turn != turn || last.base + last.lines.len() as u64 != base)
+            && (last.turn != turn
+                || last.log != log
+                || last.base.checked_add(last.lines.len() as u64) != Some(base))
         {
             break;
         }
         out.push(Record {
             base,
+            log,
             turn,
             lines: payload.to_vec(),
         });
-        at += HEADER + len as usize;
+        at += footprint(len as usize) as usize;
     }
     Ok(out)
 }
 
 impl Wal {
-    /// Opens `<state>/audit.wal`, creating it empty; [`Wal::prepare`] sizes and clears
-    /// it once the records in it are durable in the log.
-    pub(super) fn open(state_dir: &Path) -> std::io::Result<Wal> {
+    /// The most bytes of lines one record can hold (in an empty ring).
+    pub(super) const CAPACITY: usize = WAL_LEN as usize - HEADER;
+
+    /// Opens `<state>/audit.wal`, creating it empty, for the log `log`; [`Wal::prepare`]
+    /// sizes and clears it once the records in it are durable in the log.
+    pub(super) fn open(state_dir: &Path, log: LogId) -> std::io::Result<Wal> {
         let path = state_dir.join("audit.wal");
-        let file = open_ring(&path, true)?;
+        let file = open_ring(&path)?;
         Ok(Wal {
             file,
             path,
             off: 0,
             turn: 0,
+            log,
         })
     }
 
@@ -156,7 +209,7 @@ impl Wal {
     /// Makes the ring [`WAL_LEN`] bytes of written zeros if it is not that size (blocks
     /// allocated and written, so that overwriting them needs no journal commit), then
     /// clears it. Called once its records are durable in the log.
-    pub(super) fn prepare(&mut self, state_dir: &Path) -> std::io::Result<()> {
+    pub(super) fn prepare(&mut self) -> std::io::Result<()> {
         if self.file.metadata()?.len() != WAL_LEN {
             self.file.set_len(0)?;
             let zeros = vec![0u8; 64 << 10];
@@ -166,15 +219,13 @@ impl Wal {
                 at += zeros.len() as u64;
             }
             self.file.sync_all()?;
-            // The file's directory entry must survive a power loss as well as its data.
-            File::open(state_dir)?.sync_all()?;
         }
         self.clear()
     }
 
     /// Whether a record of `len` bytes of lines fits before the end of the ring.
     pub(super) fn fits(&self, len: usize) -> bool {
-        self.off + (HEADER + len) as u64 <= WAL_LEN
+        self.off + footprint(len) <= WAL_LEN
     }
 
     /// Writes `lines`, which go at `base` in the log, as the next record and makes it
@@ -182,24 +233,25 @@ impl Wal {
     /// [`Wal::advance`] is called.
     pub(super) fn append(&mut self, base: u64, lines: &[u8]) -> std::io::Result<()> {
         let len = u32::try_from(lines.len()).map_err(std::io::Error::other)?;
-        let mut record = Vec::with_capacity(HEADER + lines.len());
+        let fields = fields(len, base, self.turn, self.log);
+        let size = footprint(lines.len()) as usize;
+        let mut record = Vec::with_capacity(size);
         record.extend_from_slice(MAGIC);
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(&base.to_le_bytes());
-        record.extend_from_slice(&self.turn.to_le_bytes());
-        record.extend_from_slice(&check(len, base, self.turn, lines));
+        record.extend_from_slice(&fields);
+        record.extend_from_slice(&check(&fields, lines));
         record.extend_from_slice(lines);
+        record.resize(size, 0);
         self.file.write_all_at(&record, self.off)?;
         self.file.sync_data()
     }
 
     /// Keeps the record just appended, of `len` bytes of lines.
     pub(super) fn advance(&mut self, len: usize) {
-        self.off += (HEADER + len) as u64;
+        self.off += footprint(len);
     }
 
-    /// Starts the ring over with no record in it: zeros over the first record's header,
-    /// synced. Called only when every record in it is durable in the log.
+    /// Starts the ring over with no record in it, in a new turn: zeros over the first
+    /// record's header, synced. Called only when every record in it is durable in the log.
     pub(super) fn clear(&mut self) -> std::io::Result<()> {
         let mut turn = [0u8; 8];
         rand::rngs::SysRng
@@ -216,5 +268,34 @@ impl Wal {
     #[cfg(test)]
     pub(super) fn replace_file(&mut self, file: File) {
         self.file = file;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record left from an earlier turn of the ring, at exactly the offset (in the ring
+    /// and in the log) where the next record of this turn would be, is not taken for it.
+    #[test]
+    fn records_of_an_earlier_turn_are_not_taken_for_this_ones() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-wal-{}", crate::auth::trace_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut wal = Wal::open(&dir, LogId(7, 7)).unwrap();
+        wal.prepare().unwrap();
+        for (base, lines) in [(0, b"a1\n"), (3, b"a2\n")] {
+            wal.append(base, lines).unwrap();
+            wal.advance(lines.len());
+        }
+        assert_eq!(wal.records().unwrap().len(), 2);
+        wal.clear().unwrap();
+        assert!(wal.records().unwrap().is_empty());
+        wal.append(0, b"b1\n").unwrap();
+        wal.advance(3);
+        let records = wal.records().unwrap();
+        assert_eq!(records.len(), 1, "a2 of the earlier turn was taken");
+        assert_eq!(records[0].lines, b"b1\n");
+        assert_eq!(read(&dir.join("audit.wal")).unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::wal::{Record, Wal};
+use super::wal::{LogId, Record, Wal};
 use super::{Event, GENESIS, Line, line_hash};
 
 /// Audit failures. A request whose awaited audit line cannot be made durable fails; a
@@ -169,34 +169,52 @@ fn last_line(body: &[u8]) -> Option<&[u8]> {
         .map(|b| b.rsplit(|c| *c == b'\n').next().unwrap_or(b))
 }
 
-/// Whether `lines` continue the chain of `before`: the first has the next seq, and
-/// `prev` the hash of the last line of `before`.
+/// Whether `lines` (whole lines) continue the chain of `before`, each the next seq with
+/// `prev` the hash of the line before it.
 fn continues(before: &[u8], lines: &[u8]) -> bool {
-    let first = lines.split(|b| *b == b'\n').next().unwrap_or_default();
-    let Ok(first) = serde_json::from_slice::<Line>(first) else {
+    let (mut seq, mut prev) = match last_line(before) {
+        None if before.is_empty() => (0, GENESIS.to_string()),
+        None => return false,
+        Some(last) => match serde_json::from_slice::<Line>(last) {
+            Ok(l) => (l.seq, line_hash(last)),
+            Err(_) => return false,
+        },
+    };
+    let Some(lines) = lines.strip_suffix(b"\n") else {
         return false;
     };
-    if before.is_empty() {
-        return first.seq == 1 && first.prev == GENESIS;
+    for raw in lines.split(|b| *b == b'\n') {
+        match serde_json::from_slice::<Line>(raw) {
+            Ok(line) if line.seq == seq + 1 && line.prev == prev => {
+                seq = line.seq;
+                prev = line_hash(raw);
+            }
+            _ => return false,
+        }
     }
-    let Some(last) = last_line(before) else {
-        return false;
-    };
-    serde_json::from_slice::<Line>(last)
-        .is_ok_and(|l| first.seq == l.seq + 1 && first.prev == line_hash(last))
+    true
 }
 
-/// Writes into the log the ring's lines that it lacks or garbled (acknowledged lines
-/// whose unsynced append had not reached the disk when the machine went down) and
-/// returns the log's bytes. Past the first record's offset the log must be a prefix of
-/// the ring's lines: from the first byte where it is not, the ring's lines replace it.
-/// A crash cuts or garbles an append; it does not write a different audit line. So the
+/// Writes the ring's lines into the log at the ring's first offset and returns the log's
+/// bytes; the caller syncs it before the ring is cleared.
+///
+/// They are rewritten even where the log seems to hold them already: the comparison reads
+/// the page cache, which can hold bytes that a failed writeback never put on the disk
+/// (the failure reported to the process that wrote them, not to this one); only what
+/// this process writes and then syncs is known to be on the disk.
+///
+/// Past the ring's first offset the log must be a prefix of the ring's lines, up to
+/// what a crash can leave of an unsynced append: bytes cut off, zeros, garbage. Those
+/// are replaced, and copied aside first to `audit.jsonl.replaced-<ms>` if the log had
+/// any the ring lacks. A crash does not write another audit line, nor move a log: the
 /// ring belongs to another log, and nothing is changed, if its lines do not continue the
-/// log's chain at that offset or the log has a whole audit line there that they lack.
+/// log's chain at that offset, if at offset 0 (where every log's chain starts alike) the
+/// log is not the same file, or if the log holds a whole audit line the ring lacks.
 fn replay(
     file: &mut File,
     path: &Path,
     wal: &Path,
+    log: LogId,
     mut data: Vec<u8>,
     records: &[Record],
 ) -> Result<Vec<u8>, AuditError> {
@@ -207,44 +225,70 @@ fn replay(
         .iter()
         .flat_map(|r| r.lines.iter().copied())
         .collect();
-    let base = usize::try_from(first.base)
-        .ok()
-        .filter(|b| *b <= data.len() && continues(&data[..*b], &lines));
     let foreign = || AuditError::ForeignWal {
         wal: wal.display().to_string(),
         log: path.display().to_string(),
     };
-    let Some(base) = base else {
-        return Err(foreign());
-    };
+    let base = usize::try_from(first.base)
+        .ok()
+        .filter(|b| {
+            *b <= data.len() && (*b > 0 || first.log == log) && continues(&data[..*b], &lines)
+        })
+        .ok_or_else(foreign)?;
     let have = &data[base..];
     let same = have.iter().zip(&lines).take_while(|(a, b)| a == b).count();
-    if same == lines.len() {
-        return Ok(data);
+    let dropped = &have[same..];
+    if !dropped.is_empty() {
+        let differing = have[..same]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        let theirs = have[differing..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map(|end| &have[differing..differing + end]);
+        if theirs.is_some_and(|l| serde_json::from_slice::<Line>(l).is_ok()) {
+            return Err(foreign());
+        }
+        let aside = set_aside(path, dropped)?;
+        tracing::warn!(
+            path = %path.display(),
+            bytes = dropped.len(),
+            copy = %aside.display(),
+            "audit log held bytes that are not the committed lines in audit.wal; replaced them"
+        );
     }
-    let differing = have[..same]
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map_or(0, |i| i + 1);
-    let theirs = have[differing..]
-        .iter()
-        .position(|b| *b == b'\n')
-        .map(|end| &have[differing..differing + end]);
-    if theirs.is_some_and(|l| serde_json::from_slice::<Line>(l).is_ok()) {
-        return Err(foreign());
+    if same < lines.len() {
+        tracing::warn!(
+            path = %path.display(),
+            bytes = lines.len() - same,
+            "audit log had lost committed lines; restored them from audit.wal"
+        );
     }
-    let dropped = have.len() - same;
-    file.set_len((base + same) as u64).map_err(io(path))?;
-    file.write_all(&lines[same..]).map_err(io(path))?;
-    data.truncate(base + same);
-    data.extend_from_slice(&lines[same..]);
-    tracing::warn!(
-        path = %path.display(),
-        restored_bytes = lines.len() - same,
-        dropped_bytes = dropped,
-        "audit log had lost acknowledged lines; restored them from audit.wal"
-    );
+    file.set_len(base as u64).map_err(io(path))?;
+    file.write_all(&lines).map_err(io(path))?;
+    data.truncate(base);
+    data.extend_from_slice(&lines);
     Ok(data)
+}
+
+/// Copies `bytes`, about to be replaced in the log at `path`, to a new file beside it.
+fn set_aside(path: &Path, bytes: &[u8]) -> Result<PathBuf, AuditError> {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let aside = path.with_file_name(format!("audit.jsonl.replaced-{ms}"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&aside)
+        .map_err(io(&aside))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io(&aside))?;
+    Ok(aside)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -260,25 +304,32 @@ impl AuditLog {
             .append(true)
             .create(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(io(&path))?;
+        let log = LogId::of(&file).map_err(io(&path))?;
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(io(&path))?;
-        let mut wal = Wal::open(state_dir).map_err(io(&state_dir.join("audit.wal")))?;
+        let mut wal = Wal::open(state_dir, log).map_err(io(&state_dir.join("audit.wal")))?;
         let records = wal.records().map_err(io(wal.path()))?;
-        let data = replay(&mut file, &path, wal.path(), data, &records)?;
+        let data = replay(&mut file, &path, wal.path(), log, data, &records)?;
         let (seq, prev, len) = recover(&mut file, &path, &data)?;
         // What was replayed must be durable in the log before the ring is cleared.
         file.sync_data().map_err(io(&path))?;
-        wal.prepare(state_dir).map_err(io(wal.path()))?;
+        wal.prepare().map_err(io(wal.path()))?;
         let head_path = state_dir.join("audit.head");
         let head = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&head_path)
             .map_err(io(&head_path))?;
+        // The directory entries of files just created must survive a power loss too.
+        File::open(state_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(state_dir))?;
         let mut state = State {
             file,
             wal,
@@ -407,8 +458,8 @@ impl AuditLog {
     /// It rides with the next commit, or is committed at most [`DETACHED_WITHIN`] after
     /// it was queued if none came, so that it does not take a sync of its own (which the
     /// next waiting line would queue behind) on a busy log. A commit that fails logs each
-    /// detached line it carried (action, tenant, trace id) as not made durable, and
-    /// resynchronizes the chain like any other.
+    /// detached line it carried (action, tenant, trace id) as not made durable, and stops
+    /// the log like any other (see [`State::stop`]).
     pub fn record_detached(&self, event: Event) {
         let runtime = tokio::runtime::Handle::try_current();
         let sweep = {
@@ -583,6 +634,7 @@ impl State {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let mut buf = Vec::with_capacity(batch.len() * 256);
+        let mut ends = Vec::with_capacity(batch.len());
         let (mut seq, mut prev) = (self.seq, self.prev.clone());
         for event in batch {
             seq += 1;
@@ -596,29 +648,19 @@ impl State {
             prev = line_hash(&bytes);
             buf.extend_from_slice(&bytes);
             buf.push(b'\n');
+            ends.push(buf.len());
         }
-        if !self.wal.fits(buf.len()) {
-            self.checkpoint()?;
+        // As few records as the ring allows: one, unless the batch is bigger than it.
+        let mut start = 0;
+        let mut last = 0;
+        for end in ends {
+            if end - start > Wal::CAPACITY && last > start {
+                self.write_durably(&buf[start..last])?;
+                start = last;
+            }
+            last = end;
         }
-        if self.wal.fits(buf.len()) {
-            if let Err(e) = self.wal.append(self.len, &buf) {
-                return Err(self.stop(format!("{}: {e}", self.wal.path().display())));
-            }
-            if let Err(e) = self.file.write_all(&buf) {
-                return Err(self.stop(format!("{}: {e}", self.path.display())));
-            }
-            self.wal.advance(buf.len());
-        } else {
-            // More than the whole ring holds, with the ring empty: synced in the log.
-            if let Err(e) = self
-                .file
-                .write_all(&buf)
-                .and_then(|()| self.file.sync_data())
-            {
-                return Err(self.stop(format!("{}: {e}", self.path.display())));
-            }
-        }
-        self.len += buf.len() as u64;
+        self.write_durably(&buf[start..])?;
         self.seq = seq;
         self.prev = prev;
         // The head only ever trails the durable lines (the log's and the ring's); losing
@@ -626,6 +668,31 @@ impl State {
         if let Err(e) = self.write_head() {
             tracing::warn!(error = %e, "audit.head update failed");
         }
+        Ok(())
+    }
+
+    /// Makes `lines` durable (in the ring; in the log itself for a line bigger than the
+    /// whole ring) and appends them to the log.
+    fn write_durably(&mut self, lines: &[u8]) -> Result<(), String> {
+        if !self.wal.fits(lines.len()) {
+            self.checkpoint()?;
+        }
+        if self.wal.fits(lines.len()) {
+            if let Err(e) = self.wal.append(self.len, lines) {
+                return Err(self.stop(format!("{}: {e}", self.wal.path().display())));
+            }
+            if let Err(e) = self.file.write_all(lines) {
+                return Err(self.stop(format!("{}: {e}", self.path.display())));
+            }
+            self.wal.advance(lines.len());
+        } else if let Err(e) = self
+            .file
+            .write_all(lines)
+            .and_then(|()| self.file.sync_data())
+        {
+            return Err(self.stop(format!("{}: {e}", self.path.display())));
+        }
+        self.len += lines.len() as u64;
         Ok(())
     }
 }
@@ -862,6 +929,19 @@ mod tests {
             drop(AuditLog::open(&dir).unwrap());
             assert_eq!(std::fs::read(&path).unwrap(), whole);
             assert_eq!(verified(&dir), 6);
+            // What was replaced is kept beside the log.
+            let aside: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("audit.jsonl.replaced-")
+                })
+                .collect();
+            assert_eq!(aside.len(), 1);
+            let kept = std::fs::read(aside[0].path()).unwrap();
+            assert!(!kept.is_empty() && garbled.ends_with(&kept) && !whole.ends_with(&kept));
             std::fs::remove_dir_all(dir).unwrap();
         }
     }
@@ -872,9 +952,10 @@ mod tests {
     #[test]
     fn the_ring_starts_over_when_full_and_still_restores_what_came_after() {
         let (dir, log, _rt) = fresh_log();
-        // About 4 KiB a line: 300 lines are more than one turn of the 1 MiB ring.
-        let n = 300;
-        assert!((n * 4000) as u64 > super::super::wal::WAL_LEN);
+        // About 4 KiB a line, so two pages a record: 600 lines are more than one turn of
+        // the 4 MiB ring.
+        let n = 600;
+        assert!((n * 8192) as u64 > super::super::wal::WAL_LEN);
         for i in 0..n {
             log.record_blocking(Event {
                 target: Some("t".repeat(4000)),
@@ -895,9 +976,34 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A batch bigger than the ring is made durable in as many records as it needs, the
+    /// ring starting over between them, and comes back whole after a lost tail.
+    #[test]
+    fn a_batch_bigger_than_the_ring_is_split_across_its_turns() {
+        let (dir, log, _rt) = fresh_log();
+        let n = 1100;
+        assert!(n * 4000 > Wal::CAPACITY);
+        for i in 0..n {
+            let big = Event {
+                target: Some("t".repeat(4000)),
+                ..event(i)
+            };
+            assert!(!log.enqueue(big, None) || i == 0);
+        }
+        log.lead(|f: &mut dyn FnMut()| f());
+        drop(log);
+        assert_eq!(actions(&dir).len(), n);
+        lose_tail(&dir, n - 30);
+        drop(AuditLog::open(&dir).unwrap());
+        assert_eq!(actions(&dir).len(), n);
+        assert_eq!(verified(&dir), n as u64);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     /// A ring whose lines do not continue the log (the log moved away or replaced while
-    /// the daemon was down after a crash) is refused, changing neither file. A clean
-    /// shutdown (`flush`) leaves the ring empty, so the log may be moved away then.
+    /// the daemon was down after a crash) is refused, changing neither file (beyond
+    /// creating an empty log where there was none). A clean shutdown (`flush`) leaves the
+    /// ring empty, so the log may be moved away then.
     #[test]
     fn a_ring_that_does_not_continue_the_log_is_refused() {
         let (dir, log, rt) = fresh_log();
@@ -922,6 +1028,19 @@ mod tests {
             Ok(_) => panic!("a ring from another log was accepted"),
         }
         assert_eq!(files(&other), before);
+
+        // A new log (its ring starts at offset 0, where every chain starts alike) moved
+        // away after a crash: the empty log made in its place is another file.
+        let (fresh, log, _rt3) = fresh_log();
+        log.record_blocking(event(0)).unwrap();
+        drop(log);
+        std::fs::rename(fresh.join("audit.jsonl"), fresh.join("archived.jsonl")).unwrap();
+        assert!(matches!(
+            AuditLog::open(&fresh),
+            Err(AuditError::ForeignWal { .. })
+        ));
+        assert_eq!(std::fs::read(fresh.join("audit.jsonl")).unwrap(), b"");
+        std::fs::remove_dir_all(fresh).unwrap();
 
         // The log moved away after a crash: the ring's lines (written after it was
         // reopened, so they do not start a log) are refused.
