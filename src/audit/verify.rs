@@ -2,6 +2,9 @@
 
 use std::path::Path;
 
+use std::io::Read;
+
+use super::wal::{Fit, LogId, fit};
 use super::{GENESIS, Line, line_hash};
 
 /// A verified log.
@@ -9,9 +12,9 @@ use super::{GENESIS, Line, line_hash};
 pub struct VerifyReport {
     /// Lines checked in the log.
     pub lines: u64,
-    /// Committed lines past the log's end that only `audit.wal` holds yet (after a
-    /// crash; the daemon writes them into the log when it next starts), checked to
-    /// continue its chain.
+    /// Committed lines that only `audit.wal` holds yet, where the log is cut or garbled
+    /// (after a crash, until the daemon's next start writes them in; or a running
+    /// daemon's next append), checked in their place.
     pub in_wal: u64,
     /// Hash of the last line (of the ring's, if it holds lines past the log's end).
     pub last_hash: String,
@@ -62,6 +65,10 @@ pub enum VerifyError {
         /// Lines the head records.
         committed: u64,
     },
+    /// `audit.wal` holds lines that do not continue the log (or, starting it, belong to
+    /// another file): the daemon would refuse to start.
+    #[error("{0}: its committed lines do not continue the log; the daemon will not start on them")]
+    ForeignWal(String),
     /// The last line's hash differs from what `audit.head` recorded for it.
     #[error("line {line}: does not match the hash recorded in audit.head")]
     HeadMismatch {
@@ -76,24 +83,64 @@ struct Head {
     hash: String,
 }
 
-/// Verifies `path`, then the lines of `audit.wal` next to it that continue it, and both
-/// against `audit.head` next to it when present. Read in the order the daemon writes
-/// them backwards (head, log, ring), so that a live daemon's commits never look like a
-/// truncation.
+/// Verifies what the log will hold once the daemon has opened it: `path`, with the lines
+/// of the ring `audit.wal` next to it written in where they go (a crash may have cut or
+/// garbled the log's tail, which the next start repairs from the ring), and all of it
+/// against `audit.head` when present. A ring that the daemon would refuse fails the
+/// check. Read in the order the daemon writes them backwards (head, log, ring), so that
+/// a live daemon's commits never look like a truncation; a live daemon that starts its
+/// ring over between the reads is read again.
 pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let head: Option<Head> = std::fs::read(dir.join("audit.head"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(b.trim_ascii()).ok());
-    let data =
-        std::fs::read(path).map_err(|e| VerifyError::Read(format!("{}: {e}", path.display())))?;
     let wal = dir.join("audit.wal");
-    let records =
-        super::wal::read(&wal).map_err(|e| VerifyError::Read(format!("{}: {e}", wal.display())))?;
+    let mut looks = 0;
+    loop {
+        let head: Option<Head> = std::fs::read(dir.join("audit.head"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(b.trim_ascii()).ok());
+        let mut file = std::fs::File::open(path).map_err(read_err(path))?;
+        let log = LogId::of(&file).map_err(read_err(path))?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data).map_err(read_err(path))?;
+        let records = super::wal::read(&wal).map_err(read_err(&wal))?;
+        if records.is_empty() {
+            return check(&data, 0, head);
+        }
+        match fit(&data, log, &records) {
+            Some(Fit { base, lines, same }) => {
+                let in_log = lines[..same].iter().filter(|b| **b == b'\n').count();
+                let in_wal = lines.iter().filter(|b| **b == b'\n').count() - in_log;
+                data.truncate(base);
+                data.extend_from_slice(&lines);
+                return check(&data, in_wal as u64, head);
+            }
+            None if looks < 5 => {
+                looks += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            None => {
+                // An edited log is the likelier story: name its first bad line if it has one.
+                check(&data, 0, head)?;
+                return Err(VerifyError::ForeignWal(format!(
+                    "{} does not fit {}",
+                    wal.display(),
+                    path.display()
+                )));
+            }
+        }
+    }
+}
+
+fn read_err(p: &Path) -> impl FnOnce(std::io::Error) -> VerifyError + '_ {
+    move |e| VerifyError::Read(format!("{}: {e}", p.display()))
+}
+
+/// Checks the chain of `data`, whose last `in_wal` lines are only in the ring.
+fn check(data: &[u8], in_wal: u64, head: Option<Head>) -> Result<VerifyReport, VerifyError> {
     let mut prev = GENESIS.to_string();
     let mut n = 0u64;
     let mut hashes_at_head = None;
-    let mut rest: &[u8] = &data;
+    let mut rest: &[u8] = data;
     while !rest.is_empty() {
         n += 1;
         let Some(end) = rest.iter().position(|b| *b == b'\n') else {
@@ -120,27 +167,6 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
             hashes_at_head = Some(prev.clone());
         }
     }
-    let lines = n;
-    let in_ring = records
-        .iter()
-        .flat_map(|r| r.lines.split(|b| *b == b'\n'))
-        .filter(|l| !l.is_empty());
-    for raw in in_ring {
-        let Ok(line) = serde_json::from_slice::<Line>(raw) else {
-            break;
-        };
-        if line.seq <= n {
-            continue;
-        }
-        if line.seq != n + 1 || line.prev != prev {
-            break;
-        }
-        n += 1;
-        prev = line_hash(raw);
-        if head.as_ref().is_some_and(|h| h.seq == n) {
-            hashes_at_head = Some(prev.clone());
-        }
-    }
     if let Some(h) = head {
         if h.seq > n {
             return Err(VerifyError::Truncated {
@@ -153,8 +179,8 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
         }
     }
     Ok(VerifyReport {
-        lines,
-        in_wal: n - lines,
+        lines: n - in_wal,
+        in_wal,
         last_hash: prev,
     })
 }
@@ -259,10 +285,17 @@ mod tests {
         );
         std::fs::write(dir.join("audit.wal"), ring).unwrap();
 
+        // Cut mid-line: the ring holds the rest (the next start writes it in); without the
+        // ring, the log alone is torn.
         let mut torn = orig.iter().map(|l| format!("{l}\n")).collect::<String>();
         torn.truncate(torn.len() - 10);
         std::fs::write(&file, torn).unwrap();
+        let report = verify_file(&file).unwrap();
+        assert_eq!((report.lines, report.in_wal), (5, 1));
+        let ring = std::fs::read(dir.join("audit.wal")).unwrap();
+        std::fs::remove_file(dir.join("audit.wal")).unwrap();
         assert_eq!(verify_file(&file), Err(VerifyError::TornTail { line: 6 }));
+        std::fs::write(dir.join("audit.wal"), ring).unwrap();
 
         // The last line edited: its own hash no longer matches the head.
         let mut last = orig.clone();

@@ -18,11 +18,14 @@
 #![forbid(unsafe_code)]
 
 use std::fs::File;
+use std::io::{Read, Seek};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rand::TryRng;
 use sha2::{Digest, Sha256};
+
+use super::{GENESIS, Line, line_hash};
 
 /// The ring's size. A commit takes at least a page, so `audit.jsonl` itself is synced at
 /// least every 1,024 commits.
@@ -39,12 +42,18 @@ const HEADER: usize = 48;
 const FIELDS: usize = 36;
 
 /// Which file a record's lines belong to: its inode number and birth time (nanoseconds;
-/// 0 where the filesystem keeps none), so that a log moved away and another created in
-/// its place, even on the same inode number, are told apart.
+/// 0 where it cannot be read), so that a log moved away and another created in its
+/// place, even on the same inode number, are told apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct LogId(u64, u64);
 
 impl LogId {
+    /// Whether both name the same file: the same inode, and the same birth time where
+    /// both were read.
+    fn same_file(self, other: LogId) -> bool {
+        self.0 == other.0 && (self.1 == other.1 || self.1 == 0 || other.1 == 0)
+    }
+
     /// The identity of the open log `file`.
     pub(super) fn of(file: &File) -> std::io::Result<LogId> {
         use std::os::unix::fs::MetadataExt;
@@ -124,6 +133,83 @@ fn open_ring(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// The last line of `body`, which ends in a newline, without it.
+pub(super) fn last_line(body: &[u8]) -> Option<&[u8]> {
+    body.strip_suffix(b"\n")
+        .map(|b| b.rsplit(|c| *c == b'\n').next().unwrap_or(b))
+}
+
+/// Whether `lines` (whole lines) continue the chain of `before`, each the next seq with
+/// `prev` the hash of the line before it.
+fn continues(before: &[u8], lines: &[u8]) -> bool {
+    let (mut seq, mut prev) = match last_line(before) {
+        None if before.is_empty() => (0, GENESIS.to_string()),
+        None => return false,
+        Some(last) => match serde_json::from_slice::<Line>(last) {
+            Ok(l) => (l.seq, line_hash(last)),
+            Err(_) => return false,
+        },
+    };
+    let Some(lines) = lines.strip_suffix(b"\n") else {
+        return false;
+    };
+    for raw in lines.split(|b| *b == b'\n') {
+        match serde_json::from_slice::<Line>(raw) {
+            Ok(line) if seq.checked_add(1) == Some(line.seq) && line.prev == prev => {
+                seq = line.seq;
+                prev = line_hash(raw);
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// How a non-empty ring fits the log.
+pub(super) struct Fit {
+    /// Where in the log the ring's lines start.
+    pub base: usize,
+    /// The ring's lines, in order.
+    pub lines: Vec<u8>,
+    /// How many bytes from `base` on the log has in common with them.
+    pub same: usize,
+}
+
+/// How the ring's `records` fit `data`, the log's bytes, if they belong to it.
+///
+/// Past the ring's first offset the log can only be a prefix of the ring's lines, up to
+/// what a crash leaves of an unsynced append: bytes cut off, zeros, garbage. A crash
+/// does not write another audit line, nor move a log. So the ring belongs to another
+/// log if its lines do not continue the log's chain at that offset, if at offset 0
+/// (where every log's chain starts alike) the log is not the same file `log`, or if the
+/// log holds a whole audit line there that the ring lacks.
+pub(super) fn fit(data: &[u8], log: LogId, records: &[Record]) -> Option<Fit> {
+    let first = records.first()?;
+    let lines: Vec<u8> = records
+        .iter()
+        .flat_map(|r| r.lines.iter().copied())
+        .collect();
+    let base = usize::try_from(first.base).ok().filter(|b| {
+        *b <= data.len() && (*b > 0 || first.log.same_file(log)) && continues(&data[..*b], &lines)
+    })?;
+    let have = &data[base..];
+    let same = have.iter().zip(&lines).take_while(|(a, b)| a == b).count();
+    if same < have.len() {
+        let differing = have[..same]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        let theirs = have[differing..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map(|end| &have[differing..differing + end]);
+        if theirs.is_some_and(|l| serde_json::from_slice::<Line>(l).is_ok()) {
+            return None;
+        }
+    }
+    Some(Fit { base, lines, same })
+}
+
 /// The records of the ring at `path` (none if there is no ring), see [`Wal::records`].
 pub(super) fn read(path: &Path) -> std::io::Result<Vec<Record>> {
     match std::fs::OpenOptions::new()
@@ -141,8 +227,16 @@ pub(super) fn read(path: &Path) -> std::io::Result<Vec<Record>> {
 /// (torn, zeros, changed), is from another turn of the ring or another log, or does not
 /// continue where the one before it ends in the log.
 fn parse(file: &File) -> std::io::Result<Vec<Record>> {
-    let mut data = vec![0u8; file.metadata()?.len().min(WAL_LEN) as usize];
-    file.read_exact_at(&mut data, 0)?;
+    let mut data = Vec::new();
+    let mut reader = file;
+    reader.seek(std::io::SeekFrom::Start(0))?;
+    reader.take(WAL_LEN).read_to_end(&mut data)?;
+    if data.starts_with(b"BHW") && !data.starts_with(MAGIC) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "written in a format this version does not read; start the version that wrote it, or move the file aside to give up its lines",
+        ));
+    }
     let mut out: Vec<Record> = Vec::new();
     let mut at = 0usize;
     while let Some(header) = data.get(at..at + HEADER) {
@@ -157,14 +251,23 @@ fn parse(file: &File) -> std::io::Result<Vec<Record>> {
         let Some(payload) = data.get(at + HEADER..at + HEADER + len as usize) else {
             break;
         };
-        if header[40..48] != check(&header[4..40], payload) || payload.last() != Some(&b'\n') {
+        let follows = out.last().is_none_or(|last| {
+            last.turn == turn
+                && last.log == log
+                && last.base.checked_add(last.lines.len() as u64) == Some(base)
+        });
+        if !follows {
             break;
         }
-        if let Some(last) = out.last()
-            && (last.turn != turn
-                || last.log != log
-                || last.base.checked_add(last.lines.len() as u64) != Some(base))
-        {
+        if header[40..48] != check(&header[4..40], payload) || payload.last() != Some(&b'\n') {
+            if !out.is_empty() {
+                // The next record of this turn, where it belongs, but not whole: a torn
+                // write (of a commit that was then not acknowledged), or damage.
+                tracing::warn!(
+                    offset = at,
+                    "audit.wal: a record of this turn is not whole; the ring's lines end before it"
+                );
+            }
             break;
         }
         out.push(Record {
@@ -232,6 +335,12 @@ impl Wal {
     /// durable. The record is only kept (the next one goes after it) once
     /// [`Wal::advance`] is called.
     pub(super) fn append(&mut self, base: u64, lines: &[u8]) -> std::io::Result<()> {
+        if !self.fits(lines.len()) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "record bigger than the room left in the ring",
+            ));
+        }
         let len = u32::try_from(lines.len()).map_err(std::io::Error::other)?;
         let fields = fields(len, base, self.turn, self.log);
         let size = footprint(lines.len()) as usize;
@@ -296,6 +405,23 @@ mod tests {
         assert_eq!(records.len(), 1, "a2 of the earlier turn was taken");
         assert_eq!(records[0].lines, b"b1\n");
         assert_eq!(read(&dir.join("audit.wal")).unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A ring in a format this version does not read (an older one's) is refused, not
+    /// taken for empty and wiped with the lines it may hold.
+    #[test]
+    fn a_ring_in_another_format_is_refused_not_wiped() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-wal-{}", crate::auth::trace_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut old = b"BHW2".to_vec();
+        old.extend_from_slice(&[1u8; 100]);
+        std::fs::write(dir.join("audit.wal"), &old).unwrap();
+        let wal = Wal::open(&dir, LogId(1, 1)).unwrap();
+        let err = wal.records().err().unwrap();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(crate::audit::AuditLog::open(&dir).is_err());
+        assert_eq!(std::fs::read(dir.join("audit.wal")).unwrap(), old);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::wal::{LogId, Record, Wal};
+use super::wal::{Fit, LogId, Record, Wal, fit, last_line};
 use super::{Event, GENESIS, Line, line_hash};
 
 /// Audit failures. A request whose awaited audit line cannot be made durable fails; a
@@ -163,38 +163,6 @@ fn recover(file: &mut File, path: &Path, data: &[u8]) -> Result<(u64, String, u6
     Ok((line.seq, line_hash(last), complete as u64))
 }
 
-/// The last line of `body`, which ends in a newline, without it.
-fn last_line(body: &[u8]) -> Option<&[u8]> {
-    body.strip_suffix(b"\n")
-        .map(|b| b.rsplit(|c| *c == b'\n').next().unwrap_or(b))
-}
-
-/// Whether `lines` (whole lines) continue the chain of `before`, each the next seq with
-/// `prev` the hash of the line before it.
-fn continues(before: &[u8], lines: &[u8]) -> bool {
-    let (mut seq, mut prev) = match last_line(before) {
-        None if before.is_empty() => (0, GENESIS.to_string()),
-        None => return false,
-        Some(last) => match serde_json::from_slice::<Line>(last) {
-            Ok(l) => (l.seq, line_hash(last)),
-            Err(_) => return false,
-        },
-    };
-    let Some(lines) = lines.strip_suffix(b"\n") else {
-        return false;
-    };
-    for raw in lines.split(|b| *b == b'\n') {
-        match serde_json::from_slice::<Line>(raw) {
-            Ok(line) if line.seq == seq + 1 && line.prev == prev => {
-                seq = line.seq;
-                prev = line_hash(raw);
-            }
-            _ => return false,
-        }
-    }
-    true
-}
-
 /// Writes the ring's lines into the log at the ring's first offset and returns the log's
 /// bytes; the caller syncs it before the ring is cleared.
 ///
@@ -203,13 +171,10 @@ fn continues(before: &[u8], lines: &[u8]) -> bool {
 /// (the failure reported to the process that wrote them, not to this one); only what
 /// this process writes and then syncs is known to be on the disk.
 ///
-/// Past the ring's first offset the log must be a prefix of the ring's lines, up to
-/// what a crash can leave of an unsynced append: bytes cut off, zeros, garbage. Those
-/// are replaced, and copied aside first to `audit.jsonl.replaced-<ms>` if the log had
-/// any the ring lacks. A crash does not write another audit line, nor move a log: the
-/// ring belongs to another log, and nothing is changed, if its lines do not continue the
-/// log's chain at that offset, if at offset 0 (where every log's chain starts alike) the
-/// log is not the same file, or if the log holds a whole audit line the ring lacks.
+/// Bytes past the ring's first offset that are not its lines (what a crash can leave of
+/// an unsynced append: zeros, garbage) are replaced, and copied aside first to
+/// `audit.jsonl.replaced-<ns>`. A ring that does not fit the log (see [`fit`]) is
+/// refused, and nothing is changed.
 fn replay(
     file: &mut File,
     path: &Path,
@@ -218,38 +183,17 @@ fn replay(
     mut data: Vec<u8>,
     records: &[Record],
 ) -> Result<Vec<u8>, AuditError> {
-    let Some(first) = records.first() else {
+    if records.is_empty() {
         return Ok(data);
+    }
+    let Some(Fit { base, lines, same }) = fit(&data, log, records) else {
+        return Err(AuditError::ForeignWal {
+            wal: wal.display().to_string(),
+            log: path.display().to_string(),
+        });
     };
-    let lines: Vec<u8> = records
-        .iter()
-        .flat_map(|r| r.lines.iter().copied())
-        .collect();
-    let foreign = || AuditError::ForeignWal {
-        wal: wal.display().to_string(),
-        log: path.display().to_string(),
-    };
-    let base = usize::try_from(first.base)
-        .ok()
-        .filter(|b| {
-            *b <= data.len() && (*b > 0 || first.log == log) && continues(&data[..*b], &lines)
-        })
-        .ok_or_else(foreign)?;
-    let have = &data[base..];
-    let same = have.iter().zip(&lines).take_while(|(a, b)| a == b).count();
-    let dropped = &have[same..];
+    let dropped = &data[base + same..];
     if !dropped.is_empty() {
-        let differing = have[..same]
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map_or(0, |i| i + 1);
-        let theirs = have[differing..]
-            .iter()
-            .position(|b| *b == b'\n')
-            .map(|end| &have[differing..differing + end]);
-        if theirs.is_some_and(|l| serde_json::from_slice::<Line>(l).is_ok()) {
-            return Err(foreign());
-        }
         let aside = set_aside(path, dropped)?;
         tracing::warn!(
             path = %path.display(),
@@ -274,11 +218,11 @@ fn replay(
 
 /// Copies `bytes`, about to be replaced in the log at `path`, to a new file beside it.
 fn set_aside(path: &Path, bytes: &[u8]) -> Result<PathBuf, AuditError> {
-    let ms = SystemTime::now()
+    let ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
+        .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let aside = path.with_file_name(format!("audit.jsonl.replaced-{ms}"));
+    let aside = path.with_file_name(format!("audit.jsonl.replaced-{ns}"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -288,6 +232,11 @@ fn set_aside(path: &Path, bytes: &[u8]) -> Result<PathBuf, AuditError> {
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(io(&aside))?;
+    // Its directory entry must be durable before the log loses the bytes.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
     Ok(aside)
 }
 
@@ -634,35 +583,42 @@ impl State {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let mut buf = Vec::with_capacity(batch.len() * 256);
+        // Where each line ends in `buf`, and its hash.
         let mut ends = Vec::with_capacity(batch.len());
-        let (mut seq, mut prev) = (self.seq, self.prev.clone());
-        for event in batch {
-            seq += 1;
+        let mut prev = self.prev.clone();
+        for (n, event) in (1..).zip(batch) {
             let line = Line {
-                seq,
+                seq: self.seq.checked_add(n).ok_or("audit seq overflow")?,
                 ts_ms,
                 event: event.clone(),
                 prev: prev.clone(),
             };
             let bytes = serde_json::to_vec(&line).map_err(|e| e.to_string())?;
+            if bytes.len() >= Wal::CAPACITY {
+                return Err(format!(
+                    "an audit line of {} bytes is bigger than audit.wal",
+                    bytes.len()
+                ));
+            }
             prev = line_hash(&bytes);
             buf.extend_from_slice(&bytes);
             buf.push(b'\n');
-            ends.push(buf.len());
+            ends.push((buf.len(), prev.clone()));
         }
-        // As few records as the ring allows: one, unless the batch is bigger than it.
+        // As few records as the ring allows: one, unless the batch is bigger than it. The
+        // chain moves on with each, so it always ends at the last line in the log.
         let mut start = 0;
-        let mut last = 0;
-        for end in ends {
-            if end - start > Wal::CAPACITY && last > start {
-                self.write_durably(&buf[start..last])?;
-                start = last;
+        let mut taken = 0;
+        for (i, (end, _)) in ends.iter().enumerate() {
+            if end - start > Wal::CAPACITY {
+                self.write_durably(&buf[start..ends[i - 1].0], i - taken, &ends[i - 1].1)?;
+                start = ends[i - 1].0;
+                taken = i;
             }
-            last = end;
         }
-        self.write_durably(&buf[start..])?;
-        self.seq = seq;
-        self.prev = prev;
+        if let Some((_, hash)) = ends.last() {
+            self.write_durably(&buf[start..], ends.len() - taken, hash)?;
+        }
         // The head only ever trails the durable lines (the log's and the ring's); losing
         // an update is harmless.
         if let Err(e) = self.write_head() {
@@ -671,28 +627,22 @@ impl State {
         Ok(())
     }
 
-    /// Makes `lines` durable (in the ring; in the log itself for a line bigger than the
-    /// whole ring) and appends them to the log.
-    fn write_durably(&mut self, lines: &[u8]) -> Result<(), String> {
+    /// Makes `lines` (`count` lines, the last with hash `last`) durable in the ring and
+    /// appends them to the log.
+    fn write_durably(&mut self, lines: &[u8], count: usize, last: &str) -> Result<(), String> {
         if !self.wal.fits(lines.len()) {
             self.checkpoint()?;
         }
-        if self.wal.fits(lines.len()) {
-            if let Err(e) = self.wal.append(self.len, lines) {
-                return Err(self.stop(format!("{}: {e}", self.wal.path().display())));
-            }
-            if let Err(e) = self.file.write_all(lines) {
-                return Err(self.stop(format!("{}: {e}", self.path.display())));
-            }
-            self.wal.advance(lines.len());
-        } else if let Err(e) = self
-            .file
-            .write_all(lines)
-            .and_then(|()| self.file.sync_data())
-        {
+        if let Err(e) = self.wal.append(self.len, lines) {
+            return Err(self.stop(format!("{}: {e}", self.wal.path().display())));
+        }
+        if let Err(e) = self.file.write_all(lines) {
             return Err(self.stop(format!("{}: {e}", self.path.display())));
         }
+        self.wal.advance(lines.len());
         self.len += lines.len() as u64;
+        self.seq += count as u64;
+        self.prev = last.to_string();
         Ok(())
     }
 }
@@ -947,8 +897,8 @@ mod tests {
     }
 
     /// Past the end of the ring the log itself is synced and the ring starts over; lines
-    /// written after that come back from it, and records left from the earlier turn are
-    /// not taken for part of this one.
+    /// written after that come back from it, the records left from the earlier turn
+    /// after them ending the replay.
     #[test]
     fn the_ring_starts_over_when_full_and_still_restores_what_came_after() {
         let (dir, log, _rt) = fresh_log();
@@ -1042,17 +992,41 @@ mod tests {
         assert_eq!(std::fs::read(fresh.join("audit.jsonl")).unwrap(), b"");
         std::fs::remove_dir_all(fresh).unwrap();
 
-        // The log moved away after a crash: the ring's lines (written after it was
-        // reopened, so they do not start a log) are refused.
+        // A log reopened (the ring now starts past its beginning), then a crash.
         let log = AuditLog::open(&dir).unwrap();
         log.record_blocking(event(3)).unwrap();
+        log.record_blocking(event(4)).unwrap();
         drop(log);
+        let orig = files(&dir);
+        let text = String::from_utf8(orig.0.clone()).unwrap();
+        let refused = |changed: String| {
+            std::fs::write(dir.join("audit.jsonl"), &changed).unwrap();
+            let before = files(&dir);
+            assert!(matches!(
+                AuditLog::open(&dir),
+                Err(AuditError::ForeignWal { .. })
+            ));
+            assert_eq!(files(&dir), before);
+            // verify names the log's first broken line.
+            assert!(matches!(
+                super::super::verify::verify_file(&dir.join("audit.jsonl")),
+                Err(super::super::verify::VerifyError::ChainBroken { .. })
+            ));
+        };
+        // The line before the ring's offset is another: the ring does not continue it.
+        refused(text.replace("test.2", "test.X"));
+        // A whole audit line where the ring's first goes, but another one.
+        refused(text.replace("test.3", "test.Z"));
+        // Moved away: the empty log made in its place is too short for the ring.
+        std::fs::write(dir.join("audit.jsonl"), &orig.0).unwrap();
         std::fs::rename(dir.join("audit.jsonl"), dir.join("archived.jsonl")).unwrap();
         assert!(matches!(
             AuditLog::open(&dir),
             Err(AuditError::ForeignWal { .. })
         ));
+        assert!(super::super::verify::verify_file(&dir.join("audit.jsonl")).is_err());
         std::fs::rename(dir.join("archived.jsonl"), dir.join("audit.jsonl")).unwrap();
+        assert_eq!(files(&dir), orig);
 
         // After a clean shutdown it may be.
         let log = AuditLog::open(&dir).unwrap();
@@ -1071,7 +1045,7 @@ mod tests {
         std::fs::OpenOptions::new().write(true).open(path).unwrap()
     }
 
-    /// Any failed write or sync stops the log: that commit and every later one fail, and
+    /// A failed write (of the ring, or of the log) or sync (of the log) stops the log: that commit and every later one fail, and
     /// the ring is not cleared. Reopened, the log has every line that was acknowledged
     /// (and a line whose ring record was durable although its commit then failed).
     #[test]
