@@ -173,6 +173,10 @@ enum TokenOp {
 #[derive(Subcommand)]
 enum AuditOp {
     /// Verify the hash chain; reports the first bad line and exits non-zero.
+    ///
+    /// Checks the log as the daemon's next start will leave it: with the committed lines
+    /// of `audit.wal` beside it written in where they go (after a crash they may be only
+    /// there), and against `audit.head`. A ring that the start would refuse fails too.
     Verify {
         /// The log (default: <state>/audit.jsonl).
         file: Option<PathBuf>,
