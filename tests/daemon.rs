@@ -1400,6 +1400,23 @@ async fn slow_or_greedy_clients_cannot_starve_others() {
     );
 }
 
+/// Runs `bulkhead serve` on `state` as uid 65534 in the foreground, for a start that is
+/// expected to be refused.
+fn serve_as_nobody(state: &std::path::Path) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(bin())
+        .arg("serve")
+        .arg("--state-dir")
+        .arg(state)
+        .env_remove("STATE_DIRECTORY")
+        .env_remove("RUNTIME_DIRECTORY")
+        .stdin(std::process::Stdio::null())
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap()
+}
+
 /// A second daemon on a state dir in use is refused before it touches anything: it exits
 /// at once saying why, and the first keeps serving with its audit log intact.
 #[tokio::test]
@@ -1407,17 +1424,7 @@ async fn a_second_daemon_on_the_same_state_dir_is_refused() {
     let d = Daemon::start(As::Nobody);
     d.create("acme").await;
     let before = std::fs::read(d.state.join("audit.jsonl")).unwrap();
-    let mut c = std::process::Command::new(bin());
-    c.arg("serve")
-        .arg("--state-dir")
-        .arg(&d.state)
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("RUNTIME_DIRECTORY")
-        .stdin(std::process::Stdio::null())
-        .uid(NOBODY)
-        .gid(NOBODY);
-    use std::os::unix::process::CommandExt;
-    let out = c.output().unwrap();
+    let out = serve_as_nobody(&d.state);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -1518,18 +1525,7 @@ async fn a_crash_that_garbles_the_logs_tail_loses_no_acknowledged_line() {
     std::fs::write(&log, b"").unwrap();
     std::os::unix::fs::chown(&log, Some(NOBODY), Some(NOBODY)).unwrap();
     let ring = std::fs::read(d.state.join("audit.wal")).unwrap();
-    let mut serve = std::process::Command::new(bin());
-    serve
-        .arg("serve")
-        .arg("--state-dir")
-        .arg(&d.state)
-        .env_remove("STATE_DIRECTORY")
-        .env_remove("RUNTIME_DIRECTORY")
-        .stdin(std::process::Stdio::null())
-        .uid(NOBODY)
-        .gid(NOBODY);
-    use std::os::unix::process::CommandExt;
-    let out = serve.output().unwrap();
+    let out = serve_as_nobody(&d.state);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

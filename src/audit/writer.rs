@@ -665,6 +665,16 @@ mod tests {
         (dir, log, rt)
     }
 
+    /// A log in a new temp dir holding `n` lines (`test.0`, …), closed as by a crash (its
+    /// ring not cleared), and its runtime.
+    fn log_of(n: usize) -> (PathBuf, tokio::runtime::Runtime) {
+        let (dir, log, rt) = fresh_log();
+        for i in 0..n {
+            log.record_blocking(event(i)).unwrap();
+        }
+        (dir, rt)
+    }
+
     fn event(i: usize) -> Event {
         Event {
             actor: "ak_test".into(),
@@ -817,11 +827,7 @@ mod tests {
     /// (its checksum fails) ends the replay there.
     #[test]
     fn acknowledged_lines_lost_from_the_log_come_back_from_the_ring() {
-        let (dir, log, _rt) = fresh_log();
-        for i in 0..6 {
-            log.record_blocking(event(i)).unwrap();
-        }
-        drop(log);
+        let (dir, _rt) = log_of(6);
         let whole = std::fs::read(dir.join("audit.jsonl")).unwrap();
         lose_tail(&dir, 3);
         assert_eq!(actions(&dir).len(), 3);
@@ -836,11 +842,7 @@ mod tests {
 
         // Records 0..6 in the ring in order, one line each: change a byte of the fifth's
         // line (test.4), then lose the log's last three lines.
-        let (dir, log, _rt) = fresh_log();
-        for i in 0..6 {
-            log.record_blocking(event(i)).unwrap();
-        }
-        drop(log);
+        let (dir, _rt) = log_of(6);
         let ring = dir.join("audit.wal");
         let mut bytes = std::fs::read(&ring).unwrap();
         let at = bytes.windows(6).position(|w| w == b"test.4").unwrap();
@@ -866,11 +868,7 @@ mod tests {
             },
         ];
         for garble in garbles {
-            let (dir, log, _rt) = fresh_log();
-            for i in 0..6 {
-                log.record_blocking(event(i)).unwrap();
-            }
-            drop(log);
+            let (dir, _rt) = log_of(6);
             let path = dir.join("audit.jsonl");
             let whole = std::fs::read(&path).unwrap();
             let mut garbled = whole.clone();
@@ -956,11 +954,7 @@ mod tests {
     /// ring empty, so the log may be moved away then.
     #[test]
     fn a_ring_that_does_not_continue_the_log_is_refused() {
-        let (dir, log, rt) = fresh_log();
-        for i in 0..3 {
-            log.record_blocking(event(i)).unwrap();
-        }
-        drop(log);
+        let (dir, rt) = log_of(3);
         let (other, log, _rt2) = fresh_log();
         log.record_blocking(event(9)).unwrap();
         drop(log);
